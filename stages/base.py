@@ -1,0 +1,189 @@
+"""The stage contract (DESIGN.md "The stage contract").
+
+A stage kind is one module in ``stages/`` that exposes a pydantic config model (subclass of
+:class:`StageConfig`) and ``run(ctx: StageContext) -> StageResult``. Nothing here imports
+Prefect or MLflow: tracking goes through the :class:`Tracker` interface.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("baton")
+
+
+class Strict(BaseModel):
+    """Base for every config block: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Runtime(Strict):
+    """Settings that do not change the result. Left out of the fingerprint."""
+
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast on CUDA")
+    channels_last: bool = False
+    num_workers: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default)")
+    log_every: int = Field(20, ge=1, description="steps between metric/progress lines")
+    checkpoint_every: int = Field(100, ge=1, description="steps between full-state checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="keep the newest N checkpoints")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
+
+
+class StageConfig(Strict):
+    """Fields every stage block has. Subclasses add the stage kind's own typed fields."""
+
+    kind: str
+    needs: list[str] = Field(default_factory=list)
+    seed: int = 0
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    def upstream_refs(self) -> dict[str, str]:
+        """Config fields that name an upstream stage: {dotted.field: stage}. Checked against needs."""
+        return {}
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"runtime"})
+
+
+class StageResult(BaseModel):
+    """Small and JSON-serialisable. Paths are relative to the stage dir (or absolute)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    stage: str
+    kind: str
+    fingerprint: str
+    outputs: dict[str, str] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    baselines: dict[str, float] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def flush(self) -> None: ...
+
+
+class NullTracker:
+    """Tracker used when a stage runs without MLflow (``python -m stages``, GPU benchmarks)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class StageError(Exception):
+    """A config or data error: clear message, not retried."""
+
+
+@dataclass
+class StageContext:
+    name: str
+    config: StageConfig
+    stage_dir: Path
+    upstream: dict[str, StageResult]
+    upstream_dirs: dict[str, Path]
+    fingerprint: str
+    tracker: Any = field(default_factory=NullTracker)
+    device: Any = None  # torch.device, resolved by resolve_device
+    checkpoints: Any = None  # stages.checkpoint.CheckpointManager
+
+    def __post_init__(self) -> None:
+        self.stage_dir = Path(self.stage_dir)
+        if self.checkpoints is None:
+            from stages.checkpoint import CheckpointManager
+
+            self.checkpoints = CheckpointManager(
+                self.stage_dir / "checkpoints", keep=self.config.runtime.keep_checkpoints
+            )
+        if self.device is None:
+            self.device = resolve_device(self.config.runtime)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def outputs(self) -> Path:
+        p = self.stage_dir / "outputs"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def input(self, stage: str, key: str) -> Path:
+        """Path of output ``key`` of upstream ``stage``."""
+        if stage not in self.upstream:
+            raise StageError(f"stage {self.name!r}: upstream {stage!r} is not in needs {sorted(self.upstream)}")
+        res = self.upstream[stage]
+        if key not in res.outputs:
+            raise StageError(f"stage {self.name!r}: upstream {stage!r} has no output {key!r} (has {sorted(res.outputs)})")
+        p = Path(res.outputs[key])
+        return p if p.is_absolute() else self.upstream_dirs[stage] / p
+
+    def result(self, outputs: dict[str, str], metrics: dict[str, float], baselines: dict[str, float] | None = None,
+               info: dict[str, Any] | None = None) -> StageResult:
+        return StageResult(stage=self.name, kind=self.config.kind, fingerprint=self.fingerprint,
+                           outputs=outputs, metrics={k: float(v) for k, v in metrics.items()},
+                           baselines={k: float(v) for k, v in (baselines or {}).items()}, info=info or {})
+
+
+def resolve_device(runtime: Runtime):
+    import torch
+
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    dev = runtime.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"runtime.device={runtime.device!r} but CUDA is not available on this machine")
+    return torch.device(dev)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file, fsync, rename: readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

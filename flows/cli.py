@@ -1,0 +1,134 @@
+"""``baton`` command line.
+
+    baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
+    baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
+    baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
+    baton resume MLFLOW_RUN_ID                rerun the exact recipe snapshot of an earlier invocation
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stages.base import StageError
+from stages.recipe import RecipeError, load_recipe
+
+log = logging.getLogger("baton")
+
+
+def _artifacts(args) -> Path:
+    return Path(args.artifacts or os.environ.get("BATON_ARTIFACTS", "artifacts"))
+
+
+def _check_writable(art: Path) -> None:
+    try:
+        art.mkdir(parents=True, exist_ok=True)
+        probe = art / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RecipeError(f"artifacts directory {art} is not writable: {e.strerror}") from None
+
+
+def cmd_status(args) -> int:
+    from flows.pipeline import stage_dirs
+
+    recipe = load_recipe(args.config, args.overrides)
+    dirs = stage_dirs(recipe, _artifacts(args))
+    width = max(len(n) for n in dirs)
+    print(f"recipe {recipe.name} ({args.config})")
+    for name, d in dirs.items():
+        print(f"  {name:<{width}}  {d.fingerprint[:16]}  {d.status()}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    recipe = load_recipe(args.config, args.overrides)
+    art = _artifacts(args)
+    _check_writable(art)
+    for name in args.only or []:
+        if name not in recipe.stages:
+            raise RecipeError(f"--only {name}: no such stage in {args.config} ({', '.join(recipe.stages)})")
+    from flows.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    out = run_pipeline(recipe, art, only=args.only, track=not args.no_track)
+    print(f"\nrecipe {recipe.name}: {len(out['results'])} stages in {time.perf_counter() - t0:.1f}s "
+          f"(MLflow parent run {out['parent_run_id'] or '-'})")
+    for name, res in out["results"].items():
+        m = ", ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items())
+        b = ", ".join(f"{k}={v:.4g}" for k, v in res["baselines"].items())
+        print(f"  {name:<10} {m}" + (f"   [baseline {b}]" if b else ""))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    import yaml
+
+    from flows.tracking import Tracking, tracking_uri
+    from mlflow import MlflowClient
+
+    art = _artifacts(args)
+    client = MlflowClient(tracking_uri=tracking_uri(art))
+    run = client.get_run(args.run_id)
+    parent = run.data.tags.get("mlflow.parentRunId") or args.run_id
+    prun = client.get_run(parent)
+    path = client.download_artifacts(parent, "recipe.yaml", str(art / "tmp"))
+    raw = yaml.safe_load(Path(path).read_text())
+    recipe = load_recipe(prun.data.tags.get("baton.recipe", "recipe.yaml"), raw=raw)
+    del Tracking
+    from flows.pipeline import run_pipeline
+
+    out = run_pipeline(recipe, art)
+    print(f"resumed {recipe.name}: {len(out['results'])} stages complete (MLflow parent run {out['parent_run_id']})")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from flows.tracking import tracking_uri
+
+    art = _artifacts(args).resolve()
+    art.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
+           "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port}  ({' '.join(cmd)})")
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="baton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", help="artifact root (default: $BATON_ARTIFACTS or ./artifacts)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run or resume a recipe")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="dotted.key=value")
+    r.add_argument("--only", action="append", help="run only this stage (and what it needs); repeatable")
+    r.add_argument("--no-track", action="store_true", help="no MLflow tracking")
+    s = sub.add_parser("status", help="stage status without running anything")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    u = sub.add_parser("ui", help="MLflow UI")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    rs = sub.add_parser("resume", help="rerun the recipe snapshot of an MLflow run (parent or stage run)")
+    rs.add_argument("run_id")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    try:
+        return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume}[args.cmd](args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Stage fingerprints (DESIGN.md "Fingerprints and the artifact store").
+
+fingerprint = sha256(canonical JSON of {kind, config minus runtime, code digest, upstream
+fingerprints by name, external data digests, store format version}). The code digest covers the
+stage kind's module and every project module it imports, transitively, AST-normalised: comments,
+docstrings and formatting do not count; a changed line of code does.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from stages import KINDS
+from stages.base import StageConfig
+
+STORE_FORMAT = 1
+PROJECT_PACKAGES = ("stages",)
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ModuleNotFoundError, ValueError):  # `from stages.base import X`: X is not a module
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _project_imports(tree: ast.AST, module: str) -> set[str]:
+    out = set()
+    pkg = module.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for n in names:
+            if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None:
+                out.add(n)
+    out.discard(module)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _module_digest(name: str) -> tuple[str, frozenset[str]]:
+    path = _module_file(name)
+    tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest(), frozenset(_project_imports(tree, name))
+
+
+def code_digest(kind: str) -> dict[str, str]:
+    """{module: digest} for the kind's module and the project modules it imports (transitively)."""
+    todo, seen = [KINDS[kind]], {}
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        digest, deps = _module_digest(m)
+        seen[m] = digest
+        todo.extend(deps)
+    return dict(sorted(seen.items()))
+
+
+def data_digest(path: str | Path) -> str:
+    """Cheap digest of an external input: relative names, sizes and mtimes (no content hashing, so
+    multi-GB datasets digest in seconds). A missing path digests as 'missing'."""
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    h = hashlib.sha256()
+    if p.is_file():
+        st = p.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    for root, dirs, files in os.walk(p):
+        dirs.sort()
+        for f in sorted(files):
+            fp = Path(root) / f
+            st = fp.stat()
+            h.update(f"{fp.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def external_inputs(cfg: StageConfig) -> dict[str, str]:
+    fn = getattr(cfg, "external_inputs", None)
+    return fn() if fn else {}
+
+
+def fingerprint_payload(name: str, cfg: StageConfig, upstream: dict[str, str]) -> dict[str, Any]:
+    return {
+        "kind": cfg.kind,
+        "config": cfg.fingerprint_payload(),
+        "code": code_digest(cfg.kind),
+        "upstream": dict(sorted(upstream.items())),
+        "data": {k: data_digest(v) for k, v in sorted(external_inputs(cfg).items())},
+        "store_format": STORE_FORMAT,
+    }
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(payload).encode()).hexdigest()
+
+
+def plan_fingerprints(stages: dict[str, StageConfig]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Fingerprints of every stage in topological order: {name: (fingerprint, payload)}."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, cfg in stages.items():
+        payload = fingerprint_payload(name, cfg, {u: out[u][0] for u in cfg.needs})
+        out[name] = (fingerprint(payload), payload)
+    return out

@@ -1,0 +1,98 @@
+"""The artifact store: one directory per (stage, fingerprint).
+
+    artifacts/stages/<stage>/<fingerprint[:16]>/
+        config.json   resolved config + everything that went into the fingerprint
+        checkpoints/  full training state (stages.checkpoint)
+        outputs/      weights, tokenizer, region features, reports
+        run.json      the MLflow run id of this stage's execution (a resumed stage continues it)
+        result.json   written last, atomically: its presence means "complete"
+        .lock         flock()ed while a process works here; the kernel drops it when the process
+                      dies, so a lock left by a killed run is never stale
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.base import StageResult, write_json_atomic
+from stages.checkpoint import CheckpointManager
+
+log = logging.getLogger("baton")
+
+
+class StageDir:
+    def __init__(self, root: Path, stage: str, fingerprint: str):
+        self.stage, self.fingerprint = stage, fingerprint
+        self.path = Path(root) / "stages" / stage / fingerprint[:16]
+
+    def result(self) -> StageResult | None:
+        f = self.path / "result.json"
+        if not f.exists():
+            return None
+        res = StageResult.model_validate_json(f.read_text())
+        if res.fingerprint != self.fingerprint:
+            log.warning("%s: result.json has fingerprint %s, expected %s; ignoring it", self.path, res.fingerprint[:16],
+                        self.fingerprint[:16])
+            return None
+        missing = [k for k, v in res.outputs.items() if not (Path(v) if Path(v).is_absolute() else self.path / v).exists()]
+        if missing:
+            log.warning("%s: result.json lists outputs %s that are gone; the stage will run again", self.path, missing)
+            return None
+        return res
+
+    def write_result(self, res: StageResult) -> None:
+        write_json_atomic(self.path / "result.json", res.model_dump(mode="json"))
+
+    def write_config(self, payload: dict[str, Any], resolved: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path / "config.json", {"stage": self.stage, "fingerprint": self.fingerprint,
+                                                      "resolved": resolved, "fingerprint_inputs": payload})
+
+    def run_id(self) -> str | None:
+        f = self.path / "run.json"
+        return json.loads(f.read_text()).get("mlflow_run_id") if f.exists() else None
+
+    def save_run_id(self, run_id: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path / "run.json", {"mlflow_run_id": run_id})
+
+    def checkpoint_steps(self) -> list[int]:
+        return CheckpointManager(self.path / "checkpoints").steps()
+
+    def status(self) -> str:
+        if self.result() is not None:
+            return "complete"
+        steps = self.checkpoint_steps()
+        if steps:
+            return f"partial at step {steps[-1]}"
+        return "started, no checkpoint" if self.path.exists() else "not started"
+
+    @contextmanager
+    def lock(self, poll: float = 2.0) -> Iterator[None]:
+        """Exclusive lock on this stage directory. A second process waits (and says so)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                        log.info("[%s] another process holds %s (%s); waiting for it", self.stage, self.path, holder)
+                        waited = True
+                    time.sleep(poll)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock

@@ -1,0 +1,171 @@
+"""Stage 1 `cnn`: ImageNet-style classification pretraining of a torchvision ResNet-family backbone.
+
+    baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
+Reads an ImageNet-layout folder (``train/<wnid>/*``, ``val/<wnid>/*``) from the ``data`` stage;
+writes ``outputs/model/`` (model.safetensors + config.json); reports top-1/top-5 on val against
+chance and majority-class baselines.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torchvision
+from pydantic import Field
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from stages.base import StageConfig, StageContext, StageError, StageResult, Strict
+from stages.checkpoint import load_into, load_weights, save_weights
+from stages.data import ImageClassDataset, load_imagefolder
+from stages.metrics import topk_accuracy
+from stages.train import TrainConfig, autocast, fit, to_device
+
+TORCHVISION_ARCHS = ("alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
+
+
+class ModelConfig(Strict):
+    arch: Literal["narrow_resnet", "alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101",
+                  "resnext50_32x4d"] = "narrow_resnet"
+    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="narrow_resnet channels per stage")
+    blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], description="narrow_resnet BasicBlocks per stage")
+    stem: Literal["imagenet", "small"] = Field("small", description="small = 3x3 stride-1 stem, no max-pool (tiny images)")
+    init: str | None = Field(None, description="local state-dict file (.safetensors/.pt) or torchvision weights name")
+
+
+class Config(StageConfig):
+    kind: Literal["cnn"] = "cnn"
+    data: str = Field("world", description="stage providing the `imagenet` output")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    image_size: int = 32
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=2e-3))
+    eval_batch_size: int = 256
+
+    def upstream_refs(self) -> dict[str, str]:
+        return {"data": self.data}
+
+
+class NarrowResNet(ResNet):
+    """torchvision ResNet with chosen widths/depths (same attribute names: conv1, bn1, layer1..4, fc),
+    so torchvision's detection backbone utilities (IntermediateLayerGetter, BackboneWithFPN) work on it."""
+
+    def __init__(self, widths: list[int], blocks: list[int], num_classes: int, stem: str = "small"):
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        if stem == "small":
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def build_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """ModelConfig + class count -> an untrained classifier (ResNet-like attribute names).
+
+    >>> m = build_classifier(ModelConfig(), 10); m(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])"""
+    if cfg.arch == "narrow_resnet":
+        if len(cfg.widths) != 4 or len(cfg.blocks) != 4:
+            raise StageError("model.widths and model.blocks must have 4 entries (one per ResNet stage)")
+        return NarrowResNet(cfg.widths, cfg.blocks, num_classes, cfg.stem)
+    return getattr(torchvision.models, cfg.arch)(num_classes=num_classes)
+
+
+def head_prefix(arch: str) -> str:
+    return "classifier." if arch in ("alexnet", "vgg16") else "fc."
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Load ``cfg.init`` (a local file or a torchvision weights name); the class head is re-initialised."""
+    if not cfg.init:
+        return
+    path = Path(cfg.init)
+    if path.exists():
+        state = load_weights(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        source = str(path)
+    else:
+        try:
+            weights = torchvision.models.get_weight(cfg.init)
+        except (ValueError, KeyError) as e:
+            raise StageError(f"model.init={cfg.init!r} is neither an existing file nor a torchvision weights name") from e
+        state, source = weights.get_state_dict(progress=False), cfg.init
+    head = head_prefix(cfg.arch)
+    load_into(model, state, source, strict=True, ignore=(head,))
+
+
+def transfer_blocks(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
+    """ResNets: stem, layer1..layer4 as blocks; fc as the head."""
+    if hasattr(model, "layer1"):
+        stem = [*model.conv1.parameters(), *model.bn1.parameters()]
+        blocks = [stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)]
+        return blocks, list(model.fc.parameters())
+    return [list(model.features.parameters())], list(model.classifier.parameters())
+
+
+def save_model(model: nn.Module, cfg: ModelConfig, classes: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(), "classes": classes}, indent=2))
+
+
+@torch.no_grad()
+def evaluate(ctx: StageContext, model: nn.Module, ds, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    logits, targets = [], []
+    for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=ctx.config.runtime.num_workers):
+        with autocast(ctx):
+            logits.append(model(to_device(x, ctx.device, ctx.config.runtime.channels_last)).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    root = ctx.input(cfg.data, "imagenet")
+    tr_paths, tr_labels, classes = load_imagefolder(root / "train")
+    va_paths, va_labels, va_classes = load_imagefolder(root / "val")
+    if va_classes != classes:
+        raise StageError(f"{root}/val has classes {len(va_classes)} that differ from {root}/train ({len(classes)})")
+    train_ds = ImageClassDataset(tr_paths, tr_labels, cfg.image_size, train=True)
+    val_ds = ImageClassDataset(va_paths, va_labels, cfg.image_size, train=False)
+
+    model = build_classifier(cfg.model, len(classes))
+    init_weights(model, cfg.model)
+    blocks, head = transfer_blocks(model)
+    ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
+                            "model.params": sum(p.numel() for p in model.parameters())})
+
+    def loss_fn(m: nn.Module, batch, step: int):
+        x, y = batch
+        logits = m(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        return loss, {"acc": (logits.argmax(1) == y).float().mean().item()}
+
+    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head)
+    logits, targets = evaluate(ctx, model, val_ds, cfg.eval_batch_size)
+    metrics = {f"val/{k}": v for k, v in topk_accuracy(logits, targets, (1, 5)).items()}
+    majority = Counter(tr_labels).most_common(1)[0][0]
+    baselines = {"val/top1_chance": 1 / len(classes),
+                 "val/top1_majority": float((targets == majority).float().mean())}
+    ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
+    save_model(model.cpu(), cfg.model, classes, ctx.outputs / "model")
+    return ctx.result(outputs={"model": "outputs/model"}, metrics=metrics, baselines=baselines,
+                      info={"resumed_from": res.resumed_from, "train_seconds": res.seconds,
+                            "images_per_s": res.steps_per_s * cfg.train.batch_size})

@@ -1,0 +1,179 @@
+"""Recipes: one YAML file -> validated stage configs in dependency order.
+
+    recipe: vlp-tiny            # experiment name in MLflow
+    seed: 0                     # default seed of every stage
+    runtime: {device: auto}     # default runtime block, merged under each stage's own
+    stages:
+      world: {kind: world, ...}
+      cnn:   {kind: cnn, needs: [world], train: {lr: 2e-3}}
+
+Every error names the file and the dotted key path (``stages.cnn.train.lr``). Command-line
+overrides use the same paths: ``stages.cnn.train.lr=3e-4`` (values parsed as YAML).
+Pure python + pydantic: no Prefect, no MLflow, so ``python -m stages`` and GPU machines can use it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from stages import KINDS, kind_module
+from stages.base import Runtime, StageConfig, Strict
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run: the message names the file and the key."""
+
+
+class RecipeSettings(Strict):
+    recipe: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    runtime: dict[str, Any] = Field(default_factory=dict)
+    max_concurrency: int = Field(2, ge=1, description="stages that may run at once")
+    retries: int = Field(0, ge=0, description="Prefect task retries for transient (non-config, non-data) errors")
+    stages: dict[str, dict[str, Any]]
+
+
+@dataclass
+class Recipe:
+    path: Path
+    name: str
+    seed: int
+    max_concurrency: int
+    retries: int
+    stages: dict[str, StageConfig]  # in topological order
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def downstream(self, name: str) -> list[str]:
+        out, frontier = [], {name}
+        for s, cfg in self.stages.items():
+            if frontier & set(cfg.needs):
+                out.append(s)
+                frontier.add(s)
+        return out
+
+
+def _fmt_loc(prefix: str, loc: tuple) -> str:
+    return ".".join([prefix, *(str(p) for p in loc)]) if prefix else ".".join(str(p) for p in loc)
+
+
+def _raise_validation(path: Path, prefix: str, e: ValidationError) -> None:
+    lines = []
+    for err in e.errors():
+        key = _fmt_loc(prefix, err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"{path}: {key}: {msg}")
+    raise RecipeError("\n".join(lines))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """``a.b.c=value`` -> raw['a']['b']['c'] = yaml(value)."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r}: expected dotted.key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {override!r}: empty key segment")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"override {override!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+        node = nxt
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {override!r}: value is not valid YAML: {e}") from None
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with keys recipe, stages (got {type(raw).__name__})")
+    return raw
+
+
+def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), raw: dict | None = None) -> Recipe:
+    """Read, override, validate. ``raw`` (an already-parsed snapshot) skips reading ``path``."""
+    path = Path(path)
+    raw = copy.deepcopy(raw) if raw is not None else load_raw(path)
+    for o in overrides:
+        apply_override(raw, o)
+    try:
+        settings = RecipeSettings.model_validate(raw)
+    except ValidationError as e:
+        _raise_validation(path, "", e)
+    try:
+        Runtime.model_validate(settings.runtime)
+    except ValidationError as e:
+        _raise_validation(path, "runtime", e)
+
+    configs: dict[str, StageConfig] = {}
+    for name, block in settings.stages.items():
+        prefix = f"stages.{name}"
+        if not isinstance(block, dict):
+            raise RecipeError(f"{path}: {prefix}: a stage is a mapping (got {type(block).__name__})")
+        block = dict(block)
+        kind = block.setdefault("kind", name if name in KINDS else None)
+        if kind not in KINDS:
+            raise RecipeError(f"{path}: {prefix}.kind: unknown stage kind {kind!r} (known: {', '.join(KINDS)})")
+        block.setdefault("seed", settings.seed)
+        block["runtime"] = {**settings.runtime, **(block.get("runtime") or {})}
+        model = kind_module(kind).Config
+        try:
+            configs[name] = model.model_validate(block)
+        except ValidationError as e:
+            _raise_validation(path, prefix, e)
+
+    order = _toposort(path, configs)
+    return Recipe(path=path, name=settings.recipe, seed=settings.seed, max_concurrency=settings.max_concurrency,
+                  retries=settings.retries, stages={n: configs[n] for n in order}, raw=raw)
+
+
+def _toposort(path: Path, configs: dict[str, StageConfig]) -> list[str]:
+    for name, cfg in configs.items():
+        for i, dep in enumerate(cfg.needs):
+            if dep not in configs:
+                raise RecipeError(f"{path}: stages.{name}.needs[{i}]: unknown stage {dep!r} (stages: {', '.join(configs)})")
+        for key, ref in cfg.upstream_refs().items():
+            if ref not in cfg.needs:
+                raise RecipeError(f"{path}: stages.{name}.{key}: refers to stage {ref!r}, which is not in "
+                                  f"stages.{name}.needs {cfg.needs}")
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = on stack, 2 = done
+
+    def visit(n: str, stack: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cycle = stack[stack.index(n):] + [n]
+            raise RecipeError(f"{path}: stages.{n}.needs: dependency cycle {' -> '.join(cycle)}")
+        state[n] = 1
+        for dep in configs[n].needs:
+            visit(dep, stack + [n])
+        state[n] = 2
+        order.append(n)
+
+    for n in configs:
+        visit(n, [])
+    return order

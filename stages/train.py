@@ -1,0 +1,210 @@
+"""The shared training loop: step-based, resumable, tracked.
+
+A stage reads top to bottom: build data and model, then ``fit(...)``, then evaluate and save.
+``fit`` owns the mechanics every stage needs: optimizer + LR schedule from the transfer plan,
+autocast (bf16 on CUDA), channels_last, gradient accumulation, periodic full-state checkpoints,
+resume from the newest valid checkpoint (model, optimizer, scheduler, RNG states, step and the
+data position, so an epoch is never replayed), a stop on a non-finite loss, metrics through the
+tracker, and progress lines with rate and ETA.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from pydantic import Field
+
+from stages.base import StageContext, StageError, Strict
+from stages.checkpoint import rng_state, set_rng_state
+from stages.transfer import Transfer, TransferPlan, build_plan
+
+log = logging.getLogger("baton")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="effective batch size (examples per optimizer step)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per step; micro-batch = batch_size / grad_accum")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0)
+    transfer: Transfer = Field(default_factory=Transfer)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Endless seeded shuffling, batch by batch, starting at any batch index in O(1).
+
+    Epoch e is ``randperm(n, seed + e)``; batch b of the run is batch ``b % per_epoch`` of epoch
+    ``b // per_epoch``. Resuming at batch k never replays the epoch it stopped in."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None):
+        if n < batch_size:
+            raise StageError(f"dataset has {n} examples, fewer than one batch of {batch_size}")
+        self.n, self.bs, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.per_epoch = n // batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        b = self.start
+        epoch, perm = -1, None
+        while self.total is None or b < self.total:
+            e, i = divmod(b, self.per_epoch)
+            if e != epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+                perm, epoch = torch.randperm(self.n, generator=g).tolist(), e
+            yield perm[i * self.bs:(i + 1) * self.bs]
+            b += 1
+
+    def __len__(self) -> int:
+        return (self.total - self.start) if self.total is not None else 1 << 62
+
+
+def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 and x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: to_device(v, device, channels_last) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device, channels_last) for v in x)
+    return x
+
+
+def autocast(ctx: StageContext):
+    enabled = ctx.config.runtime.precision == "bf16" and ctx.device.type == "cuda"
+    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) if cfg.schedule == "cosine" else max(0.0, 1 - t)
+    return f
+
+
+@dataclass
+class FitResult:
+    step: int
+    resumed_from: int
+    train_loss: float
+    seconds: float
+    steps_per_s: float
+
+
+LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | None, loss_fn: LossFn,
+        cfg: TrainConfig, blocks: list[list[torch.nn.Parameter]] | None = None,
+        head: list[torch.nn.Parameter] | None = None, extra_state: dict | None = None) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps on ``dataset``.
+
+    ``loss_fn(model, batch, step) -> (loss, logs)`` computes one micro-batch's loss. ``blocks`` and
+    ``head`` (see stages.transfer) define the transfer strategy; without them every parameter is
+    one 'head' group. Returns when the last step is done and checkpointed; the trained weights are
+    in ``model``."""
+    rt = ctx.config.runtime
+    if cfg.batch_size % cfg.grad_accum:
+        raise StageError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
+    micro = cfg.batch_size // cfg.grad_accum
+    model.to(ctx.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if blocks is None:
+        blocks, head = [], [p for p in model.parameters()]
+    plan: TransferPlan = build_plan(blocks, head or [], cfg.transfer, cfg.weight_decay)
+    groups = [{k: v for k, v in g.items()} | {"lr": cfg.lr * g["lr_mult"]} for g in plan.groups]
+    if cfg.optimizer == "adamw":
+        fused = ctx.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched_fn = _schedule(cfg)
+    lambdas = [(lambda s, g=g: sched_fn(s) * plan.lr_factor(g, s)) for g in plan.groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    ctx.tracker.log_params({f"train.{k}": v for k, v in cfg.model_dump().items() if k != "transfer"} | plan.describe())
+
+    start = 0
+    ckpt = ctx.checkpoints.latest()
+    if ckpt is not None:
+        mstate, tstate = ckpt.load()
+        model.load_state_dict(mstate)
+        opt.load_state_dict(tstate["optimizer"])
+        sched.load_state_dict(tstate["scheduler"])
+        set_rng_state(tstate["rng"])
+        if extra_state is not None:
+            extra_state.update(tstate.get("extra", {}))
+        start = int(tstate["step"])
+        log.info("[%s] resumed from checkpoint at step %d/%d (%s)", ctx.name, start, cfg.steps, ckpt.path)
+    if start >= cfg.steps:
+        return FitResult(start, start, float("nan"), 0.0, 0.0)
+
+    sampler = ResumableBatchSampler(len(dataset), micro, ctx.seed, start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=rt.num_workers, pin_memory=ctx.device.type == "cuda",
+                                         persistent_workers=False,
+                                         # own generator: creating the iterator must not draw from the global
+                                         # RNG, or a resumed run's dropout stream would differ from an unbroken one
+                                         generator=torch.Generator().manual_seed(ctx.seed))
+    batches = iter(loader)
+
+    def save(step: int) -> None:
+        ctx.checkpoints.save(step, model.state_dict(), {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+            "extra": extra_state or {}})
+        ctx.tracker.flush()
+
+    model.train()
+    t0 = time.perf_counter()
+    window_loss, window_n, last_t, last_step = 0.0, 0, t0, start
+    loss_avg = float("nan")
+    for step in range(start, cfg.steps):
+        plan.apply(step)
+        logs: dict[str, float] = {}
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = to_device(next(batches), ctx.device, rt.channels_last)
+            with autocast(ctx):
+                loss, logs = loss_fn(model, batch, step)
+            if not torch.isfinite(loss):
+                good = ctx.checkpoints.steps()
+                raise StageError(f"stage {ctx.name!r}: non-finite loss ({loss.item()}) at step {step}; "
+                                 f"stopped, last good checkpoint: step {good[-1] if good else 'none'}")
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None],
+                                           cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        window_loss += step_loss
+        window_n += 1
+        done = step + 1
+        if done % rt.log_every == 0 or done == cfg.steps:
+            now = time.perf_counter()
+            rate = (done - last_step) / max(now - last_t, 1e-9)
+            loss_avg = window_loss / window_n
+            eta = (cfg.steps - done) / max(rate, 1e-9)
+            lr0 = opt.param_groups[-1]["lr"]
+            log.info("[%s] step %d/%d loss %.4f lr %.2e %.2f it/s ETA %s", ctx.name, done, cfg.steps, loss_avg,
+                     lr0, rate, time.strftime("%M:%S", time.gmtime(eta)))
+            ctx.tracker.log_metrics({"train/loss": loss_avg, "train/lr": lr0, "train/steps_per_s": rate}
+                                    | {f"train/{k}": float(v) for k, v in logs.items()}, step=done)
+            window_loss, window_n, last_t, last_step = 0.0, 0, now, done
+        if done % rt.checkpoint_every == 0 or done == cfg.steps:
+            save(done)
+    plan.apply(cfg.steps)
+    secs = time.perf_counter() - t0
+    return FitResult(cfg.steps, start, loss_avg, secs, (cfg.steps - start) / max(secs, 1e-9))

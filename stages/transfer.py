@@ -1,0 +1,115 @@
+"""Transfer-learning strategies shared by every fine-tuning stage.
+
+A model that can be fine-tuned exposes ``transfer_blocks() -> (blocks, head)``: ``blocks`` is the
+backbone as an ordered list of parameter lists (input side first: embeddings, stage 1, ...), ``head``
+the new task head's parameters. The strategy turns that into optimizer param groups (each with its
+LR multiplier) and a per-step plan (which blocks train at step s, and each group's LR factor), so a
+resumed run reproduces the same phases from the step number alone.
+
+  finetune      everything trains; backbone LR x backbone_lr_mult; optional layer_decay
+  linear_probe  only the head trains
+  partial       the first freeze_blocks blocks stay frozen
+  lp_ft         linear probe for lp_steps, then everything trains at LR x ft_lr_mult
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from stages.base import Strict
+
+
+class Transfer(Strict):
+    strategy: Literal["finetune", "linear_probe", "partial", "lp_ft"] = "finetune"
+    backbone_lr_mult: float = Field(1.0, ge=0.0, description="backbone LR = lr * backbone_lr_mult")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="block i LR *= layer_decay**(n_blocks-i)")
+    freeze_blocks: int = Field(0, ge=0, description="partial: number of input-side blocks kept frozen")
+    lp_steps: int = Field(0, ge=0, description="lp_ft: steps of linear probing before full fine-tuning")
+    ft_lr_mult: float = Field(0.1, gt=0.0, description="lp_ft: LR multiplier for the fine-tune phase")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.strategy == "lp_ft" and self.lp_steps == 0:
+            raise ValueError("transfer.lp_steps must be > 0 when transfer.strategy is 'lp_ft'")
+        if self.strategy == "partial" and self.freeze_blocks == 0:
+            raise ValueError("transfer.freeze_blocks must be > 0 when transfer.strategy is 'partial'")
+        return self
+
+
+def _no_decay(p: torch.nn.Parameter) -> bool:
+    return p.ndim <= 1  # biases and norm weights
+
+
+@dataclass
+class TransferPlan:
+    cfg: Transfer
+    blocks: list[list[torch.nn.Parameter]]
+    head: list[torch.nn.Parameter]
+    groups: list[dict]  # optimizer param groups; each has 'block' (-1 = head) and 'lr_mult'
+
+    def trainable_blocks(self, step: int) -> set[int]:
+        n = len(self.blocks)
+        s = self.cfg.strategy
+        if s == "linear_probe" or (s == "lp_ft" and step < self.cfg.lp_steps):
+            return set()
+        if s == "partial":
+            if self.cfg.freeze_blocks > n:
+                raise ValueError(f"transfer.freeze_blocks={self.cfg.freeze_blocks} but the model has {n} blocks")
+            return set(range(self.cfg.freeze_blocks, n))
+        return set(range(n))
+
+    def apply(self, step: int) -> None:
+        """Set requires_grad for the phase that ``step`` is in."""
+        live = self.trainable_blocks(step)
+        for i, params in enumerate(self.blocks):
+            for p in params:
+                p.requires_grad_(i in live)
+        for p in self.head:
+            p.requires_grad_(True)
+
+    def lr_factor(self, group: dict, step: int) -> float:
+        """Multiplier on the group's base LR at ``step`` (before the schedule)."""
+        if self.cfg.strategy == "lp_ft":
+            if step < self.cfg.lp_steps:
+                return 1.0 if group["block"] < 0 else 0.0
+            return self.cfg.ft_lr_mult
+        if group["block"] >= 0 and group["block"] not in self.trainable_blocks(step):
+            return 0.0
+        return 1.0
+
+    def describe(self) -> dict[str, float | str]:
+        out: dict[str, float | str] = {"transfer.strategy": self.cfg.strategy}
+        for g in self.groups:
+            out[f"transfer.lr_mult.{g['name']}"] = g["lr_mult"]
+        return out
+
+
+def build_plan(blocks: list[list[torch.nn.Parameter]], head: list[torch.nn.Parameter], cfg: Transfer,
+               weight_decay: float) -> TransferPlan:
+    """Param groups: one per (block, decay/no-decay) with LR multipliers from the strategy."""
+    n = len(blocks)
+    seen = {id(p) for p in head}
+    groups: list[dict] = []
+
+    def add(name: str, block: int, params: list[torch.nn.Parameter], mult: float) -> None:
+        params = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        for decay in (True, False):
+            ps = [p for p in params if _no_decay(p) != decay]
+            if ps:
+                groups.append({"name": f"{name}{'' if decay else '.no_decay'}", "block": block, "params": ps,
+                               "lr_mult": mult, "weight_decay": weight_decay if decay else 0.0})
+
+    for i, params in enumerate(blocks):
+        mult = cfg.backbone_lr_mult
+        if cfg.layer_decay is not None:
+            mult *= cfg.layer_decay ** (n - i)
+        add(f"block{i}", i, params, mult)
+    seen -= {id(p) for p in head}
+    add("head", -1, head, 1.0)
+    plan = TransferPlan(cfg, blocks, head, groups)
+    plan.trainable_blocks(0)  # validates freeze_blocks against the model
+    return plan

@@ -1,0 +1,533 @@
+"""Loaders for the real public dataset formats (DESIGN.md "Data").
+
+The synthetic world (``stages.world``) writes these same formats, so real datasets plug in the
+same way. Every malformed input raises :class:`stages.base.StageError` naming the file, the
+record (index or id) and the key. Pure python / numpy / torch / PIL.
+
+- ImageNet: ``root/<wnid>/*.JPEG`` class folders -> :func:`load_imagefolder`, :class:`ImageClassDataset`
+- Visual Genome: ``image_data.json``, ``objects.json``, ``attributes.json`` -> :func:`load_vg`
+- text corpus: ``*.txt``, one document per blank-line block -> :func:`read_corpus`
+- COCO captions JSON -> :func:`load_coco_captions`
+- VQA v2 questions + annotations JSON -> :func:`load_vqa`
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from stages.base import StageError
+
+IMAGE_EXTS = (".jpeg", ".jpg", ".png")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+
+
+def _get(rec: Any, key: str, path: Path, where: str) -> Any:
+    if not isinstance(rec, dict):
+        raise StageError(f"{path}: {where}: expected an object, got {type(rec).__name__}")
+    if key not in rec:
+        raise StageError(f"{path}: {where}: missing key {key!r}")
+    return rec[key]
+
+
+def _get_any(rec: Any, keys: tuple[str, ...], path: Path, where: str) -> Any:
+    if not isinstance(rec, dict):
+        raise StageError(f"{path}: {where}: expected an object, got {type(rec).__name__}")
+    for k in keys:
+        if k in rec:
+            return rec[k]
+    alt = " or ".join(repr(k) for k in keys[1:])
+    raise StageError(f"{path}: {where}: missing key {keys[0]!r}" + (f" (or {alt})" if alt else ""))
+
+
+def _int(v: Any, key: str, path: Path, where: str) -> int:
+    try:
+        if isinstance(v, bool) or v is None:
+            raise TypeError
+        f = float(v)
+        if f != int(f):
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError):
+        raise StageError(f"{path}: {where}: key {key!r} must be an integer, got {v!r}") from None
+
+
+def _num(v: Any, key: str, path: Path, where: str) -> float:
+    try:
+        if isinstance(v, bool) or v is None:
+            raise TypeError
+        return float(v)
+    except (TypeError, ValueError):
+        raise StageError(f"{path}: {where}: key {key!r} must be a number, got {v!r}") from None
+
+
+def _list(v: Any, key: str, path: Path, where: str) -> list:
+    if not isinstance(v, list):
+        raise StageError(f"{path}: {where}: key {key!r} must be a list, got {type(v).__name__}")
+    return v
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_name(s: str) -> str:
+    """Lowercase, strip, collapse whitespace."""
+    return _WS.sub(" ", str(s).strip().lower())
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open and fully decode an image as RGB; unreadable -> StageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise StageError(f"{path}: cannot read image ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet
+
+
+def load_imagefolder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageNet layout ``root/<wnid>/*.(JPEG|jpg|jpeg|png)``. Classes = sorted wnid folder names.
+
+    Returns (paths, labels, classes); paths sorted by (class, file name)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StageError(f"{root}: image folder not found")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise StageError(f"{root}: no class folders (expected <root>/<wnid>/*.JPEG)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (root / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        paths.extend(files)
+        labels.extend([ci] * len(files))
+    if not paths:
+        raise StageError(f"{root}: no images ({'/'.join(IMAGE_EXTS)}) in {len(classes)} class folders")
+    return paths, labels, classes
+
+
+class ImageClassDataset(torch.utils.data.Dataset):
+    """(CHW float tensor normalised with ImageNet mean/std, int label).
+
+    ``cache=True`` decodes every image once into ``self.images`` (uint8, N x 3 x H x W); meant for
+    small sets. ``train=True`` applies a random horizontal flip (torch RNG)."""
+
+    def __init__(self, paths: list[Path], labels: list[int], image_size: int, train: bool, cache: bool = True):
+        if len(paths) != len(labels):
+            raise StageError(f"ImageClassDataset: {len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = [int(x) for x in labels]
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.images: torch.Tensor | None = None
+        if cache:
+            s = self.image_size
+            buf = np.empty((len(self.paths), s, s, 3), dtype=np.uint8)
+            for i, p in enumerate(self.paths):
+                buf[i] = self._decode(p)
+            self.images = torch.from_numpy(buf).permute(0, 3, 1, 2).contiguous()
+
+    def _decode(self, path: Path) -> np.ndarray:
+        im = open_rgb(path)
+        s = self.image_size
+        if im.size != (s, s):
+            im = im.resize((s, s), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def uint8(self, i: int) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[i]
+        return torch.from_numpy(self._decode(self.paths[i]).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.uint8(i).float().div_(255.0)
+        if self.train and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        x = (x - self.mean) / self.std
+        return x, self.labels[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual Genome
+
+
+@dataclass
+class VGImage:
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 (N, 4) x1 y1 x2 y2, clipped to the image
+    names: list[str]  # normalised object name per box
+    attributes: list[list[str]] = field(default_factory=list)  # normalised attributes per box
+
+
+def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage], dict]:
+    """Read ``image_data.json``, ``objects.json`` and optional ``attributes.json`` (v1.0-v1.4 keys).
+
+    Images are at ``image_dir or vg_dir/'images'`` as ``<image_id>.jpg`` (not opened here).
+    Boxes are clipped to the image; boxes of zero/negative area after clipping are dropped.
+    Objects listed in another object's ``merged_object_ids`` are skipped (their attributes go
+    to the object they were merged into). Returns (images in image_data order, stats)."""
+    vg_dir = Path(vg_dir)
+    image_dir = Path(image_dir) if image_dir is not None else vg_dir / "images"
+    stats = {"images": 0, "objects": 0, "dropped_degenerate": 0, "clipped": 0, "dropped_unnamed": 0,
+             "merged": 0, "with_attributes": 0}
+
+    # image_data.json
+    p_img = vg_dir / "image_data.json"
+    data = read_json(p_img)
+    if not isinstance(data, list):
+        raise StageError(f"{p_img}: expected a list of image records, got {type(data).__name__}")
+    order: list[int] = []
+    sizes: dict[int, tuple[int, int]] = {}
+    for i, rec in enumerate(data):
+        where = f"record {i}"
+        iid = _int(_get_any(rec, ("image_id", "id"), p_img, where), "image_id", p_img, where)
+        where = f"record {i} (image_id {iid})"
+        w = _int(_get(rec, "width", p_img, where), "width", p_img, where)
+        h = _int(_get(rec, "height", p_img, where), "height", p_img, where)
+        if w <= 0 or h <= 0:
+            raise StageError(f"{p_img}: {where}: non-positive size {w}x{h}")
+        if iid in sizes:
+            raise StageError(f"{p_img}: {where}: duplicate image_id {iid}")
+        sizes[iid] = (w, h)
+        order.append(iid)
+
+    # objects.json
+    p_obj = vg_dir / "objects.json"
+    objs = read_json(p_obj)
+    if not isinstance(objs, list):
+        raise StageError(f"{p_obj}: expected a list of per-image records, got {type(objs).__name__}")
+    per_image: dict[int, list[tuple[int, list[float], str]]] = {}
+    alias: dict[int, int] = {}  # object id (incl. merged ids) -> kept object id
+    for i, rec in enumerate(objs):
+        where = f"record {i}"
+        iid = _int(_get_any(rec, ("image_id", "id"), p_obj, where), "image_id", p_obj, where)
+        where = f"record {i} (image_id {iid})"
+        if iid not in sizes:
+            raise StageError(f"{p_obj}: {where}: image_id {iid} is not in {p_img.name}")
+        if iid in per_image:
+            raise StageError(f"{p_obj}: {where}: duplicate image_id {iid}")
+        w, h = sizes[iid]
+        olist = _list(_get(rec, "objects", p_obj, where), "objects", p_obj, where)
+        merged_away: set[int] = set()
+        for o in olist:
+            if isinstance(o, dict):
+                for m in o.get("merged_object_ids") or []:
+                    merged_away.add(int(m))
+        kept: list[tuple[int, list[float], str]] = []
+        for j, o in enumerate(olist):
+            ow = f"record {i} (image_id {iid}) object {j}"
+            oid = _int(_get_any(o, ("object_id", "id"), p_obj, ow), "object_id", p_obj, ow)
+            ow = f"record {i} (image_id {iid}) object {j} (object_id {oid})"
+            if oid in merged_away:
+                stats["merged"] += 1
+                continue
+            x = _num(_get(o, "x", p_obj, ow), "x", p_obj, ow)
+            y = _num(_get(o, "y", p_obj, ow), "y", p_obj, ow)
+            bw = _num(_get(o, "w", p_obj, ow), "w", p_obj, ow)
+            bh = _num(_get(o, "h", p_obj, ow), "h", p_obj, ow)
+            if "names" in o:
+                names = _list(o["names"], "names", p_obj, ow)
+                name = normalize_name(names[0]) if names else ""
+            elif "name" in o:
+                name = normalize_name(o["name"])
+            else:
+                raise StageError(f"{p_obj}: {ow}: missing key 'names' (or 'name')")
+            if not name:
+                stats["dropped_unnamed"] += 1
+                continue
+            box = [x, y, x + bw, y + bh]
+            cb = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
+                  min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+            if cb[2] <= cb[0] or cb[3] <= cb[1]:
+                stats["dropped_degenerate"] += 1
+                continue
+            if cb != box:
+                stats["clipped"] += 1
+            kept.append((oid, cb, name))
+            alias[oid] = oid
+            for m in o.get("merged_object_ids") or []:
+                alias[int(m)] = oid
+        per_image[iid] = kept
+
+    # attributes.json (optional)
+    attrs: dict[int, dict[int, list[str]]] = {}
+    p_att = vg_dir / "attributes.json"
+    if p_att.is_file():
+        arecs = read_json(p_att)
+        if not isinstance(arecs, list):
+            raise StageError(f"{p_att}: expected a list of per-image records, got {type(arecs).__name__}")
+        for i, rec in enumerate(arecs):
+            where = f"record {i}"
+            iid = _int(_get_any(rec, ("image_id", "id"), p_att, where), "image_id", p_att, where)
+            where = f"record {i} (image_id {iid})"
+            alist = rec.get("attributes") or []
+            _list(alist, "attributes", p_att, where)
+            d = attrs.setdefault(iid, {})
+            for j, a in enumerate(alist):
+                aw = f"record {i} (image_id {iid}) attribute entry {j}"
+                oid = _int(_get_any(a, ("object_id", "id"), p_att, aw), "object_id", p_att, aw)
+                vals = a.get("attributes") or []
+                _list(vals, "attributes", p_att, aw)
+                target = alias.get(oid, oid)
+                lst = d.setdefault(target, [])
+                for v in vals:
+                    nv = normalize_name(v)
+                    if nv and nv not in lst:
+                        lst.append(nv)
+
+    images: list[VGImage] = []
+    for iid in order:
+        w, h = sizes[iid]
+        kept = per_image.get(iid, [])
+        ad = attrs.get(iid, {})
+        boxes = np.asarray([b for _, b, _ in kept], dtype=np.float32).reshape(-1, 4)
+        att = [list(ad.get(oid, [])) for oid, _, _ in kept]
+        stats["objects"] += len(kept)
+        stats["with_attributes"] += sum(1 for a in att if a)
+        images.append(VGImage(image_id=iid, path=image_dir / f"{iid}.jpg", width=w, height=h, boxes=boxes,
+                              names=[n for _, _, n in kept], attributes=att))
+    stats["images"] = len(images)
+    return images, stats
+
+
+def build_vocab(name_lists: Iterable[Iterable[str]], k: int) -> list[str]:
+    """The k most frequent names (ties broken alphabetically)."""
+    c: Counter[str] = Counter()
+    for names in name_lists:
+        c.update(names)
+    return [n for n, _ in sorted(c.items(), key=lambda t: (-t[1], t[0]))[: max(int(k), 0)]]
+
+
+def read_id_list(path: Path) -> list[int]:
+    """One integer id per line (blank lines and ``#`` comments ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: id list not found")
+    out: list[int] = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            s = line.split("#", 1)[0].strip()
+            if not s:
+                continue
+            try:
+                out.append(int(s))
+            except ValueError:
+                raise StageError(f"{path}: line {ln}: not an integer id: {s!r}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# text corpus
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Documents from a ``.txt`` file or a directory of ``*.txt`` files (sorted by name).
+
+    A document is a block of lines separated by blank lines; its lines are joined with spaces."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.txt") if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise StageError(f"{path}: corpus not found")
+    docs: list[str] = []
+    for fp in files:
+        try:
+            text = fp.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise StageError(f"{fp}: not UTF-8 text ({e})") from None
+        cur: list[str] = []
+        for line in text.splitlines():
+            s = line.strip()
+            if s:
+                cur.append(s)
+            elif cur:
+                docs.append(" ".join(cur))
+                cur = []
+        if cur:
+            docs.append(" ".join(cur))
+    if not docs:
+        raise StageError(f"{path}: empty corpus (no documents in {len(files)} .txt file(s))")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO captions
+
+
+def load_coco_captions(path: Path) -> tuple[dict[int, list[str]], dict[int, dict]]:
+    """COCO captions JSON -> (image_id -> captions, image_id -> {file_name, width, height}).
+
+    Only images with at least one caption appear in the first dict; every listed image in the second."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise StageError(f"{path}: expected an object with 'images' and 'annotations'")
+    imgs = _list(_get(data, "images", path, "top level"), "images", path, "top level")
+    anns = _list(_get(data, "annotations", path, "top level"), "annotations", path, "top level")
+    info: dict[int, dict] = {}
+    for i, rec in enumerate(imgs):
+        where = f"images[{i}]"
+        iid = _int(_get(rec, "id", path, where), "id", path, where)
+        where = f"images[{i}] (id {iid})"
+        fn = _get(rec, "file_name", path, where)
+        w = _int(_get(rec, "width", path, where), "width", path, where)
+        h = _int(_get(rec, "height", path, where), "height", path, where)
+        if iid in info:
+            raise StageError(f"{path}: {where}: duplicate image id {iid}")
+        info[iid] = {"file_name": str(fn), "width": w, "height": h}
+    caps: dict[int, list[str]] = {}
+    for i, rec in enumerate(anns):
+        where = f"annotations[{i}]"
+        aid = _get(rec, "id", path, where)
+        where = f"annotations[{i}] (id {aid})"
+        iid = _int(_get(rec, "image_id", path, where), "image_id", path, where)
+        cap = _get(rec, "caption", path, where)
+        if not isinstance(cap, str) or not cap.strip():
+            raise StageError(f"{path}: annotation id {aid} (annotations[{i}]): empty caption")
+        if iid not in info:
+            raise StageError(f"{path}: {where}: image_id {iid} is not in 'images'")
+        caps.setdefault(iid, []).append(_WS.sub(" ", cap.strip()))
+    return caps, info
+
+
+def coco_captions_file(coco_dir: Path, split: str) -> Path:
+    """``captions_<split>*.json`` anywhere under coco_dir (synthetic: captions_train.json;
+    real COCO: annotations/captions_train2014.json)."""
+    coco_dir = Path(coco_dir)
+    hits = sorted(coco_dir.rglob(f"captions_{split}*.json"))
+    if not hits:
+        raise StageError(f"{coco_dir}: no captions_{split}*.json")
+    return hits[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# VQA v2
+
+
+@dataclass
+class VQARecord:
+    question_id: int
+    image_id: int
+    question: str
+    answers: list[str]  # the (10) human answers
+    answer_type: str
+    question_type: str
+    multiple_choice_answer: str
+
+
+def load_vqa(questions_path: Path, annotations_path: Path | None) -> list[VQARecord]:
+    """Join VQA v2 questions and annotations on question_id (questions order).
+
+    ``annotations_path=None`` (test-dev style) gives records with no answers."""
+    qp = Path(questions_path)
+    qd = read_json(qp)
+    qs = _list(_get(qd, "questions", qp, "top level"), "questions", qp, "top level")
+    anns: dict[int, dict] = {}
+    ap = Path(annotations_path) if annotations_path is not None else None
+    if ap is not None:
+        ad = read_json(ap)
+        al = _list(_get(ad, "annotations", ap, "top level"), "annotations", ap, "top level")
+        for i, rec in enumerate(al):
+            where = f"annotations[{i}]"
+            qid = _int(_get(rec, "question_id", ap, where), "question_id", ap, where)
+            where = f"annotations[{i}] (question_id {qid})"
+            iid = _int(_get(rec, "image_id", ap, where), "image_id", ap, where)
+            answers = _list(_get(rec, "answers", ap, where), "answers", ap, where)
+            if not answers:
+                raise StageError(f"{ap}: {where}: key 'answers' is empty")
+            ans = []
+            for j, a in enumerate(answers):
+                aw = f"{where} answers[{j}]"
+                v = _get(a, "answer", ap, aw)
+                ans.append(str(v))
+            if qid in anns:
+                raise StageError(f"{ap}: {where}: duplicate question_id {qid}")
+            mca = rec.get("multiple_choice_answer")
+            if mca is None:
+                mca = Counter(ans).most_common(1)[0][0]
+            anns[qid] = {
+                "image_id": iid,
+                "answers": ans,
+                "answer_type": str(_get(rec, "answer_type", ap, where)),
+                "question_type": str(_get(rec, "question_type", ap, where)),
+                "multiple_choice_answer": str(mca),
+            }
+    out: list[VQARecord] = []
+    seen: set[int] = set()
+    for i, rec in enumerate(qs):
+        where = f"questions[{i}]"
+        qid = _int(_get(rec, "question_id", qp, where), "question_id", qp, where)
+        where = f"questions[{i}] (question_id {qid})"
+        iid = _int(_get(rec, "image_id", qp, where), "image_id", qp, where)
+        q = _get(rec, "question", qp, where)
+        if not isinstance(q, str) or not q.strip():
+            raise StageError(f"{qp}: {where}: empty question")
+        if qid in seen:
+            raise StageError(f"{qp}: {where}: duplicate question_id {qid}")
+        seen.add(qid)
+        if ap is None:
+            out.append(VQARecord(qid, iid, q.strip(), [], "", "", ""))
+            continue
+        a = anns.get(qid)
+        if a is None:
+            raise StageError(f"{ap}: no annotation for question_id {qid} ({qp.name} {where})")
+        if a["image_id"] != iid:
+            raise StageError(f"{ap}: question_id {qid}: image_id {a['image_id']} != {iid} in {qp.name}")
+        out.append(VQARecord(qid, iid, q.strip(), a["answers"], a["answer_type"], a["question_type"],
+                             a["multiple_choice_answer"]))
+    extra = sorted(set(anns) - seen)
+    if extra:
+        raise StageError(f"{ap}: {len(extra)} annotation(s) without a question in {qp.name}, "
+                         f"e.g. question_id {extra[0]}")
+    return out
+
+
+def vqa_files(vqa_dir: Path, split: str) -> tuple[Path, Path]:
+    """(questions, annotations) for a split: ``*<split>*questions.json`` and ``*<split>*annotations.json``
+    under vqa_dir (synthetic: v2_OpenEnded_mscoco_train_questions.json; real: ..._train2014_...)."""
+    vqa_dir = Path(vqa_dir)
+    q = sorted(vqa_dir.rglob(f"*OpenEnded*_{split}*_questions.json")) or sorted(
+        vqa_dir.rglob(f"*_{split}*questions.json"))
+    a = sorted(vqa_dir.rglob(f"*_{split}*_annotations.json")) or sorted(vqa_dir.rglob(f"*_{split}*annotations.json"))
+    if not q:
+        raise StageError(f"{vqa_dir}: no VQA questions file for split {split!r}")
+    if not a:
+        raise StageError(f"{vqa_dir}: no VQA annotations file for split {split!r}")
+    return q[0], a[0]

@@ -64,11 +64,15 @@ def _project_imports(tree: ast.AST, module: str) -> set[str]:
     return out
 
 
+def source_digest(source: str) -> str:
+    """Digest of Python source that ignores comments, docstrings and formatting."""
+    return hashlib.sha256(ast.dump(_strip_docstrings(ast.parse(source)), annotate_fields=False).encode()).hexdigest()
+
+
 @lru_cache(maxsize=None)
 def _module_digest(name: str) -> tuple[str, frozenset[str]]:
-    path = _module_file(name)
-    tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
-    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest(), frozenset(_project_imports(tree, name))
+    source = _module_file(name).read_text()
+    return source_digest(source), frozenset(_project_imports(ast.parse(source), name))
 
 
 def code_digest(kind: str) -> dict[str, str]:

@@ -1,0 +1,103 @@
+"""Recipe validation: every bad config is refused with a message naming the file and the key."""
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from stages.recipe import RecipeError, load_recipe
+
+GOOD = """
+recipe: t
+seed: 3
+runtime: {log_every: 7}
+stages:
+  world: {kind: world}
+  cnn:
+    kind: cnn
+    needs: [world]
+    train: {lr: 0.01}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def refused(tmp_path, text, *overrides) -> str:
+    p = write(tmp_path, text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, list(overrides))
+    assert str(p) in str(e.value)
+    return str(e.value)
+
+
+def test_good_recipe_resolves_defaults_and_order(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD))
+    assert list(r.stages) == ["world", "cnn"]
+    assert r.stages["cnn"].seed == 3 and r.stages["cnn"].runtime.log_every == 7
+    assert r.stages["cnn"].train.lr == 0.01
+
+
+def test_override_sets_nested_value(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD), ["stages.cnn.train.lr=3e-4", "stages.cnn.runtime.log_every=2"])
+    assert r.stages["cnn"].train.lr == 3e-4 and r.stages["cnn"].runtime.log_every == 2
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    msg = refused(tmp_path, "recipe: t\nstages: {world: [\n")
+    assert "malformed YAML" in msg and "line" in msg
+
+
+def test_unknown_key_named_with_dotted_path(tmp_path):
+    msg = refused(tmp_path, GOOD.replace("lr: 0.01", "lr: 0.01, lrr: 1"))
+    assert "stages.cnn.train.lrr: unknown key" in msg
+
+
+def test_wrong_type_named(tmp_path):
+    msg = refused(tmp_path, GOOD.replace("lr: 0.01", "lr: fast"))
+    assert "stages.cnn.train.lr" in msg and "'fast'" in msg
+
+
+def test_override_with_wrong_type_or_unknown_key(tmp_path):
+    assert "stages.cnn.train.steps" in refused(tmp_path, GOOD, "stages.cnn.train.steps=many")
+    assert "stages.cnn.train.nope: unknown key" in refused(tmp_path, GOOD, "stages.cnn.train.nope=1")
+
+
+def test_unknown_stage_in_needs(tmp_path):
+    msg = refused(tmp_path, GOOD.replace("needs: [world]", "needs: [world, imagenet]"))
+    assert "stages.cnn.needs[1]: unknown stage 'imagenet'" in msg
+
+
+def test_cycle_is_refused(tmp_path):
+    text = GOOD.replace("world: {kind: world}", "world: {kind: world, needs: [cnn]}")
+    assert "dependency cycle" in refused(tmp_path, text)
+
+
+def test_upstream_reference_must_be_in_needs(tmp_path):
+    text = GOOD.replace("needs: [world]", "needs: []")
+    msg = refused(tmp_path, text)
+    assert "stages.cnn.data" in msg and "not in stages.cnn.needs" in msg
+
+
+def test_unknown_kind(tmp_path):
+    assert "stages.foo.kind: unknown stage kind" in refused(tmp_path, GOOD + "  foo: {}\n")
+
+
+def test_runtime_validated(tmp_path):
+    assert "runtime.log_every" in refused(tmp_path, GOOD.replace("log_every: 7", "log_every: 0"))
+
+
+def test_cli_exit_code_and_message(tmp_path, capsys):
+    p = write(tmp_path, GOOD.replace("lr: 0.01", "lr: fast"))
+    assert main(["--artifacts", str(tmp_path / "a"), "status", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "stages.cnn.train.lr" in err and str(p) in err
+    assert not (tmp_path / "a").exists(), "a refused recipe must leave nothing behind"
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    r = load_recipe(path)
+    assert r.stages

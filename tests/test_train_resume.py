@@ -1,0 +1,182 @@
+"""The shared loop: resume is exact, checkpoints are atomic and verified, transfer strategies do
+what the config says, a non-finite loss stops the stage."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from stages.base import StageConfig, StageContext, StageError
+from stages.checkpoint import CheckpointManager, load_weights, save_weights
+from stages.train import ResumableBatchSampler, TrainConfig, fit
+
+
+class Cfg(StageConfig):
+    kind: str = "toy"
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def blocks(self):
+        return [list(self.body[0].parameters()), list(self.body[3].parameters())], list(self.head.parameters())
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=96):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def ctx_for(path, **runtime):
+    rt = {"checkpoint_every": 5, "log_every": 5, "device": "cpu"} | runtime
+    return StageContext(name="toy", config=Cfg(runtime=rt), stage_dir=path, upstream={}, upstream_dirs={},
+                        fingerprint="t")
+
+
+def loss_fn(crash_at=None):
+    def f(model, batch, step):
+        if step == crash_at:
+            raise KeyboardInterrupt("simulated kill")
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y), {}
+    return f
+
+
+def train(path, steps=12, crash_at=None, transfer=None, **kw):
+    model = Toy()
+    blocks, head = model.blocks()
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=0.05, transfer=transfer or {}, **kw)
+    ctx = ctx_for(path)
+    res = fit(ctx, model, Data(), None, loss_fn(crash_at), cfg, blocks, head)
+    return model, res, ctx
+
+
+def test_loss_goes_down_and_history_is_tracked(tmp_path):
+    model, res, ctx = train(tmp_path / "a", steps=40)
+    losses = [m["train/loss"] for _, m in ctx.tracker.metrics]
+    assert losses[-1] < losses[0] * 0.8
+    assert [s for s, _ in ctx.tracker.metrics] == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, caplog):
+    ref, _, _ = train(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", crash_at=8)  # dies after the step-5 checkpoint
+    assert CheckpointManager(tmp_path / "run" / "checkpoints").steps() == [5]
+    with caplog.at_level(logging.INFO, logger="baton"):
+        resumed, res, _ = train(tmp_path / "run")
+    assert res.resumed_from == 5 and "resumed from checkpoint at step 5" in caplog.text
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_sampler_resumes_mid_epoch_without_replay():
+    full = list(ResumableBatchSampler(10, 3, seed=4, total=7))
+    assert list(ResumableBatchSampler(10, 3, seed=4, start=4, total=7)) == full[4:]
+    assert sorted(sum(full[:3], [])) == sorted(set(sum(full[:3], [])))  # an epoch has no repeats
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
+    train(tmp_path / "a", steps=10)
+    mgr = CheckpointManager(tmp_path / "a" / "checkpoints")
+    assert mgr.steps() == [5, 10]
+    f = tmp_path / "a" / "checkpoints" / "00000010" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-7])  # truncated
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        assert mgr.latest().step == 5
+    assert "corrupt" in caplog.text
+
+
+def test_half_written_checkpoint_is_invisible(tmp_path):
+    mgr = CheckpointManager(tmp_path / "c")
+    mgr.save(3, {"w": torch.ones(2)}, {})
+    (tmp_path / "c" / ".tmp-00000004-99999").mkdir()  # a writer killed mid-save
+    assert mgr.steps() == [3] and mgr.latest().step == 3
+
+
+def test_keep_last_n(tmp_path):
+    mgr = CheckpointManager(tmp_path / "c", keep=2)
+    for s in (1, 2, 3):
+        mgr.save(s, {"w": torch.full((2,), float(s))}, {})
+    assert mgr.steps() == [2, 3]
+    model, state = mgr.latest().load()
+    assert model["w"][0] == 3 and state["step"] == 3
+
+
+def test_truncated_weights_file_names_the_file(tmp_path):
+    p = tmp_path / "m.safetensors"
+    save_weights({"w": torch.ones(100)}, p)
+    p.write_bytes(p.read_bytes()[:50])
+    with pytest.raises(StageError, match=str(p)):
+        load_weights(p)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    def nan_at_7(model, batch, step):
+        x, y = batch
+        loss = nn.functional.cross_entropy(model(x), y)
+        return (loss * float("nan") if step == 7 else loss), {}
+    model = Toy()
+    ctx = ctx_for(tmp_path / "n")
+    with pytest.raises(StageError, match=r"non-finite loss .* at step 7.*checkpoint: step 5"):
+        fit(ctx, model, Data(), None, nan_at_7, TrainConfig(steps=12, batch_size=16))
+    assert ctx.checkpoints.latest().step == 5
+
+
+def test_linear_probe_leaves_backbone_unchanged(tmp_path):
+    before = Toy().state_dict()
+    model, _, _ = train(tmp_path / "lp", transfer={"strategy": "linear_probe"})
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]) == (not k.startswith("head")), k
+
+
+def test_lp_ft_freezes_then_unfreezes(tmp_path):
+    before = Toy().state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "x", crash_at=6, transfer={"strategy": "lp_ft", "lp_steps": 5})
+    model, state = CheckpointManager(tmp_path / "x" / "checkpoints").latest().load()
+    assert torch.equal(model["body.0.weight"], before["body.0.weight"])  # still probing at step 5
+    assert not torch.equal(model["head.weight"], before["head.weight"])
+    full, _, _ = train(tmp_path / "x", transfer={"strategy": "lp_ft", "lp_steps": 5})
+    assert not torch.equal(full.state_dict()["body.0.weight"], before["body.0.weight"])
+
+
+def test_partial_freezes_first_blocks(tmp_path):
+    before = Toy().state_dict()
+    model, _, _ = train(tmp_path / "p", transfer={"strategy": "partial", "freeze_blocks": 1})
+    after = model.state_dict()
+    assert torch.equal(before["body.0.weight"], after["body.0.weight"])
+    assert not torch.equal(before["body.3.weight"], after["body.3.weight"])
+
+
+def test_lr_groups_follow_backbone_mult_and_layer_decay():
+    from stages.transfer import Transfer, build_plan
+
+    model = Toy()
+    blocks, head = model.blocks()
+    plan = build_plan(blocks, head, Transfer(backbone_lr_mult=0.1, layer_decay=0.5), weight_decay=0.01)
+    mult = {g["name"]: g["lr_mult"] for g in plan.groups}
+    assert mult["head"] == 1.0
+    assert mult["block1"] == pytest.approx(0.1 * 0.5) and mult["block0"] == pytest.approx(0.1 * 0.25)
+    assert all(g["weight_decay"] == 0 for g in plan.groups if g["name"].endswith("no_decay"))
+
+
+def test_bad_transfer_config_names_key():
+    with pytest.raises(ValueError, match="transfer.lp_steps"):
+        TrainConfig(transfer={"strategy": "lp_ft"})

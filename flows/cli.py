@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     rs = sub.add_parser("resume", help="rerun the recipe snapshot of an MLflow run (parent or stage run)")
     rs.add_argument("run_id")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s", datefmt="%H:%M:%S")
+    if args.cmd not in ("run", "resume"):  # under Prefect, Prefect's console handler prints our 'baton' logger
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s",
+                            datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     try:
         return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume}[args.cmd](args)

@@ -36,6 +36,7 @@ class Runtime(Strict):
     checkpoint_every: int = Field(100, ge=1, description="steps between full-state checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="keep the newest N checkpoints")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
+    oom_retry: bool = Field(True, description="CUDA OOM: retry the step with half the micro-batch, twice the accumulation")
 
 
 class StageConfig(Strict):

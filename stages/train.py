@@ -40,30 +40,36 @@ class TrainConfig(Strict):
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Endless seeded shuffling, batch by batch, starting at any batch index in O(1).
+    """Endless seeded shuffling, step by step, starting at any step in O(1).
 
-    Epoch e is ``randperm(n, seed + e)``; batch b of the run is batch ``b % per_epoch`` of epoch
-    ``b // per_epoch``. Resuming at batch k never replays the epoch it stopped in."""
+    Epoch e is ``randperm(n, seed + e)``; step b takes batch ``b % per_epoch`` of epoch
+    ``b // per_epoch`` and yields it as ``accum`` micro-batches. Resuming at step k never replays the
+    epoch it stopped in, and the examples of a step do not depend on ``accum`` (so an OOM retry with
+    smaller micro-batches sees the same data)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None,
+                 accum: int = 1):
         if n < batch_size:
             raise StageError(f"dataset has {n} examples, fewer than one batch of {batch_size}")
-        self.n, self.bs, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.n, self.bs, self.seed, self.start, self.total, self.accum = n, batch_size, seed, start, total, accum
         self.per_epoch = n // batch_size
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.start
         epoch, perm = -1, None
+        micro = -(-self.bs // self.accum)
         while self.total is None or b < self.total:
             e, i = divmod(b, self.per_epoch)
             if e != epoch:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + e)
                 perm, epoch = torch.randperm(self.n, generator=g).tolist(), e
-            yield perm[i * self.bs:(i + 1) * self.bs]
+            batch = perm[i * self.bs:(i + 1) * self.bs]
+            for j in range(0, self.bs, micro):
+                yield batch[j:j + micro]
             b += 1
 
     def __len__(self) -> int:
-        return (self.total - self.start) if self.total is not None else 1 << 62
+        return ((self.total - self.start) * self.accum) if self.total is not None else 1 << 62
 
 
 def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
@@ -93,6 +99,23 @@ def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int, accum: int):
+    """Forward/backward ``accum`` micro-batches; returns the step's mean loss and the last logs."""
+    rt = ctx.config.runtime
+    step_loss, logs = 0.0, {}
+    for _ in range(accum):
+        batch = to_device(next(batches), ctx.device, rt.channels_last)
+        with autocast(ctx):
+            loss, logs = loss_fn(model, batch, step)
+        if not torch.isfinite(loss):
+            good = ctx.checkpoints.steps()
+            raise StageError(f"stage {ctx.name!r}: non-finite loss ({loss.item()}) at step {step}; "
+                             f"stopped, last good checkpoint: step {good[-1] if good else 'none'}")
+        (loss / accum).backward()
+        step_loss += loss.item() / accum
+    return step_loss, logs
+
+
 @dataclass
 class FitResult:
     step: int
@@ -117,7 +140,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     rt = ctx.config.runtime
     if cfg.batch_size % cfg.grad_accum:
         raise StageError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
-    micro = cfg.batch_size // cfg.grad_accum
+    accum = cfg.grad_accum
     model.to(ctx.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -146,23 +169,26 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         if extra_state is not None:
             extra_state.update(tstate.get("extra", {}))
         start = int(tstate["step"])
+        accum = int(tstate.get("grad_accum", accum))
         log.info("[%s] resumed from checkpoint at step %d/%d (%s)", ctx.name, start, cfg.steps, ckpt.path)
     if start >= cfg.steps:
         return FitResult(start, start, float("nan"), 0.0, 0.0)
 
-    sampler = ResumableBatchSampler(len(dataset), micro, ctx.seed, start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=rt.num_workers, pin_memory=ctx.device.type == "cuda",
-                                         persistent_workers=False,
-                                         # own generator: creating the iterator must not draw from the global
-                                         # RNG, or a resumed run's dropout stream would differ from an unbroken one
-                                         generator=torch.Generator().manual_seed(ctx.seed))
-    batches = iter(loader)
+    def loader_from(step: int, accum: int) -> Iterator:
+        sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, ctx.seed, step, cfg.steps, accum)
+        return iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=rt.num_workers,
+            pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+            # own generator: creating the iterator must not draw from the global RNG, or a resumed
+            # run's dropout stream would differ from an unbroken one
+            generator=torch.Generator().manual_seed(ctx.seed)))
+
+    batches = loader_from(start, accum)
 
     def save(step: int) -> None:
         ctx.checkpoints.save(step, model.state_dict(), {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-            "extra": extra_state or {}})
+            "grad_accum": accum, "extra": extra_state or {}})
         ctx.tracker.flush()
 
     model.train()
@@ -171,18 +197,22 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     loss_avg = float("nan")
     for step in range(start, cfg.steps):
         plan.apply(step)
-        logs: dict[str, float] = {}
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = to_device(next(batches), ctx.device, rt.channels_last)
-            with autocast(ctx):
-                loss, logs = loss_fn(model, batch, step)
-            if not torch.isfinite(loss):
-                good = ctx.checkpoints.steps()
-                raise StageError(f"stage {ctx.name!r}: non-finite loss ({loss.item()}) at step {step}; "
-                                 f"stopped, last good checkpoint: step {good[-1] if good else 'none'}")
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
+        while True:
+            try:
+                step_loss, logs = _accumulate(ctx, model, batches, loss_fn, step, accum)
+                break
+            except torch.OutOfMemoryError:
+                # same effective batch: half the micro-batch, twice the accumulation, same examples
+                if not rt.oom_retry or cfg.batch_size % (accum * 2):
+                    raise
+                opt.zero_grad(set_to_none=True)
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                accum *= 2
+                log.warning("[%s] out of memory at step %d: retrying with micro-batch %d x %d accumulation",
+                            ctx.name, step, cfg.batch_size // accum, accum)
+                ctx.tracker.set_tags({"train.oom_retry": f"step {step}: grad_accum {accum}"})
+                batches = loader_from(step, accum)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None],
                                            cfg.grad_clip)

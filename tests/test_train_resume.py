@@ -180,3 +180,22 @@ def test_lr_groups_follow_backbone_mult_and_layer_decay():
 def test_bad_transfer_config_names_key():
     with pytest.raises(ValueError, match="transfer.lp_steps"):
         TrainConfig(transfer={"strategy": "lp_ft"})
+
+
+def test_oom_retry_halves_micro_batch_same_effective_batch(tmp_path, caplog):
+    def oom_above_8(model, batch, step):
+        x, y = batch
+        if x.shape[0] > 8:
+            raise torch.OutOfMemoryError("simulated CUDA OOM")
+        return nn.functional.cross_entropy(model(x), y), {}
+
+    ref, _, _ = train(tmp_path / "ref", grad_accum=2)  # what the retry should become
+    model = Toy()
+    blocks, head = model.blocks()
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        fit(ctx_for(tmp_path / "oom"), model, Data(), None, oom_above_8,
+            TrainConfig(steps=12, batch_size=16, lr=0.05), blocks, head)
+    assert "out of memory at step 0: retrying with micro-batch 8 x 2 accumulation" in caplog.text
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.load(tmp_path / "oom" / "checkpoints" / "00000012" / "state.pt", weights_only=True)["grad_accum"] == 2

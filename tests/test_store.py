@@ -1,0 +1,49 @@
+"""The artifact store's lock: one writer per stage directory; a lock left by a killed process
+is broken automatically (flock dies with its process)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from flows.store import StageDir
+
+
+def test_second_locker_waits_for_the_first(tmp_path):
+    sd = StageDir(tmp_path, "s", "f" * 64)
+    order = []
+
+    def second():
+        with sd.lock(poll=0.05):
+            order.append("second")
+
+    with sd.lock():
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first-done")
+    t.join(5)
+    assert order == ["first-done", "second"]
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path):
+    code = textwrap.dedent(f"""
+        import time
+        from flows.store import StageDir
+        with StageDir({str(tmp_path)!r}, "s", "f" * 64).lock():
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert p.stdout.readline().strip() == "locked"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    sd = StageDir(tmp_path, "s", "f" * 64)
+    assert "pid=" in (sd.path / ".lock").read_text()  # the file is still there...
+    t0 = time.perf_counter()
+    with sd.lock(poll=0.05):  # ...but the lock is not
+        pass
+    assert time.perf_counter() - t0 < 1

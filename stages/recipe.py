@@ -140,6 +140,12 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
         block.setdefault("seed", settings.seed)
         block["runtime"] = {**settings.runtime, **(block.get("runtime") or {})}
         model = kind_module(kind).Config
+        # A partial `train` block keeps the stage kind's tuned defaults for the keys it leaves out
+        # (pydantic alone would fall back to TrainConfig's generic defaults).
+        if isinstance(block.get("train"), dict) and "train" in model.model_fields:
+            default = model.model_fields["train"].get_default(call_default_factory=True)
+            if default is not None:
+                block["train"] = _deep_merge(default.model_dump(), block["train"])
         try:
             configs[name] = model.model_validate(block)
         except ValidationError as e:
@@ -148,6 +154,13 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
     order = _toposort(path, configs)
     return Recipe(path=path, name=settings.recipe, seed=settings.seed, max_concurrency=settings.max_concurrency,
                   retries=settings.retries, stages={n: configs[n] for n in order}, raw=raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _toposort(path: Path, configs: dict[str, StageConfig]) -> list[str]:

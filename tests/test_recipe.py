@@ -101,3 +101,12 @@ def test_cli_exit_code_and_message(tmp_path, capsys):
 def test_every_shipped_config_validates(path):
     r = load_recipe(path)
     assert r.stages
+
+
+def test_partial_train_block_keeps_stage_defaults(tmp_path):
+    from stages.cnn import Config as CnnConfig
+
+    r = load_recipe(write(tmp_path, GOOD))
+    default = CnnConfig().train
+    assert r.stages["cnn"].train.lr == 0.01
+    assert r.stages["cnn"].train.steps == default.steps and r.stages["cnn"].train.batch_size == default.batch_size

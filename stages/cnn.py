@@ -2,8 +2,10 @@
 
     baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
 Reads an ImageNet-layout folder (``train/<wnid>/*``, ``val/<wnid>/*``) from the ``data`` stage;
-writes ``outputs/model/`` (model.safetensors + config.json); reports top-1/top-5 on val against
-chance and majority-class baselines.
+writes ``outputs/model/`` (model.safetensors + config.json + classes.json, the class index: wnid ->
+label index and, when ``synset_words.txt`` is in the ImageNet root, wnid -> name); reports top-1/top-5
+on val against chance and majority-class baselines. An unreadable image is an error naming the file,
+or with ``skip_bad_images: true`` it is left out and counted (metric ``data/skipped_bad_images``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from stages.base import StageConfig, StageContext, StageError, StageResult, Strict
 from stages.checkpoint import load_into, load_weights, save_weights
-from stages.data import ImageClassDataset, load_imagefolder
+from stages.data import ImageClassDataset, class_index, load_imagefolder
 from stages.metrics import topk_accuracy
 from stages.train import TrainConfig, autocast, fit, to_device
 
@@ -44,6 +46,8 @@ class Config(StageConfig):
     image_size: int = 32
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=2e-3))
     eval_batch_size: int = 256
+    skip_bad_images: bool = Field(False, description="leave unreadable images out (counted in metric "
+                                                     "data/skipped_bad_images) instead of stopping on the first")
 
     def upstream_refs(self) -> dict[str, str]:
         return {"data": self.data}
@@ -143,14 +147,16 @@ def run(ctx: StageContext) -> StageResult:
     va_paths, va_labels, va_classes = load_imagefolder(root / "val")
     if va_classes != classes:
         raise StageError(f"{root}/val has classes {len(va_classes)} that differ from {root}/train ({len(classes)})")
-    train_ds = ImageClassDataset(tr_paths, tr_labels, cfg.image_size, train=True)
-    val_ds = ImageClassDataset(va_paths, va_labels, cfg.image_size, train=False)
+    train_ds = ImageClassDataset(tr_paths, tr_labels, cfg.image_size, train=True, skip_bad=cfg.skip_bad_images)
+    val_ds = ImageClassDataset(va_paths, va_labels, cfg.image_size, train=False, skip_bad=cfg.skip_bad_images)
+    skipped = len(train_ds.skipped) + len(val_ds.skipped)
 
     model = build_classifier(cfg.model, len(classes))
     init_weights(model, cfg.model)
     blocks, head = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
-                            "model.params": sum(p.numel() for p in model.parameters())})
+                            "model.params": sum(p.numel() for p in model.parameters()),
+                            "data.skipped_bad_images": skipped})
 
     def loss_fn(m: nn.Module, batch, step: int):
         x, y = batch
@@ -161,11 +167,16 @@ def run(ctx: StageContext) -> StageResult:
     res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head)
     logits, targets = evaluate(ctx, model, val_ds, cfg.eval_batch_size)
     metrics = {f"val/{k}": v for k, v in topk_accuracy(logits, targets, (1, 5)).items()}
-    majority = Counter(tr_labels).most_common(1)[0][0]
+    metrics["data/skipped_bad_images"] = skipped
+    majority = Counter(train_ds.labels).most_common(1)[0][0]
     baselines = {"val/top1_chance": 1 / len(classes),
                  "val/top1_majority": float((targets == majority).float().mean())}
     ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
     save_model(model.cpu(), cfg.model, classes, ctx.outputs / "model")
-    return ctx.result(outputs={"model": "outputs/model"}, metrics=metrics, baselines=baselines,
+    (ctx.outputs / "model" / "classes.json").write_text(json.dumps(class_index(classes, root), indent=2))
+    return ctx.result(outputs={"model": "outputs/model", "classes": "outputs/model/classes.json"}, metrics=metrics,
+                      baselines=baselines,
                       info={"resumed_from": res.resumed_from, "train_seconds": res.seconds,
-                            "images_per_s": res.steps_per_s * cfg.train.batch_size})
+                            "images_per_s": res.steps_per_s * cfg.train.batch_size,
+                            "data/skipped_bad_images": skipped,
+                            "skipped_files": [str(p) for p, _ in (train_ds.skipped + val_ds.skipped)[:20]]})

@@ -5,7 +5,10 @@ same way. Every malformed input raises :class:`stages.base.StageError` naming th
 record (index or id) and the key. Pure python / numpy / torch / PIL.
 
 - ImageNet: ``root/<wnid>/*.JPEG`` class folders -> :func:`load_imagefolder`, :class:`ImageClassDataset`
-- Visual Genome: ``image_data.json``, ``objects.json``, ``attributes.json`` -> :func:`load_vg`
+  (unreadable images: an error naming the file, or skipped and counted); ``synset_words.txt`` ->
+  :func:`read_synset_words`, :func:`class_index`
+- Visual Genome: ``image_data.json``, ``objects.json``, ``attributes.json`` -> :func:`load_vg`;
+  vocabularies -> :func:`vg_vocabularies`; train/val from id lists or seeded -> :func:`vg_splits`
 - text corpus: ``*.txt``, one document per blank-line block -> :func:`read_corpus`
 - COCO captions JSON -> :func:`load_coco_captions`
 - VQA v2 questions + annotations JSON -> :func:`load_vqa`
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from stages.base import StageError
+from stages.base import StageError, log
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,13 +136,47 @@ def load_imagefolder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
+SYNSET_FILES = ("synset_words.txt", "LOC_synset_mapping.txt")  # ILSVRC devkit / Kaggle names of the same file
+
+
+def read_synset_words(root: Path) -> dict[str, str]:
+    """wnid -> readable name from ``root/synset_words.txt`` (or ``LOC_synset_mapping.txt``): lines
+    ``n01440764 tench, Tinca tinca``. {} when neither file is there."""
+    for name in SYNSET_FILES:
+        path = Path(root) / name
+        if not path.is_file():
+            continue
+        out: dict[str, str] = {}
+        for ln, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            wnid, _, words = line.strip().partition(" ")
+            if not words.strip():
+                raise StageError(f"{path}: line {ln}: expected '<wnid> <name>', got {line.strip()!r}")
+            out[wnid] = words.strip()
+        return out
+    return {}
+
+
+def class_index(classes: list[str], root: Path) -> dict[str, Any]:
+    """The class-index file of a classifier: {"wnid_to_index": {wnid: i}, "names": {wnid: name}}, names
+    from :func:`read_synset_words` (only the classes it lists; {} without the file)."""
+    names = read_synset_words(root)
+    return {"wnid_to_index": {c: i for i, c in enumerate(classes)},
+            "names": {c: names[c] for c in classes if c in names}}
+
+
 class ImageClassDataset(torch.utils.data.Dataset):
     """(CHW float tensor normalised with ImageNet mean/std, int label).
 
     ``cache=True`` decodes every image once into ``self.images`` (uint8, N x 3 x H x W); meant for
-    small sets. ``train=True`` applies a random horizontal flip (torch RNG)."""
+    small sets. ``train=True`` applies a random horizontal flip (torch RNG). An unreadable image is a
+    StageError naming the file, or with ``skip_bad=True`` it is left out and listed in ``self.skipped``
+    (without ``cache`` the check is PIL's ``verify()``, which catches bad headers but not every
+    truncated body)."""
 
-    def __init__(self, paths: list[Path], labels: list[int], image_size: int, train: bool, cache: bool = True):
+    def __init__(self, paths: list[Path], labels: list[int], image_size: int, train: bool, cache: bool = True,
+                 skip_bad: bool = False):
         if len(paths) != len(labels):
             raise StageError(f"ImageClassDataset: {len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
@@ -149,12 +186,35 @@ class ImageClassDataset(torch.utils.data.Dataset):
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.images: torch.Tensor | None = None
+        self.skipped: list[tuple[Path, str]] = []  # (file, why) of unreadable images left out (skip_bad=True)
         if cache:
             s = self.image_size
             buf = np.empty((len(self.paths), s, s, 3), dtype=np.uint8)
+            keep: list[int] = []
             for i, p in enumerate(self.paths):
-                buf[i] = self._decode(p)
-            self.images = torch.from_numpy(buf).permute(0, 3, 1, 2).contiguous()
+                try:
+                    buf[len(keep)] = self._decode(p)
+                except StageError as e:
+                    if not skip_bad:
+                        raise
+                    self.skipped.append((p, str(e)))
+                    continue
+                keep.append(i)
+            self.images = torch.from_numpy(buf[:len(keep)]).permute(0, 3, 1, 2).contiguous()
+        elif skip_bad:  # no decode pass: check that every file opens as an image (header + structure)
+            keep = []
+            for i, p in enumerate(self.paths):
+                try:
+                    with Image.open(p) as im:
+                        im.verify()
+                except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+                    self.skipped.append((p, f"{p}: cannot read image ({e})"))
+                    continue
+                keep.append(i)
+        if self.skipped:
+            self.paths = [self.paths[i] for i in keep]
+            self.labels = [self.labels[i] for i in keep]
+            log.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0][1])
 
     def _decode(self, path: Path) -> np.ndarray:
         im = open_rgb(path)
@@ -197,12 +257,16 @@ class VGImage:
 def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage], dict]:
     """Read ``image_data.json``, ``objects.json`` and optional ``attributes.json`` (v1.0-v1.4 keys).
 
-    Images are at ``image_dir or vg_dir/'images'`` as ``<image_id>.jpg`` (not opened here).
+    Images (not opened here) are ``image_dir/<image_id>.jpg`` when ``image_dir`` is given; else the
+    folder named in the record's ``url`` when it exists under ``vg_dir`` (the real download unpacks into
+    ``VG_100K/`` and ``VG_100K_2/``), else ``vg_dir/images/<image_id>.jpg``.
     Boxes are clipped to the image; boxes of zero/negative area after clipping are dropped.
     Objects listed in another object's ``merged_object_ids`` are skipped (their attributes go
     to the object they were merged into). Returns (images in image_data order, stats)."""
     vg_dir = Path(vg_dir)
-    image_dir = Path(image_dir) if image_dir is not None else vg_dir / "images"
+    explicit_dir = image_dir is not None
+    image_dir = Path(image_dir) if explicit_dir else vg_dir / "images"
+    subdirs = {d.name for d in vg_dir.iterdir() if d.is_dir()} if vg_dir.is_dir() and not explicit_dir else set()
     stats = {"images": 0, "objects": 0, "dropped_degenerate": 0, "clipped": 0, "dropped_unnamed": 0,
              "merged": 0, "with_attributes": 0}
 
@@ -213,6 +277,7 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage],
         raise StageError(f"{p_img}: expected a list of image records, got {type(data).__name__}")
     order: list[int] = []
     sizes: dict[int, tuple[int, int]] = {}
+    paths: dict[int, Path] = {}
     for i, rec in enumerate(data):
         where = f"record {i}"
         iid = _int(_get_any(rec, ("image_id", "id"), p_img, where), "image_id", p_img, where)
@@ -225,6 +290,8 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage],
             raise StageError(f"{p_img}: {where}: duplicate image_id {iid}")
         sizes[iid] = (w, h)
         order.append(iid)
+        folder = str(rec.get("url") or "").rstrip("/").split("/")[-2:-1]
+        paths[iid] = (vg_dir / folder[0] if folder and folder[0] in subdirs else image_dir) / f"{iid}.jpg"
 
     # objects.json
     p_obj = vg_dir / "objects.json"
@@ -319,7 +386,7 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage],
         att = [list(ad.get(oid, [])) for oid, _, _ in kept]
         stats["objects"] += len(kept)
         stats["with_attributes"] += sum(1 for a in att if a)
-        images.append(VGImage(image_id=iid, path=image_dir / f"{iid}.jpg", width=w, height=h, boxes=boxes,
+        images.append(VGImage(image_id=iid, path=paths[iid], width=w, height=h, boxes=boxes,
                               names=[n for _, _, n in kept], attributes=att))
     stats["images"] = len(images)
     return images, stats
@@ -331,6 +398,71 @@ def build_vocab(name_lists: Iterable[Iterable[str]], k: int) -> list[str]:
     for names in name_lists:
         c.update(names)
     return [n for n, _ in sorted(c.items(), key=lambda t: (-t[1], t[0]))[: max(int(k), 0)]]
+
+
+def vg_vocabularies(images: list[VGImage], num_objects: int, num_attributes: int) -> tuple[list[str], list[str], dict]:
+    """Object and attribute vocabularies of a set of images: the K most frequent normalised names
+    (:func:`build_vocab`; K = 0 means every name). Returns (objects, attributes, stats) where stats
+    counts the boxes / attribute mentions whose name fell outside the vocabulary."""
+    objects = build_vocab((im.names for im in images), num_objects or 1 << 30)
+    attributes = build_vocab(((a for al in im.attributes for a in al) for im in images), num_attributes or 1 << 30)
+    obj_set, att_set = set(objects), set(attributes)
+    stats = {"boxes": sum(len(im.names) for im in images),
+             "boxes_unknown_name": sum(n not in obj_set for im in images for n in im.names),
+             "attributes": sum(len(al) for im in images for al in im.attributes),
+             "attributes_unknown": sum(a not in att_set for im in images for al in im.attributes for a in al)}
+    return objects, attributes, stats
+
+
+def vg_splits(vg_dir: Path, images: list[VGImage], seed: int, val_fraction: float = 0.05,
+              lists: tuple[str, str] = ("train_ids.txt", "val_ids.txt")) -> tuple[dict[str, list[int]], str]:
+    """Train/val split of ``images`` as indices into it: ({"train": [...], "val": [...]}, how).
+
+    From the id-list files ``vg_dir/train_ids.txt`` and ``vg_dir/val_ids.txt`` (:func:`read_id_list`)
+    when they exist; with only one of them the other split is every remaining image. With neither, a
+    seeded split: ``round(val_fraction * N)`` images (at least one) drawn by a numpy permutation of
+    ``seed``, the same for the same images and seed. Both splits keep ``images`` order."""
+    vg_dir = Path(vg_dir)
+    by_id = {im.image_id: i for i, im in enumerate(images)}
+    files = {split: vg_dir / name for split, name in zip(("train", "val"), lists)}
+    present = {split: f for split, f in files.items() if f.is_file()}
+    if present:
+        chosen: dict[str, list[int]] = {}
+        for split, f in present.items():
+            ids = read_id_list(f)
+            missing = [i for i in ids if i not in by_id]
+            if missing:
+                raise StageError(f"{f}: {len(missing)} image id(s) not in image_data.json, e.g. {missing[:5]}")
+            dup = [i for i, c in Counter(ids).items() if c > 1]
+            if dup:
+                raise StageError(f"{f}: image id {dup[0]} is listed more than once")
+            chosen[split] = sorted(by_id[i] for i in ids)
+        if len(chosen) == 2:
+            both = set(chosen["train"]) & set(chosen["val"])
+            if both:
+                iid = images[min(both)].image_id
+                raise StageError(f"{files['train']} and {files['val']}: {len(both)} image id(s) in both, "
+                                 f"e.g. {iid}")
+        else:
+            (given, idx), = chosen.items()
+            other = "val" if given == "train" else "train"
+            taken = set(idx)
+            chosen[other] = [i for i in range(len(images)) if i not in taken]
+        how = "id lists " + ", ".join(str(f) for f in present.values())
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise StageError(f"val_fraction={val_fraction} must be in (0, 1) for a seeded split")
+        if len(images) < 2:
+            raise StageError(f"{vg_dir}: {len(images)} image(s): a seeded train/val split needs at least 2")
+        n_val = min(max(1, round(val_fraction * len(images))), len(images) - 1)
+        perm = np.random.default_rng(np.random.SeedSequence([abs(int(seed)), int(seed < 0), 7919])).permutation(len(images))
+        val = set(perm[:n_val].tolist())
+        chosen = {"train": [i for i in range(len(images)) if i not in val], "val": sorted(val)}
+        how = f"seeded split (seed {seed}, val_fraction {val_fraction}: no {lists[0]} / {lists[1]} in {vg_dir})"
+    for split in ("train", "val"):
+        if not chosen[split]:
+            raise StageError(f"{vg_dir}: the {split} split is empty ({how})")
+    return {"train": chosen["train"], "val": chosen["val"]}, how
 
 
 def read_id_list(path: Path) -> list[int]:

@@ -1,0 +1,228 @@
+"""Stage 5 `caption`: image captioning fine-tune of the VLP model (seq2seq masked LM) + decoding.
+
+    baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
+Fine-tunes the ``init`` stage's VLP model (``init: null`` = the same architecture with random
+weights, the "does pretraining help" control) on ``[CLS] regions [SEP] caption [SEP]`` under the
+seq2seq mask: caption tokens (and the closing [SEP], so it learns to stop) are masked and predicted
+from the regions and the caption to their left. Decoding is VLP's: append [MASK] at position t,
+predict it under the seq2seq mask, write the prediction in, repeat; batched over images, greedy
+(``decode.beam_size: 1``) or beam search. No KV cache: at this size re-running the prefix is cheap.
+
+Writes ``outputs/model/`` (a VLP dir, :func:`stages.vl.load_vl`), ``outputs/tokenizer/``,
+``outputs/captions_val.json`` (COCO results format ``[{image_id, caption}]``) and
+``outputs/samples.json``; reports BLEU-1..4, ROUGE-L and CIDEr-D on val against predicting the most
+common training caption for every image.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from stages.base import StageConfig, StageContext, StageResult, Strict
+from stages.bert import BertSizes, mask_tokens, normal_token_ids, step_generator
+from stages.data import coco_captions_file, load_coco_captions
+from stages.metrics import caption_scores
+from stages.regions import RegionStore
+from stages.train import TrainConfig, autocast, fit, to_device
+from stages.vl import (VLP, RegionTable, build_model, caption_data, check_init_fields, check_length, init_refs,
+                       mlm_head_params, regions_of, save_vl, transfer_blocks)
+
+
+class DecodeConfig(Strict):
+    beam_size: int = Field(1, ge=1, description="1 = greedy")
+    max_len: int = Field(20, ge=1, description="most WordPieces generated per caption")
+    length_penalty: float = Field(1.0, ge=0.0, description="beam: score = log p / length**length_penalty")
+    batch_size: int = Field(128, ge=1, description="images decoded together")
+
+
+class Config(StageConfig):
+    kind: Literal["caption"] = "caption"
+    data: str = Field("world", description="stage providing the `coco` output")
+    regions: str = Field("detector", description="stage providing the `regions` output")
+    init: str | None = Field("vl", description="stage whose model + tokenizer initialise the model; null = random "
+                                               "weights (the no-pretraining control)")
+    tokenizer_from: str | None = Field(None, description="init: null only: stage whose `tokenizer` output to use")
+    model: BertSizes = Field(default_factory=BertSizes, description="init: null only: the encoder sizes")
+    max_caption_len: int = Field(20, ge=1, description="caption WordPieces kept in training (+ [SEP])")
+    mask_prob: float = Field(0.3, gt=0.0, lt=1.0, description="share of caption tokens masked per example "
+                                                              "(more than pretraining's 0.15: more generation signal per step)")
+    max_pred: int = Field(6, ge=1, description="at most this many masked tokens per caption")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=800, batch_size=64, lr=1e-3, warmup_steps=30))
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    eval_batch_size: int = Field(256, ge=1)
+    num_samples: int = Field(10, ge=0, description="val images written to outputs/samples.json")
+
+    @model_validator(mode="after")
+    def _check(self):
+        check_init_fields(self)
+        return self
+
+    def upstream_refs(self) -> dict[str, str]:
+        return init_refs(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def _banned(model: VLP, vocab: int, device) -> torch.Tensor:
+    """(V,) additive logit bias that forbids generating [PAD] [CLS] [MASK] (and [UNK])."""
+    bias = torch.zeros(vocab, device=device)
+    for key in ("pad", "cls", "mask", "unk"):
+        if key in model.special:
+            bias[model.special[key]] = float("-inf")
+    return bias
+
+
+def _next_logits(model: VLP, text: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
+    """VLP's step: text (N, t) so far -> logits (N, V) of a [MASK] appended at position t (seq2seq mask)."""
+    N = text.shape[0]
+    inp = torch.cat([text, torch.full((N, 1), model.special["mask"], dtype=text.dtype, device=text.device)], 1)
+    h = model(inp, regions, torch.ones(N, dtype=torch.bool, device=text.device))  # (N, L, H)
+    return model.mlm.cls(h[:, -1]).float()
+
+
+@torch.no_grad()
+def greedy_decode(model: VLP, regions: dict[str, torch.Tensor], max_len: int) -> list[list[int]]:
+    """Batched greedy decoding: one token list (without [SEP]) per image of ``regions``."""
+    model.eval()
+    N, dev = regions["feats"].shape[0], regions["feats"].device
+    sep, pad = model.special["sep"], model.special["pad"]
+    text = torch.empty(N, 0, dtype=torch.long, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    banned = None
+    for _ in range(max_len):
+        logits = _next_logits(model, text, regions)
+        banned = _banned(model, logits.shape[-1], dev) if banned is None else banned
+        nxt = (logits + banned).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)  # finished rows get [PAD] (invisible)
+        text = torch.cat([text, nxt[:, None]], 1)
+        done |= nxt == sep
+        if done.all():
+            break
+    return [[t for t in row if t not in (sep, pad)] for row in _cut_at_sep(text.tolist(), sep)]
+
+
+@torch.no_grad()
+def beam_decode(model: VLP, regions: dict[str, torch.Tensor], beam: int, max_len: int,
+                length_penalty: float) -> list[list[int]]:
+    """Batched beam search: the best of ``beam`` hypotheses per image by log p / length**length_penalty
+    (length counts the closing [SEP]). Finished hypotheses are carried with [PAD] at no cost."""
+    model.eval()
+    N, dev = regions["feats"].shape[0], regions["feats"].device
+    sep, pad = model.special["sep"], model.special["pad"]
+    regions = {k: v.repeat_interleave(beam, 0) for k, v in regions.items()}  # (N*beam, ...)
+    text = torch.empty(N * beam, 0, dtype=torch.long, device=dev)
+    scores = torch.full((N, beam), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished = torch.zeros(N, beam, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(N, beam, device=dev)
+    banned = None
+    for _ in range(max_len):
+        logits = _next_logits(model, text, regions)  # (N*beam, V)
+        V = logits.shape[-1]
+        banned = _banned(model, V, dev) if banned is None else banned
+        logp = torch.log_softmax(logits + banned, -1).view(N, beam, V)
+        pad_only = torch.full((V,), float("-inf"), device=dev)
+        pad_only[pad] = 0.0
+        logp = torch.where(finished[..., None], pad_only, logp)
+        top, idx = (scores[..., None] + logp).view(N, beam * V).topk(beam, -1)  # (N, beam)
+        src, tok = idx // V, idx % V
+        text = torch.cat([text.view(N, beam, -1).gather(1, src[..., None].expand(-1, -1, text.shape[1])),
+                          tok[..., None]], 2).view(N * beam, -1)
+        finished, lengths = finished.gather(1, src), lengths.gather(1, src)
+        lengths = lengths + (~finished).float()
+        finished = finished | (tok == sep)
+        scores = top
+        if finished.all():
+            break
+    best = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1)  # (N,)
+    rows = text.view(N, beam, -1)[torch.arange(N, device=dev), best].tolist()
+    return [[t for t in row if t not in (sep, pad)] for row in _cut_at_sep(rows, sep)]
+
+
+def _cut_at_sep(rows: list[list[int]], sep: int) -> list[list[int]]:
+    return [row[:row.index(sep)] if sep in row else row for row in rows]
+
+
+def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_ids: list[int],
+                  cfg: DecodeConfig) -> tuple[dict[int, str], float]:
+    """Captions for ``image_ids`` -> ({image_id: caption}, captions per second)."""
+    model.to(ctx.device).eval()
+    out: dict[int, str] = {}
+    t0 = time.perf_counter()
+    for s in range(0, len(image_ids), cfg.batch_size):
+        ids = image_ids[s:s + cfg.batch_size]
+        regions = to_device(table.batch(torch.tensor([table.row[i] for i in ids])), ctx.device)
+        with autocast(ctx):
+            if cfg.beam_size == 1:
+                toks = greedy_decode(model, regions, cfg.max_len)
+            else:
+                toks = beam_decode(model, regions, cfg.beam_size, cfg.max_len, cfg.length_penalty)
+        for iid, t in zip(ids, toks):
+            out[iid] = tok.decode(t, skip_special_tokens=True).strip()
+    secs = time.perf_counter() - t0
+    return out, len(image_ids) / max(secs, 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    store = RegionStore(ctx.input(cfg.regions, "regions"))
+    built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
+    model, tok = built.model, built.tokenizer
+    check_length(model, store.k, max(cfg.max_caption_len, cfg.decode.max_len), "max_caption_len/decode.max_len")
+    train_ds, train_caps = caption_data(ctx, cfg.data, "train", tok, store, cfg.max_caption_len)
+    val_caps, _ = load_coco_captions(coco_captions_file(ctx.input(cfg.data, "coco"), "val"))
+    val_ids = sorted(val_caps)
+    val_table = RegionTable(store, val_ids)
+    pad, normal = tok.pad_token_id, normal_token_ids(tok)
+    ctx.tracker.log_params({"data.train_pairs": len(train_ds), "data.val_images": len(val_ids),
+                            "init.origin": built.origin, "model.params": sum(p.numel() for p in model.parameters())})
+
+    def loss_fn(m: VLP, batch, step: int):
+        text = batch["text"]  # (B, T): caption + [SEP]
+        k = batch["feats"].shape[1]
+        masked, labels = mask_tokens(text, text != pad, cfg.mask_prob, tok.mask_token_id, normal,
+                                     step_generator(ctx.seed, step), max_pred=cfg.max_pred)
+        h = m(masked, regions_of(batch), torch.ones(len(text), dtype=torch.bool, device=text.device))[:, k + 2:]
+        sel = labels != -100
+        logits = m.mlm.cls(h[sel])
+        return nn.functional.cross_entropy(logits, labels[sel]), \
+            {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().item()}
+
+    blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
+    head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head)
+
+    generated, caps_per_s = decode_images(ctx, model, tok, val_table, val_ids, cfg.decode)
+    empty = [i for i, c in generated.items() if not c.strip()]
+    for i in empty:  # the scorers refuse empty captions; an empty output scores as one unknown word
+        generated[i] = "unk"
+    metrics = {f"val/{k}": v for k, v in caption_scores(generated, val_caps).items()}
+    common = Counter(c for cs in train_caps.values() for c in cs).most_common(1)[0][0]
+    baselines = {f"val/{k}_most_common_caption": v
+                 for k, v in caption_scores({i: common for i in val_ids}, val_caps).items()}
+    ctx.tracker.log_metrics(metrics, step=res.step)
+
+    out = ctx.outputs
+    save_vl(model.cpu(), out / "model")
+    tok.save_pretrained(out / "tokenizer")
+    (out / "captions_val.json").write_text(json.dumps([{"image_id": i, "caption": generated[i]} for i in val_ids]))
+    samples = [{"image_id": i, "generated": generated[i], "references": val_caps[i]} for i in val_ids[:cfg.num_samples]]
+    (out / "samples.json").write_text(json.dumps(samples, indent=2))
+    return ctx.result(outputs={"model": "outputs/model", "tokenizer": "outputs/tokenizer",
+                               "captions": "outputs/captions_val.json", "samples": "outputs/samples.json"},
+                      metrics=metrics, baselines=baselines,
+                      info={"resumed_from": res.resumed_from, "train_seconds": res.seconds, "init": built.origin,
+                            "decode_captions_per_s": caps_per_s, "decode": cfg.decode.model_dump(),
+                            "empty_captions": len(empty), "baseline_caption": common})

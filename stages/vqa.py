@@ -1,0 +1,179 @@
+"""Stage 5 `vqa`: visual question answering fine-tune of the VLP model.
+
+    baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
+Reads VQA v2 questions + annotations (the ``vqa`` output of ``data``) and the region store. The
+``init`` stage's VLP encoder (``init: null`` = same architecture, random weights: the control)
+reads ``[CLS] regions [SEP] question [SEP]`` under the bidirectional mask; the final [CLS] state
+goes through an MLP to one logit per answer of the vocabulary (the ``num_answers`` most frequent
+normalised training answers; 0 = all). Targets are VQA soft scores min(#annotators / 3, 1),
+loss = binary cross-entropy with logits (summed over answers, averaged over questions).
+
+Writes ``outputs/model/`` (the VLP encoder as a :func:`stages.vl.save_vl` dir, plus
+``head.safetensors`` and the answer list in config.json), ``outputs/tokenizer/`` and
+``outputs/results_val.json`` (``[{question_id, answer}]``); reports official VQA accuracy on val,
+overall and per answer type, against answering the most frequent training answer of the question's
+question_type.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from stages.base import StageConfig, StageContext, StageError, StageResult
+from stages.bert import BertSizes
+from stages.checkpoint import save_weights
+from stages.data import VQARecord, load_vqa, vqa_files
+from stages.metrics import normalize_answer, vqa_scores
+from stages.regions import RegionStore
+from stages.train import TrainConfig, autocast, fit, to_device
+from stages.vl import (VLP, RegionTable, TextRegionData, build_model, check_init_fields, check_length, encode_texts,
+                       init_refs, regions_of, save_vl, transfer_blocks)
+
+
+class Config(StageConfig):
+    kind: Literal["vqa"] = "vqa"
+    data: str = Field("world", description="stage providing the `vqa` output")
+    regions: str = Field("detector", description="stage providing the `regions` output")
+    init: str | None = Field("vl", description="stage whose model + tokenizer initialise the encoder; null = random "
+                                               "weights (the no-pretraining control)")
+    tokenizer_from: str | None = Field(None, description="init: null only: stage whose `tokenizer` output to use")
+    model: BertSizes = Field(default_factory=BertSizes, description="init: null only: the encoder sizes")
+    max_question_len: int = Field(16, ge=1, description="question WordPieces kept (+ [SEP])")
+    num_answers: int = Field(0, ge=0, description="answer vocabulary: the K most frequent training answers; 0 = all")
+    head_hidden: int = Field(0, ge=0, description="classifier MLP width; 0 = 2 x hidden_size")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_steps=30))
+    eval_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        check_init_fields(self)
+        return self
+
+    def upstream_refs(self) -> dict[str, str]:
+        return init_refs(self)
+
+
+class VQAModel(nn.Module):
+    """VLP encoder + answer classifier on the final [CLS] state: (B, A) logits."""
+
+    def __init__(self, vlp: VLP, num_answers: int, hidden: int):
+        super().__init__()
+        h = vlp.hidden_size
+        self.vlp = vlp
+        self.head = nn.Sequential(nn.Linear(h, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, num_answers))
+
+    def forward(self, text: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
+        bi = torch.zeros(len(text), dtype=torch.bool, device=text.device)
+        return self.head(self.vlp(text, regions, bi)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# answers
+
+
+def answer_vocab(records: list[VQARecord], k: int) -> list[str]:
+    """The k most frequent normalised answers over every human answer of ``records`` (0 = all);
+    ties broken alphabetically."""
+    c = Counter(normalize_answer(a) for r in records for a in r.answers)
+    ranked = sorted(c.items(), key=lambda t: (-t[1], t[0]))
+    return [a for a, _ in (ranked[:k] if k else ranked)]
+
+
+def soft_targets(answers: list[str], index: dict[str, int]) -> torch.Tensor:
+    """VQA soft score per vocabulary answer: min(#annotators who gave it / 3, 1). (A,) float.
+    Answers outside the vocabulary are dropped."""
+    t = torch.zeros(len(index))
+    for a, n in Counter(normalize_answer(a) for a in answers).items():
+        if a in index:
+            t[index[a]] = min(n / 3.0, 1.0)
+    return t
+
+
+def type_prior(records: list[VQARecord]) -> tuple[dict[str, str], str]:
+    """Most frequent normalised multiple_choice_answer per question_type, and overall."""
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        by_type[r.question_type][normalize_answer(r.multiple_choice_answer)] += 1
+    overall = Counter(normalize_answer(r.multiple_choice_answer) for r in records).most_common(1)[0][0]
+    return {t: c.most_common(1)[0][0] for t, c in by_type.items()}, overall
+
+
+def vqa_data(tok, records: list[VQARecord], table: RegionTable, index: dict[str, int], max_len: int) -> TextRegionData:
+    texts = encode_texts(tok, [r.question for r in records], max_len)
+    targets = torch.stack([soft_targets(r.answers, index) for r in records])  # (N, A)
+    return TextRegionData(table, [table.row[r.image_id] for r in records], texts, tok.pad_token_id,
+                          extras={"targets": targets})
+
+
+@torch.no_grad()
+def predict(ctx: StageContext, model: VQAModel, ds: TextRegionData, batch_size: int) -> torch.Tensor:
+    """Answer index per example of ``ds`` (in order)."""
+    model.eval()
+    out = []
+    for batch in ds.batches(batch_size):
+        batch = to_device(batch, ctx.device)
+        with autocast(ctx):
+            out.append(model(batch["text"], regions_of(batch)).float().argmax(-1).cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    store = RegionStore(ctx.input(cfg.regions, "regions"))
+    built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
+    tok = built.tokenizer
+    check_length(built.model, store.k, cfg.max_question_len, "max_question_len")
+    root = ctx.input(cfg.data, "vqa")
+    train_recs, val_recs = load_vqa(*vqa_files(root, "train")), load_vqa(*vqa_files(root, "val"))
+    if not train_recs or not val_recs:
+        raise StageError(f"{root}: no VQA questions for train ({len(train_recs)}) or val ({len(val_recs)})")
+    answers = answer_vocab(train_recs, cfg.num_answers)
+    index = {a: i for i, a in enumerate(answers)}
+    table = RegionTable(store, sorted({r.image_id for r in train_recs + val_recs}))
+    train_ds = vqa_data(tok, train_recs, table, index, cfg.max_question_len)
+    val_ds = vqa_data(tok, val_recs, table, index, cfg.max_question_len)
+    torch.manual_seed(ctx.seed + 1)
+    model = VQAModel(built.model, len(answers), cfg.head_hidden or 2 * built.model.hidden_size)
+    ctx.tracker.log_params({"data.train_questions": len(train_ds), "data.val_questions": len(val_ds),
+                            "answers": len(answers), "init.origin": built.origin,
+                            "model.params": sum(p.numel() for p in model.parameters())})
+
+    def loss_fn(m: VQAModel, batch, step: int):
+        logits = m(batch["text"], regions_of(batch))  # (B, A)
+        t = batch["targets"]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="sum") / len(t)
+        score = t.gather(1, logits.argmax(-1, keepdim=True)).mean().item()
+        return loss, {"soft_acc": score}
+
+    blocks = transfer_blocks(model.vlp, visual_in_backbone=built.origin == "vl")
+    head = list(model.head.parameters()) + ([] if built.origin == "vl" else list(model.vlp.visual.parameters()))
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head)
+
+    pred = predict(ctx, model, val_ds, cfg.eval_batch_size)
+    preds = {r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)}
+    metrics = {f"val/{k}": v for k, v in vqa_scores(preds, val_recs).items()}
+    prior, overall = type_prior(train_recs)
+    base = {r.question_id: prior.get(r.question_type, overall) for r in val_recs}
+    baselines = {f"val/{k}_type_prior": v for k, v in vqa_scores(base, val_recs).items()}
+    ctx.tracker.log_metrics(metrics, step=res.step)
+
+    out = ctx.outputs
+    save_vl(model.vlp.cpu(), out / "model", extra={"vqa": {"answers": answers, "head_hidden": model.head[0].out_features}})
+    save_weights(model.head.cpu().state_dict(), out / "model" / "head.safetensors")
+    tok.save_pretrained(out / "tokenizer")
+    (out / "results_val.json").write_text(json.dumps([{"question_id": r.question_id, "answer": preds[r.question_id]}
+                                                      for r in val_recs]))
+    return ctx.result(outputs={"model": "outputs/model", "tokenizer": "outputs/tokenizer",
+                               "results": "outputs/results_val.json"},
+                      metrics=metrics, baselines=baselines,
+                      info={"resumed_from": res.resumed_from, "train_seconds": res.seconds, "init": built.origin,
+                            "answers": len(answers), "questions_per_s": res.steps_per_s * cfg.train.batch_size})

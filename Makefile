@@ -36,3 +36,15 @@ ui: install
 
 clean:
 	rm -rf artifacts/stages artifacts/mlflow.db artifacts/mlartifacts artifacts/prefect
+
+# Fault injection, long version: >= 20 SIGKILLs aimed at each stage of the micro recipe (checkpoint,
+# region-store and result writes included), then a final run compared bitwise with an uninterrupted one.
+FAULTS_KILLS ?= 20
+FAULTS_ARGS  ?= runtime.deterministic=true runtime.checkpoint_every=1 runtime.log_every=2 \
+	stages.cnn.train.steps=24 stages.detector.train.steps=20 stages.bert.train.steps=24 \
+	stages.vl.train.steps=24 stages.caption.train.steps=20 stages.vqa.train.steps=20
+
+.PHONY: faults-long
+faults-long: install
+	$(PY) -m flows.faults configs/vlp-micro.yaml $(FAULTS_ARGS) --kills-per-stage $(FAULTS_KILLS) \
+		--workdir artifacts/faults --out artifacts/faults-report.json

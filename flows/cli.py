@@ -3,7 +3,8 @@
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
-    baton resume MLFLOW_RUN_ID                rerun the exact recipe snapshot of an earlier invocation
+    baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
+                                              (its MLflow parent or stage run id, or its Prefect flow run id)
 """
 from __future__ import annotations
 
@@ -67,23 +68,51 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_resume(args) -> int:
-    import yaml
+def _invocation_run(client, run_id: str):
+    """The MLflow parent run of an invocation, from its id, one of its stage runs' ids, or the id of
+    its Prefect flow run (tag ``baton.prefect_flow_run_id`` of the parent run)."""
+    import re
 
-    from flows.tracking import Tracking, tracking_uri
+    if not re.fullmatch(r"[0-9A-Za-z-]+", run_id):
+        raise RecipeError(f"resume {run_id!r}: not an MLflow run id or a Prefect flow run id")
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MlflowException: no such run; try it as a Prefect flow run id
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(exps, filter_string=f"tags.`baton.prefect_flow_run_id` = '{run_id}'",
+                                  max_results=1) if exps else []
+        if not runs:
+            raise RecipeError(f"resume {run_id}: no MLflow run and no invocation of Prefect flow run {run_id} "
+                              f"in {client.tracking_uri}") from None
+        run = runs[0]
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return client.get_run(parent) if parent else run
+
+
+def cmd_resume(args) -> int:
+    import tempfile
+
+    import yaml
     from mlflow import MlflowClient
 
+    from flows.tracking import tracking_uri
+
     art = _artifacts(args)
+    if not (art / "mlflow.db").exists():
+        raise RecipeError(f"resume {args.run_id}: no MLflow store in {art} (set --artifacts or BATON_ARTIFACTS)")
     client = MlflowClient(tracking_uri=tracking_uri(art))
-    run = client.get_run(args.run_id)
-    parent = run.data.tags.get("mlflow.parentRunId") or args.run_id
-    prun = client.get_run(parent)
-    path = client.download_artifacts(parent, "recipe.yaml", str(art / "tmp"))
-    raw = yaml.safe_load(Path(path).read_text())
+    prun = _invocation_run(client, args.run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(prun.info.run_id, "recipe.yaml", tmp)
+        except Exception as e:  # noqa: BLE001
+            raise RecipeError(f"resume {args.run_id}: run {prun.info.run_id} has no recipe.yaml snapshot ({e})") from None
+        raw = yaml.safe_load(Path(path).read_text())
     recipe = load_recipe(prun.data.tags.get("baton.recipe", "recipe.yaml"), raw=raw)
-    del Tracking
+    _check_writable(art)
     from flows.pipeline import run_pipeline
 
+    print(f"resuming {recipe.name} from the snapshot of run {prun.info.run_id} ({prun.info.status})")
     out = run_pipeline(recipe, art)
     print(f"resumed {recipe.name}: {len(out['results'])} stages complete (MLflow parent run {out['parent_run_id']})")
     return 0
@@ -115,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("ui", help="MLflow UI")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
-    rs = sub.add_parser("resume", help="rerun the recipe snapshot of an MLflow run (parent or stage run)")
+    rs = sub.add_parser("resume", help="rerun the recipe snapshot of an invocation: MLflow run id (parent or "
+                                       "stage) or Prefect flow run id")
     rs.add_argument("run_id")
     args = p.parse_args(argv)
     if args.cmd not in ("run", "resume"):  # under Prefect, Prefect's console handler prints our 'baton' logger
@@ -128,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions, ...: the message names the path
         print(f"error: {e}", file=sys.stderr)
         return 1
 

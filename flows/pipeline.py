@@ -10,8 +10,11 @@ Independent stages run concurrently on a thread pool (``max_concurrency`` in the
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,10 @@ from typing import Any
 from flows.fingerprint import plan_fingerprints
 from flows.store import StageDir
 from stages import kind_module
-from stages.base import StageContext, StageError, StageResult
+from stages.base import StageContext, StageError, StageResult, seed_stage
 from stages.recipe import Recipe, RecipeError, load_recipe
+
+EXIT_BAD_INPUT, EXIT_CACHED = 2, 3
 
 log = logging.getLogger("baton")
 
@@ -54,6 +59,23 @@ def configure_prefect(artifacts: Path) -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+def start_embedded_server() -> None:
+    """Start the embedded Prefect server now, holding a file lock in PREFECT_HOME: it creates and migrates
+    PREFECT_HOME's SQLite database on startup, and two ``baton run`` on one artifacts dir must not do
+    that at the same time (the loser's server fails its startup). The flow then reuses this server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".server-start.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        SubprocessASGIServer().start()
+
+
 def stage_dirs(recipe: Recipe, artifacts: Path) -> dict[str, StageDir]:
     fps = plan_fingerprints(recipe.stages)
     return {n: StageDir(artifacts, n, fp) for n, (fp, _) in fps.items()}
@@ -70,21 +92,28 @@ def _is_transient(task, task_run, state) -> bool:
     return False
 
 
-def execute_stage(name: str, recipe: Recipe, fps: dict, artifacts: Path, tracking, parent_id: str):
-    """Body of a stage's Prefect task. Returns the StageResult (as a dict) or a Cached state."""
-    from prefect.states import Completed
+def cached_result(name: str, sd: StageDir, tracking, parent_id: str) -> StageResult | None:
+    """The stage's result if it is complete (result.json is the truth), tagged on the parent run."""
+    done = sd.result()
+    if done is not None:
+        log.info("[%s] cached: %s", name, sd.path)
+        if tracking is not None:
+            tracking.client.set_tag(parent_id, f"stage.{name}", f"cached run={done.info.get('mlflow_run_id')}")
+            tracking.finish_if_running(done.info.get("mlflow_run_id"), sd.path)
+    return done
 
+
+def execute_stage(name: str, recipe: Recipe, fps: dict, artifacts: Path, tracking, parent_id: str) -> tuple[dict, bool]:
+    """Run one stage under its directory lock (in the worker process, flows.worker).
+    Returns (result as a dict, whether it was already complete)."""
     cfg = recipe.stages[name]
     fp, payload = fps[name]
     sd = StageDir(artifacts, name, fp)
     with sd.lock():
-        done = sd.result()
+        sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
+        done = cached_result(name, sd, tracking, parent_id)  # another run may have finished it while we waited
         if done is not None:
-            log.info("[%s] cached: %s", name, sd.path)
-            if tracking is not None:
-                tracking.client.set_tag(parent_id, f"stage.{name}", f"cached run={done.info.get('mlflow_run_id')}")
-            return Completed(name="Cached", data=done.model_dump(mode="json"),
-                             message=f"result.json present in {sd.path}")
+            return done.model_dump(mode="json"), True
         upstream = {u: StageDir(artifacts, u, fps[u][0]) for u in cfg.needs}
         up_results = {}
         for u, d in upstream.items():
@@ -117,6 +146,7 @@ def execute_stage(name: str, recipe: Recipe, fps: dict, artifacts: Path, trackin
                            upstream_dirs={u: d.path for u, d in upstream.items()}, fingerprint=fp, tracker=tracker)
         t0 = time.perf_counter()
         try:
+            seed_stage(cfg)
             res: StageResult = kind_module(cfg.kind).run(ctx)
             tracker.flush()
         except BaseException:
@@ -140,7 +170,40 @@ def execute_stage(name: str, recipe: Recipe, fps: dict, artifacts: Path, trackin
             tracking.end_run(run_id, "FINISHED")
         log.info("[%s] done in %.1fs: %s", name, res.info["seconds"],
                  ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()))
-        return res.model_dump(mode="json")
+        return res.model_dump(mode="json"), False
+
+
+def _threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
+    """CPU threads for each stage's process: a stage that may overlap another (neither needs the
+    other) gets cores / max_concurrency, so concurrent stages do not oversubscribe the cores."""
+    ancestors: dict[str, set[str]] = {}
+    for n, c in recipe.stages.items():
+        ancestors[n] = set(c.needs).union(*(ancestors[u] for u in c.needs)) if c.needs else set()
+    cores = os.cpu_count() or 1
+    out = {}
+    for n in wanted:
+        overlaps = any(m != n and m not in ancestors[n] and n not in ancestors[m] for m in wanted)
+        out[n] = max(1, cores // recipe.max_concurrency) if overlaps and recipe.max_concurrency > 1 else cores
+    return out
+
+
+def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int) -> tuple[int, list[str]]:
+    """Run ``python -m flows.worker`` for one stage, forwarding its log lines. Returns (exit code, last lines)."""
+    import collections
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "flows.worker", name, "--snapshot", str(snapshot), "--artifacts", str(artifacts),
+           "--threads", str(threads)] + (["--parent-run-id", parent_id] if parent_id else [])
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1]) as p:
+        for line in p.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            (log.warning if line.startswith(("error", "Traceback", "WARNING")) else log.info)(line)
+    return p.returncode, list(tail)
 
 
 def build_flow():
@@ -176,24 +239,72 @@ def build_flow():
                     if s not in wanted:
                         wanted.add(s)
                         stack.extend(recipe.stages[s].needs)
-        futures = {}
-        for name, cfg in recipe.stages.items():
-            if name not in wanted:
-                continue
+        snapshot = art / "tmp" / f"recipe-{os.getpid()}-{time.time_ns()}.json"
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.write_text(json.dumps({  # what a stage process needs, already resolved: it imports only its kind
+            "recipe": recipe.name, "fingerprints": fps,
+            "stages": {n: c.model_dump(mode="json", exclude_unset=True) for n, c in recipe.stages.items()}}))
+        threads = _threads_per_stage(recipe, wanted)
+        slots = threading.Semaphore(recipe.max_concurrency)
 
-            def run_one(stage: str) -> Any:  # the recipe, tracking client etc. stay out of Prefect's parameters
-                return execute_stage(stage, recipe, fps, art, tracking, parent_id)
+        def run_one(stage: str) -> Any:  # the recipe, tracking client etc. stay out of Prefect's parameters
+            from prefect.states import Completed
 
-            t = task(run_one, name=f"stage-{cfg.kind}", task_run_name=name, retries=recipe.retries,
-                     retry_delay_seconds=5, retry_condition_fn=_is_transient, cache_policy=None,
-                     persist_result=False)
-            futures[name] = t.submit(name, wait_for=[futures[u] for u in cfg.needs if u in futures])
+            sd = StageDir(art, stage, fps[stage][0])
+            with sd.lock():
+                sd.remove_stale_temps()
+                done = cached_result(stage, sd, tracking, parent_id)
+            if done is None:
+                with slots:
+                    rc, tail = launch_worker(stage, snapshot, art, parent_id, threads[stage])
+                if rc not in (0, EXIT_CACHED):
+                    msg = next((ln[len("error: "):] for ln in reversed(tail) if ln.startswith("error: ")), None)
+                    if rc == EXIT_BAD_INPUT and msg:
+                        raise StageError(msg)
+                    raise RuntimeError(f"stage {stage!r}: worker exited with status {rc}:\n" + "\n".join(tail[-12:]))
+                done = sd.result()
+                if done is None:
+                    raise RuntimeError(f"stage {stage!r}: worker finished but {sd.path}/result.json is missing")
+                if rc == 0:
+                    return done.model_dump(mode="json")
+            return Completed(name="Cached", data=done.model_dump(mode="json"),
+                             message=f"result.json present in {sd.path}")
+
+        # Submit a stage only once everything it needs has finished, so no worker thread sits blocked
+        # on upstream futures (wait_for still records the edges for the Prefect UI).
+        futures: dict[str, Any] = {}
+        pending = [n for n in recipe.stages if n in wanted]
         results, failed = {}, None
-        for name, fut in futures.items():
-            try:
-                results[name] = fut.result()
-            except BaseException as e:  # noqa: BLE001
-                failed = failed or (name, e)
+        skipped: set[str] = set()
+        while True:
+            for name in list(pending):
+                needs = [u for u in recipe.stages[name].needs if u in wanted]
+                if any(u in skipped for u in needs):
+                    pending.remove(name)
+                    skipped.add(name)
+                    log.warning("[%s] not run: an upstream stage failed", name)
+                elif all(u in results for u in needs):
+                    pending.remove(name)
+                    t = task(run_one, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
+                             retries=recipe.retries, retry_delay_seconds=5, retry_condition_fn=_is_transient,
+                             cache_policy=None, persist_result=False)
+                    futures[name] = t.submit(name, wait_for=[futures[u] for u in needs])
+            open_ = [n for n in futures if n not in results and n not in skipped]
+            running = [n for n in open_ if not futures[n].wrapped_future.done()]
+            finished = [n for n in open_ if futures[n].wrapped_future.done()]
+            for name in finished:
+                try:
+                    results[name] = futures[name].result()
+                except BaseException as e:  # noqa: BLE001
+                    failed = failed or (name, e)
+                    skipped.add(name)
+            if not running and not finished and not any(
+                    all(u in results for u in recipe.stages[n].needs if u in wanted) for n in pending):
+                skipped.update(pending)
+                break
+            if running and not finished:
+                futures[running[0]].wait(timeout=0.2)
+        snapshot.unlink(missing_ok=True)
         if tracking is not None:
             tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
         if failed:
@@ -207,6 +318,10 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     configure_prefect(artifacts)
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=recipe.max_concurrency),
+    start_embedded_server()
+
+    # Threads only wait on stage processes (flows.worker); every stage can have one, and `slots` in the
+    # flow caps how many stage processes run at once (recipe.max_concurrency).
+    flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
     return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track)

@@ -15,6 +15,8 @@ import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -25,6 +27,11 @@ from stages.base import StageResult, write_json_atomic
 from stages.checkpoint import CheckpointManager
 
 log = logging.getLogger("baton")
+
+# temp names of the atomic writers: ``.result.json.tmp-<pid>`` (write_json_atomic), ``.tmp-<step>-<pid>``
+# (checkpoints), ``outputs.tmp-<pid>`` (world), ``regions.tmp-<pid>`` / ``regions.old-<pid>`` (region store),
+# ``.x.tmp-<pid>`` (save_weights)
+TEMP_NAME = re.compile(r"(^|\.)(tmp|old)-(\d+-)?\d+$")
 
 
 class StageDir:
@@ -62,6 +69,28 @@ class StageDir:
     def save_run_id(self, run_id: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path / "run.json", {"mlflow_run_id": run_id})
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete temp files/dirs that killed writers left behind. Call it holding :meth:`lock`: then no
+        other process writes here, so every temp name is garbage (a complete stage keeps none)."""
+        removed = []
+        dirs = [self.path, self.path / "checkpoints", self.path / "outputs"]
+        if (self.path / "outputs").is_dir():
+            dirs += [d for d in (self.path / "outputs").iterdir() if d.is_dir() and not TEMP_NAME.search(d.name)]
+        for d in dirs:
+            if not d.is_dir():
+                continue
+            for p in d.iterdir():
+                if TEMP_NAME.search(p.name) and not p.name.endswith(f"-{os.getpid()}"):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                    removed.append(p)
+        if removed:
+            log.info("[%s] removed %d temp file(s) left by an interrupted run: %s", self.stage, len(removed),
+                     ", ".join(str(p.relative_to(self.path)) for p in removed[:5]))
+        return removed
 
     def checkpoint_steps(self) -> list[int]:
         return CheckpointManager(self.path / "checkpoints").steps()

@@ -10,6 +10,7 @@ seconds and at every checkpoint, so tracking never dominates a step.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -107,12 +108,17 @@ class Tracking:
         artifacts = Path(artifacts).resolve()
         self.uri = tracking_uri(artifacts)
         self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=(artifacts / "mlartifacts" / experiment).as_uri())
-        else:
-            self.experiment_id = exp.experiment_id
+        # creating mlflow.db (schema migrations) and the experiment must not race with another `baton run`
+        # on the same artifacts dir: serialise them with a file lock
+        artifacts.mkdir(parents=True, exist_ok=True)
+        with open(artifacts / ".mlflow-init.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=(artifacts / "mlartifacts" / experiment).as_uri())
+            else:
+                self.experiment_id = exp.experiment_id
 
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -135,6 +141,21 @@ class Tracking:
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "baton.resumed_by", parent_id)
         return True
+
+    def finish_if_running(self, run_id: str | None, stage_dir: Path) -> None:
+        """A complete stage (result.json) whose run is still RUNNING: the process that wrote result.json
+        was killed before it ended the run. Log what it would have logged last and end it."""
+        if not run_id:
+            return
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - deleted / another store
+            return
+        if run.info.status == "RUNNING":
+            for f in ("result.json", "config.json"):
+                if (Path(stage_dir) / f).exists():
+                    self.client.log_artifact(run_id, str(Path(stage_dir) / f))
+            self.end_run(run_id, "FINISHED")
 
     def log_lineage(self, run_id: str, upstream_models: dict[str, str], datasets: dict[str, tuple[str, str]]) -> None:
         """Model inputs (upstream LoggedModel ids) and dataset inputs ({name: (source, digest)})."""

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from stages import kind_module
-from stages.base import NullTracker, StageContext, StageError, StageResult, write_json_atomic
+from stages.base import NullTracker, StageContext, StageError, StageResult, seed_stage, write_json_atomic
 from stages.recipe import RecipeError, load_recipe
 
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = StageContext(name=args.stage, config=cfg, stage_dir=args.out, upstream=ups,
                            upstream_dirs={n: Path(d) for n, d in dirs.items()}, fingerprint="standalone",
                            tracker=NullTracker())
+        seed_stage(cfg)
         res = kind_module(cfg.kind).run(ctx)
         write_json_atomic(args.out / "result.json", res.model_dump(mode="json"))
         print(json.dumps({"metrics": res.metrics, "baselines": res.baselines, "info": res.info}, indent=2))

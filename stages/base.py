@@ -167,6 +167,25 @@ def resolve_device(runtime: Runtime):
     return torch.device(dev)
 
 
+def seed_stage(config: StageConfig) -> None:
+    """Seed Python, NumPy and torch from the stage's seed right before its ``run``, so its random init
+    does not depend on what ran earlier in the process (a resumed pipeline skips complete stages).
+    ``runtime.deterministic`` also turns on ``torch.use_deterministic_algorithms``. These are process-wide:
+    stages running concurrently in threads share them (the flow runs one stage at a time when any
+    stage is deterministic)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(config.seed)
+    np.random.seed(config.seed % (1 << 32))
+    torch.manual_seed(config.seed)
+    if config.runtime.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file, fsync, rename: readers see the old file or the new one, never half."""
     path = Path(path)

@@ -2,7 +2,8 @@
 
     baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
 Reads the `corpus` output of the ``data`` stage (``train.txt`` / ``val.txt``, one document per
-blank-line block), trains a WordPiece tokenizer on the train split (or loads ``tokenizer.path``),
+blank-line block), learns a WordPiece vocabulary on the train split (deterministically, see
+:func:`learn_wordpiece_vocab`; or loads ``tokenizer.path``),
 packs the documents into fixed-length ``[CLS] ... [SEP]`` sequences and trains a
 ``transformers.BertForMaskedLM`` (15% of the tokens masked 80/10/10, whole words optional).
 Writes ``outputs/model/`` (``save_pretrained``: model.safetensors + config.json) and
@@ -154,8 +155,7 @@ def train_tokenizer(docs: list[str], cfg: TokenizerConfig) -> BertTokenizerFast:
     """:func:`learn_wordpiece_vocab` as a ``BertTokenizerFast``; special tokens get ids 0..4
     ([PAD] [UNK] [CLS] [SEP] [MASK])."""
     vocab = learn_wordpiece_vocab(docs, cfg.vocab_size, cfg.lowercase, cfg.initial_alphabet)
-    lowercase = cfg.lowercase
-    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=lowercase)
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=cfg.lowercase)
 
 
 def special_ids(tok) -> list[int]:
@@ -177,9 +177,9 @@ def load_tokenizer(path: str | Path) -> BertTokenizerFast:
 # masking (shared with vl / caption)
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+def step_generator(seed: int, step: int) -> torch.Generator:
     """CPU generator for the noise of optimizer step ``step``: a resumed run draws the same masks."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def mask_tokens(ids: torch.Tensor, candidates: torch.Tensor, mask_prob: float, mask_id: int, normal_ids: torch.Tensor,

@@ -53,7 +53,7 @@ class Config(StageConfig):
     mask_prob: float = Field(0.3, gt=0.0, lt=1.0, description="share of caption tokens masked per example "
                                                               "(more than pretraining's 0.15: more generation signal per step)")
     max_pred: int = Field(6, ge=1, description="at most this many masked tokens per caption")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=800, batch_size=64, lr=1e-3, warmup_steps=30))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=800, batch_size=64, lr=3e-3, warmup_steps=30))
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     eval_batch_size: int = Field(256, ge=1)
     num_samples: int = Field(10, ge=0, description="val images written to outputs/samples.json")

@@ -153,18 +153,23 @@ class CheckpointManager:
         final = self.root / f"{step:08d}"
         tmp = self.root / f".tmp-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(_untie(model_state), str(tmp / MODEL_FILE))
-        torch.save({**train_state, "step": step}, tmp / STATE_FILE)
-        files = {}
-        for name in (MODEL_FILE, STATE_FILE):
-            _fsync_file(tmp / name)
-            files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump({"step": step, "files": files}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
+        try:
+            tmp.mkdir()
+            save_file(_untie(model_state), str(tmp / MODEL_FILE))
+            torch.save({**train_state, "step": step}, tmp / STATE_FILE)
+            files = {}
+            for name in (MODEL_FILE, STATE_FILE):
+                _fsync_file(tmp / name)
+                files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump({"step": step, "files": files}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+        except OSError as e:  # e.g. ENOSPC: drop the half-written temp dir; the previous checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(e.errno, f"cannot write checkpoint step {step} into {self.root}: "
+                                   f"{e.strerror or e} (kept: steps {self.steps() or 'none'})") from e
         if final.exists():  # a rerun reached the same step again: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

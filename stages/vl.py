@@ -2,7 +2,7 @@
 
     baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
 One BERT encoder reads ``[CLS] r1 .. rK [SEP] w1 .. wT [SEP]``: the K detector regions of an image
-(the ``regions`` output of the ``regions`` stage) then a caption (COCO captions JSON, the ``coco``
+(the ``regions`` output of the stage named by ``regions``) then a caption (COCO captions JSON, the ``coco``
 output of the ``data`` stage). It is trained with masked LM on the caption tokens under two
 self-attention masks, drawn per example:
 
@@ -59,7 +59,7 @@ class Config(StageConfig):
     s2s_prob: float = Field(0.5, ge=0.0, le=1.0, description="share of examples under the seq2seq mask")
     bi_prob: float = Field(0.5, ge=0.0, le=1.0, description="share under the bidirectional mask (sums to 1 with s2s_prob)")
     itm: bool = Field(False, description="add image-text matching (binary head on [CLS], half the images swapped)")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=1e-3, warmup_steps=50))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_steps=50))
     eval_batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")
@@ -135,7 +135,7 @@ def vlp_attention(valid: torch.Tensor, text_start: int, s2s: torch.Tensor) -> to
     return rule & valid[:, None, :]
 
 
-def additive_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+def bert_attention_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """(B, L, L) bool -> the 4D mask transformers' BertModel passes through untouched to attention:
     bool (B, 1, L, L) for sdpa (True = attend), additive float (0 / dtype min) for eager."""
     if attn_implementation == "sdpa":
@@ -194,7 +194,7 @@ class VLP(nn.Module):
         vis = self.visual(regions["feats"], regions["geom"], regions["probs"])  # (B, K, H)
         x = torch.cat([word[:, :1], vis.to(word.dtype), word[:, k + 1:]], 1)
         types = (torch.arange(ids.shape[1], device=ids.device) >= k + 2).long().expand_as(ids)
-        mask = additive_mask(vlp_attention(valid, k + 2, s2s), self.mlm.config._attn_implementation, x.dtype)
+        mask = bert_attention_mask(vlp_attention(valid, k + 2, s2s), self.mlm.config._attn_implementation, x.dtype)
         return self.mlm.bert(inputs_embeds=x, token_type_ids=types, attention_mask=mask).last_hidden_state
 
     def config_dict(self) -> dict:
@@ -203,7 +203,8 @@ class VLP(nn.Module):
 
 
 def special_of(tok) -> dict[str, int]:
-    return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id, "mask": tok.mask_token_id}
+    return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id, "mask": tok.mask_token_id,
+            "unk": tok.unk_token_id}
 
 
 def save_vl(model: VLP, out: Path, extra: dict | None = None) -> None:

@@ -1,0 +1,74 @@
+"""One stage in its own process: ``python -m flows.worker STAGE --snapshot FILE --artifacts DIR``.
+
+The flow's task for a stage starts this process and streams its log lines into Prefect. Giving
+every executing stage its own process means concurrent stages do not share torch's global RNG
+(so each stays reproducible), do not fight over the GIL or one OpenMP pool (each sets its own
+thread count), release all their (GPU) memory when done, and a hard crash of one stage cannot take
+the flow down. It is also where a multi-GPU stage becomes ``torchrun`` instead of ``python``.
+
+Exit status: 0 done, 2 a config or data error (never retried), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from types import SimpleNamespace
+
+from stages import kind_module
+from stages.base import StageError
+from stages.recipe import RecipeError
+
+log = logging.getLogger("baton")
+EXIT_BAD_INPUT, EXIT_CACHED = 2, 3  # same as flows.pipeline
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILLed when the flow process dies, so no orphan keeps writing a stage dir."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.worker")
+    p.add_argument("stage")
+    p.add_argument("--snapshot", required=True, type=Path, help="JSON: {recipe, fingerprints, stages: resolved configs}")
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--parent-run-id", default="")
+    p.add_argument("--threads", type=int, default=None, help="torch threads when runtime.threads is unset")
+    args = p.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    try:
+        snap = json.loads(args.snapshot.read_text())
+        block = snap["stages"][args.stage]
+        cfg = kind_module(block["kind"]).Config.model_validate(block)
+        if cfg.runtime.threads is None and args.threads:
+            cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": args.threads})})
+        recipe = SimpleNamespace(name=snap["recipe"], stages={args.stage: cfg})
+        from flows.pipeline import execute_stage
+
+        tracking = None
+        if args.parent_run_id:
+            from flows.tracking import Tracking
+
+            tracking = Tracking(args.artifacts, recipe.name)
+        fps = {n: tuple(v) for n, v in snap["fingerprints"].items()}
+        _, was_complete = execute_stage(args.stage, recipe, fps, args.artifacts, tracking, args.parent_run_id)
+        return EXIT_CACHED if was_complete else 0
+    except (StageError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import subprocess
@@ -100,7 +101,9 @@ def cmd_resume(args) -> int:
     art = _artifacts(args)
     if not (art / "mlflow.db").exists():
         raise RecipeError(f"resume {args.run_id}: no MLflow store in {art} (set --artifacts or BATON_ARTIFACTS)")
-    client = MlflowClient(tracking_uri=tracking_uri(art))
+    with open(art / ".mlflow-init.lock", "w") as lock:  # see flows.tracking.Tracking
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=tracking_uri(art))
     prun = _invocation_run(client, args.run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -107,12 +107,12 @@ class Tracking:
         self.mlflow = mlflow
         artifacts = Path(artifacts).resolve()
         self.uri = tracking_uri(artifacts)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        # creating mlflow.db (schema migrations) and the experiment must not race with another `baton run`
-        # on the same artifacts dir: serialise them with a file lock
+        # creating mlflow.db (the client runs the schema migrations) and the experiment must not race with
+        # another `baton run` (or stage process) on the same artifacts dir: serialise them with a file lock
         artifacts.mkdir(parents=True, exist_ok=True)
         with open(artifacts / ".mlflow-init.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 self.experiment_id = self.client.create_experiment(

@@ -170,9 +170,8 @@ def resolve_device(runtime: Runtime):
 def seed_stage(config: StageConfig) -> None:
     """Seed Python, NumPy and torch from the stage's seed right before its ``run``, so its random init
     does not depend on what ran earlier in the process (a resumed pipeline skips complete stages).
-    ``runtime.deterministic`` also turns on ``torch.use_deterministic_algorithms``. These are process-wide:
-    stages running concurrently in threads share them (the flow runs one stage at a time when any
-    stage is deterministic)."""
+    ``runtime.deterministic`` also turns on ``torch.use_deterministic_algorithms``. These are process-wide,
+    which is why the flow runs every executing stage in its own process (flows.worker)."""
     import random
 
     import numpy as np

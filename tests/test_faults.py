@@ -4,8 +4,8 @@ The runs here use a snapshot of flows/ + stages/ (flows.faults.snapshot_code), s
 working tree while a test runs do not change fingerprints between its runs.
 
 Determinism: the comparisons are exact (metrics and every output file). ``runtime.deterministic=true``
-makes the micro recipe bitwise reproducible on CPU: with it the flow runs one stage at a time, because
-torch's RNG is process-wide and two stages training at once in threads interleave their draws."""
+makes the micro recipe bitwise reproducible on CPU; each executing stage runs in its own process
+(flows.worker), so concurrent stages never share torch's process-wide RNG."""
 import json
 import os
 import re
@@ -67,7 +67,8 @@ def test_sigkill_in_every_stage_long(tmp_path):
     rep = run_harness(CONFIG, kills_per_stage=20, overrides=LONG_OVERRIDES,
                       workdir=tmp_path / "work", out=out, run_timeout=900)
     check_report(rep, min_kills=20 * len(STAGES) - 10)
-    assert all(n >= 18 for n in rep["kills_per_stage"].values()), rep["kills_per_stage"]
+    assert all(n >= 20 for n in rep["kills_per_stage"].values()), rep["kills_per_stage"]
+    assert all(n >= 18 for n in rep["aimed_kills_per_stage"].values()), rep["aimed_kills_per_stage"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from stages.checkpoint import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMP = re.compile(r"(?:^|\.)(?:tmp|old)-(?:\d+-)?(\d+)$")  # atomic writers' temp names; group 1 = writer pid
 TRAINING_AIMS = ("startup", "train", "checkpoint")
@@ -257,14 +259,6 @@ class Timeline:
 # comparing and checking
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def output_digests(stage_dir: Path, artifacts: Path) -> dict[str, str]:
     """{file under outputs/: sha256}. Small text files are hashed with the artifacts root replaced by a
     placeholder: transformers writes the absolute path it loaded from (``_name_or_path``) into configs."""
@@ -279,7 +273,7 @@ def output_digests(stage_dir: Path, artifacts: Path) -> dict[str, str]:
         if p.suffix in (".json", ".txt", ".yaml") and p.stat().st_size < (8 << 20):
             digests[str(p.relative_to(out))] = hashlib.sha256(p.read_bytes().replace(root, b"<ARTIFACTS>")).hexdigest()
         else:
-            digests[str(p.relative_to(out))] = _sha256(p)
+            digests[str(p.relative_to(out))] = sha256_file(p)
     return digests
 
 

@@ -34,7 +34,7 @@ log = logging.getLogger("baton")
 MODEL_FILE, STATE_FILE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -160,7 +160,7 @@ class CheckpointManager:
             files = {}
             for name in (MODEL_FILE, STATE_FILE):
                 _fsync_file(tmp / name)
-                files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
             with open(tmp / MANIFEST, "w") as f:
                 json.dump({"step": step, "files": files}, f, indent=2)
                 f.flush()
@@ -197,7 +197,7 @@ class CheckpointManager:
                 return f"{name} missing"
             if f.stat().st_size != meta["size"]:
                 return f"{name} has {f.stat().st_size} bytes, manifest says {meta['size']}"
-            if _sha256(f) != meta["sha256"]:
+            if sha256_file(f) != meta["sha256"]:
                 return f"{name} sha256 differs from manifest"
         return None
 

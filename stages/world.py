@@ -8,6 +8,12 @@ yellow, purple, orange) and sizes (small, large) at non-overlapping positions on
 noisy grey background. Captions, corpus sentences and VQA answers are all TRUE of the scene
 they describe. Everything derives from ``ctx.seed``: the same config gives byte-identical files.
 
+``source: real`` points at real datasets (``paths.*``, passed on as the stage's outputs), except
+the caption formats that are not COCO's: ``paths.karpathy`` (Karpathy split JSON) or
+``paths.cc_train`` + ``paths.cc_val`` (Conceptual-Captions-style TSV) are converted into
+``outputs/coco/captions_{train,val[,test]}.json`` (:func:`convert_captions`), the ``coco`` output
+vl / caption read, with each image's file in a ``file_path`` key.
+
 The generator is usable without a stage context: :func:`sample_objects`, :func:`render`,
 :func:`captions_for`, :func:`questions_for`, :func:`corpus_document`, :func:`generate`.
 """

@@ -6,6 +6,7 @@
 keeps its flow run id and its parameters (the recipe snapshot), so finished stages are Cached and the
 failed one continues from its newest checkpoint.
 """
+import logging
 import sys
 from pathlib import Path
 
@@ -15,4 +16,5 @@ if _ROOT not in sys.path:  # Prefect loads this file by path
 
 from flows.pipeline import build_flow  # noqa: E402
 
+logging.getLogger("baton").setLevel(logging.INFO)  # as `baton run` does: stage lines reach Prefect's console
 baton_pipeline = build_flow()

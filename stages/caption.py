@@ -28,10 +28,9 @@ from stages.base import StageConfig, StageContext, StageResult, Strict
 from stages.bert import BertSizes, mask_tokens, normal_token_ids, step_generator
 from stages.data import coco_captions_file, load_coco_captions
 from stages.metrics import caption_scores
-from stages.regions import RegionStore
 from stages.train import TrainConfig, autocast, fit, to_device
 from stages.vl import (VLP, RegionTable, build_model, caption_data, check_init_fields, check_length, init_refs,
-                       mlm_head_params, regions_of, save_vl, transfer_blocks)
+                       mlm_head_params, open_regions, regions_of, save_vl, transfer_blocks)
 
 
 class DecodeConfig(Strict):
@@ -65,6 +64,9 @@ class Config(StageConfig):
 
     def upstream_refs(self) -> dict[str, str]:
         return init_refs(self)
+
+    def ref_outputs(self) -> dict[str, str]:
+        return {"regions": "regions"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
 
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
-    store = RegionStore(ctx.input(cfg.regions, "regions"))
+    store = open_regions(ctx, cfg.regions)
     built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
     model, tok = built.model, built.tokenizer
     check_length(model, store.k, max(cfg.max_caption_len, cfg.decode.max_len), "max_caption_len/decode.max_len")

@@ -111,6 +111,15 @@ def open_rgb(path: Path) -> Image.Image:
         raise StageError(f"{path}: cannot read image ({e})") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels; unreadable -> StageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise StageError(f"{path}: cannot read image ({e})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # ImageNet
 

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
 
 from stages.base import StageConfig, StageContext, StageError, StageResult, Strict, fsync_dir, log
+from stages.regions import RegionStore
 
 # ----------------------------------------------------------------------------------------------
 # the world's vocabulary
@@ -126,6 +127,9 @@ class PathsCfg(Strict):
     corpus: str | None = None
     coco: str | None = None
     vqa: str | None = None
+    regions: str | None = Field(None, description="a region-feature store directory (stages.regions; e.g. imported "
+                                                   "from bottom-up-attention TSV): vl/caption/vqa read it with "
+                                                   "`regions: <this stage>`, no detector stage needed")
 
 
 class Config(StageConfig):
@@ -144,8 +148,13 @@ class Config(StageConfig):
         if self.source == "synthetic" and given:
             raise ValueError(f"paths.{given[0]} is set but source is 'synthetic' (paths are used with source: real)")
         if self.source == "real" and not given:
-            raise ValueError("source 'real' needs at least one of paths.imagenet/vg/corpus/coco/vqa")
+            raise ValueError("source 'real' needs at least one of paths.imagenet/vg/corpus/coco/vqa/regions")
         return self
+
+    def declared_outputs(self) -> set[str]:
+        if self.source == "synthetic":
+            return set(OUTPUTS)
+        return {k for k, v in self.paths.model_dump().items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,14 +601,21 @@ OUTPUTS = {"imagenet": "outputs/imagenet", "vg": "outputs/vg", "corpus": "output
 
 def _run_real(ctx: StageContext, cfg: Config) -> StageResult:
     outputs: dict[str, str] = {}
+    info: dict[str, Any] = {"source": "real"}
     for name, p in cfg.paths.model_dump().items():
         if p is None:
             continue
         path = Path(p).expanduser().resolve()
         if not path.exists():
             raise StageError(f"stage {ctx.name!r}: paths.{name} = {p!r}: {path} does not exist")
+        if name == "regions":
+            try:
+                store = RegionStore(path)
+            except StageError as e:
+                raise StageError(f"stage {ctx.name!r}: paths.regions = {p!r}: {e}") from None
+            info["regions"] = {"images": len(store), "k": store.k, "feature_dim": store.feature_dim,
+                               "classes": store.num_classes}
         outputs[name] = str(path)
-    info: dict[str, Any] = {"source": "real"}
     if "imagenet" in outputs:
         train = Path(outputs["imagenet"]) / "train"
         if train.is_dir():

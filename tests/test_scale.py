@@ -258,3 +258,98 @@ def test_region_table_loader_throughput(tmp_path, c):
         print(f"\nRegionTable via DataLoader, K={k} D={d} C+1={c + 1}, batch {bs}, {workers} workers: "
               f"{seen * k / s:,.0f} rows/s = {seen / s:,.0f} images/s ({seen * k * row_bytes / s / 1e9:.2f} GB/s "
               f"float32 out)")
+
+
+# ---------------------------------------------------------------------------------------------- start at stage 4
+
+
+def _text_world(root: Path) -> Path:
+    """The synthetic world's COCO captions, VQA and corpus (no images needed downstream of regions)."""
+    cfg = world.Config(scenes={"train": 12, "val": 4}, corpus={"documents": 30})
+    out = root / "outputs"
+    out.mkdir(parents=True)
+    world.write_scenes(out, cfg, 0)
+    world.write_corpus(out, cfg, 0)
+    return out
+
+
+def _bua_tsv(path: Path, image_ids: list[int], dim: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for iid in image_ids:
+        n = int(rng.integers(2, 5))
+        xy = rng.uniform(0, 30, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(4, 30, (n, 2))], 1).astype(np.float32)
+        rows.append({"image_id": iid, "image_w": 64, "image_h": 64, "num_boxes": n, "boxes": boxes,
+                     "features": rng.gamma(1.0, 1.0, (n, dim)).astype(np.float32)})
+    mf.write_bua_tsv(path, rows, mf.BUA_FIELDS)
+    return path
+
+
+TINY = ["runtime={device: cpu, precision: fp32, num_workers: 0, threads: 1, log_every: 2, checkpoint_every: 50}",
+        "stages.bert.model={hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position: 40}",
+        "stages.bert.seq_len=24", "stages.bert.train={steps: 3, batch_size: 8, lr: 0.003}",
+        "stages.bert.eval_batch_size=16",
+        "stages.vl.max_caption_len=12", "stages.vl.train={steps: 4, batch_size: 8, lr: 0.001}",
+        "stages.vl.eval_batch_size=16"]
+
+
+def test_vl_from_an_imported_bua_store_via_world_paths_regions(tmp_path):
+    """configs/vlp-from-features.yaml, shrunk by overrides, run stage by stage with `python -m stages`:
+    world (real: paths.regions = a store imported from a BUA TSV, coco, corpus) -> bert -> vl reading
+    `regions: world`. Then the failures name the key: a store without one of the images, a paths.regions
+    that is not a store, and a world without paths.regions (refused when the recipe is validated)."""
+    from stages.__main__ import main
+    from stages.data import coco_captions_file, load_coco_captions
+    from stages.recipe import RecipeError, load_recipe
+    from stages.regions import import_bua_tsv
+
+    config = ROOT / "configs" / "vlp-from-features.yaml"
+    r = load_recipe(config)
+    assert list(r.stages) == ["world", "bert", "vl", "caption", "vqa"]
+    assert r.stages["world"].paths.regions and r.stages["world"].declared_outputs() == {"regions", "corpus", "coco", "vqa"}
+    assert all(r.stages[s].regions == "world" and "detector" not in r.stages[s].needs for s in ("vl", "caption", "vqa"))
+    with pytest.raises(RecipeError, match=r"stages\.vl\.regions: stage 'world' has no 'regions' output .*"
+                                          r"set stages\.world\.paths\.regions"):
+        load_recipe(config, ["stages.world.paths.regions=null"])
+
+    out = _text_world(tmp_path / "text")
+    ids = sorted(i for split in ("train", "val")
+                 for i in load_coco_captions(coco_captions_file(out / "coco", split))[0])
+    store = import_bua_tsv(_bua_tsv(tmp_path / "feats.tsv", ids), tmp_path / "bua_store")
+    assert store.k == 4 and store.feature_dim == 16 and store.image_ids == ids
+    paths = [f"stages.world.paths={{regions: {tmp_path / 'bua_store'}, coco: {out / 'coco'}, corpus: {out / 'corpus'}}}"]
+    ov = TINY + paths
+    for d in ("world", "bert", "vl"):
+        (tmp_path / d).mkdir()
+    assert main([str(config), "world", *ov, "--out", str(tmp_path / "world")]) == 0
+    w = json.loads((tmp_path / "world" / "result.json").read_text())
+    assert w["outputs"]["regions"] == str(tmp_path / "bua_store") and w["info"]["regions"]["k"] == 4
+    assert main([str(config), "bert", *ov, "--out", str(tmp_path / "bert"), "--upstream",
+                 f"world={tmp_path / 'world'}"]) == 0
+    ups = ["--upstream", f"world={tmp_path / 'world'}", "--upstream", f"bert={tmp_path / 'bert'}"]
+    assert main([str(config), "vl", *ov, "--out", str(tmp_path / "vl"), *ups]) == 0
+    res = json.loads((tmp_path / "vl" / "result.json").read_text())
+    assert np.isfinite(res["metrics"]["val/mlm_ppl"]) and res["metrics"]["val/mlm_ppl"] > 1
+    assert (tmp_path / "vl" / "outputs" / "model" / "model.safetensors").is_file()
+
+    # a store that lacks one val image: the error names the key and the image
+    import_bua_tsv(_bua_tsv(tmp_path / "short.tsv", ids[:-1]), tmp_path / "short_store")
+    wres, wdir = real_world(tmp_path, "world_short", regions=tmp_path / "short_store", coco=out / "coco")
+    from stages import vl
+
+    cfg = load_recipe(config, ov).stages["vl"]
+    bert_res = StageResult.model_validate_json((tmp_path / "bert" / "result.json").read_text())
+    ctx = ctx_for("vl", cfg, tmp_path / "vl_short", {"world": (wres, wdir), "bert": (bert_res, tmp_path / "bert")})
+    with pytest.raises(StageError, match=rf"stages\.vl\.regions = 'world': region store .*short_store has no regions "
+                                         rf"for 1 image\(s\), e\.g\. image_id \[{ids[-1]}\]"):
+        vl.run(ctx)
+    (tmp_path / "not_a_store").mkdir()
+    with pytest.raises(StageError, match=r"paths\.regions = .*not_a_store.*no index\.json"):
+        real_world(tmp_path, "world_bad", regions=tmp_path / "not_a_store")
+    # a world stage without paths.regions, run directly (no recipe check): the error names the key too
+    wres, wdir = real_world(tmp_path, "world_noreg", coco=out / "coco")
+    ctx = ctx_for("vl", cfg, tmp_path / "vl_noreg", {"world": (wres, wdir), "bert": (bert_res, tmp_path / "bert")})
+    with pytest.raises(StageError, match=r"stages\.vl\.regions = 'world': stage 'world' has no `regions` output "
+                                         r"\(set stages\.world\.paths\.regions"):
+        vl.run(ctx)

@@ -106,7 +106,8 @@ class VisualEmbedding(nn.Module):
     """Regions -> input embeddings: LayerNorm(MLP(feature) + Linear([geometry, class probs])).
 
     feats (B, K, D), geom (B, K, 6), probs (B, K, C+1) -> (B, K, hidden). The MLP starts with a
-    LayerNorm so the detector's feature scale does not matter."""
+    LayerNorm so the detector's feature scale does not matter. Inputs may be float16 (the region store's
+    dtype, as :class:`RegionTable` batches them): they become float32 here, on the model's device."""
 
     def __init__(self, feature_dim: int, prob_dim: int, hidden: int):
         super().__init__()
@@ -117,6 +118,7 @@ class VisualEmbedding(nn.Module):
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, feats: torch.Tensor, geom: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        feats, geom, probs = feats.float(), geom.float(), probs.float()
         return self.norm(self.feat(feats) + self.loc(torch.cat([geom, probs], -1)))
 
 
@@ -328,10 +330,12 @@ class RegionTable:
     """The regions of a set of images, read lazily from a RegionStore's float16 memory maps.
 
     ``table.row[image_id]`` -> row index; ``table.batch(rows)`` -> the ``regions`` dict :class:`VLP` reads:
-    only those images' K rows are gathered from the maps and only that batch is converted to float32
-    (100k images x K=100 x D=2048 is 41 GB as float16, 82 GB as float32: never all in memory). In a
-    DataLoader the gather runs in the workers (``TextRegionData.collate``). Pickles without the maps;
-    a copy re-opens the store by path (DataLoader workers under spawn)."""
+    only those images' K rows are gathered from the maps (100k images x K=100 x D=2048 is 41 GB as
+    float16: never all in memory). The batch stays float16 (half the bytes to pin and copy) and becomes
+    float32 in :class:`VisualEmbedding`, on the device: numpy's float16 -> float32 conversion is ~10x
+    slower than the gather on a CPU. In a DataLoader the gather runs in the workers
+    (``TextRegionData.collate``). Pickles without the maps; a copy re-opens the store by path (DataLoader
+    workers under spawn)."""
 
     def __init__(self, store: RegionStore, image_ids: list[int]):
         missing = [i for i in image_ids if i not in store]
@@ -362,7 +366,7 @@ class RegionTable:
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = torch.as_tensor(rows, dtype=torch.long)
         idx = self.store_rows[rows.numpy()]
-        feats, geom, probs = (torch.from_numpy(a[idx].astype(np.float32)) for a in self._maps())
+        feats, geom, probs = (torch.from_numpy(a[idx]) for a in self._maps())  # float16 (B, K, *)
         return {"feats": feats, "geom": geom, "probs": probs, "n_boxes": self.n_boxes[rows]}
 
 

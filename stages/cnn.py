@@ -6,6 +6,8 @@ writes ``outputs/model/`` (model.safetensors + config.json + classes.json, the c
 label index and, when ``synset_words.txt`` is in the ImageNet root, wnid -> name); reports top-1/top-5
 on val against chance and majority-class baselines. An unreadable image is an error naming the file,
 or with ``skip_bad_images: true`` it is left out and counted (metric ``data/skipped_bad_images``).
+Decoded images are kept in RAM only when they fit ``runtime.cache_images_mb``; otherwise the loader
+workers decode them per item. Batches are uint8; normalisation and the random flip run on the device.
 """
 from __future__ import annotations
 

@@ -340,7 +340,7 @@ class RegionTable:
     def __init__(self, store: RegionStore, image_ids: list[int]):
         missing = [i for i in image_ids if i not in store]
         if missing:
-            src = getattr(store, "source", None)
+            src = store.source
             raise StageError(f"{src + ': ' if src else ''}region store {store.path} has no regions for "
                              f"{len(missing)} image(s), e.g. image_id {missing[:5]} (was the detector run on "
                              f"these images, or the store imported from their features?)")

@@ -369,3 +369,28 @@ def test_vl_from_an_imported_bua_store_via_world_paths_regions(tmp_path):
     with pytest.raises(StageError, match=r"stages\.vl\.regions = 'world': stage 'world' has no `regions` output "
                                          r"\(set stages\.world\.paths\.regions"):
         vl.run(ctx)
+
+
+@pytest.mark.slow
+def test_decode_throughput(tmp_path):
+    """images/s of decode_resized (PIL draft for JPEGs) vs a full decode + resize, on a 500x375 JPEG
+    (ImageNet's typical size); prints the numbers. Same process, one thread."""
+    import time
+
+    y, x = np.mgrid[0:375, 0:500]
+    a = np.stack([(x * 0.5) % 255, (y * 0.7) % 255, ((x + y) * 0.3) % 255], -1)
+    a = a + np.random.default_rng(0).normal(0, 20, a.shape)
+    path = tmp_path / "photo.JPEG"
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+    def full(p, s):
+        with Image.open(p) as im:
+            return np.array(im.convert("RGB").resize((s, s), Image.BILINEAR))
+
+    for s in (224, 64):
+        for name, fn in (("full decode + resize", full), ("decode_resized (draft)", data.decode_resized)):
+            fn(path, s)
+            t0, n = time.perf_counter(), 60
+            for _ in range(n):
+                fn(path, s)
+            print(f"\n500x375 JPEG -> {s}px, {name}: {n / (time.perf_counter() - t0):,.0f} images/s")

@@ -39,8 +39,9 @@ clean:
 
 # Fault injection, long version: >= 20 SIGKILLs aimed at each stage of the micro recipe (checkpoint,
 # region-store and result writes included), then a final run compared bitwise with an uninterrupted one.
+# One stage at a time (max_concurrency=1), so that no stage completes while another one is the target.
 FAULTS_KILLS ?= 20
-FAULTS_ARGS  ?= runtime.deterministic=true runtime.checkpoint_every=1 runtime.log_every=2 \
+FAULTS_ARGS  ?= max_concurrency=1 runtime.deterministic=true runtime.checkpoint_every=1 runtime.log_every=2 \
 	stages.cnn.train.steps=24 stages.detector.train.steps=20 stages.bert.train.steps=24 \
 	stages.vl.train.steps=24 stages.caption.train.steps=20 stages.vqa.train.steps=20
 

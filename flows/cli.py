@@ -5,6 +5,9 @@
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
                                               (its MLflow parent or stage run id, or its Prefect flow run id)
+    baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run: the same
+                                              flow run (id, parameters) runs again; finished stages are Cached
+    baton prefect ARGS...                     the Prefect CLI against baton's embedded Prefect database
 """
 from __future__ import annotations
 
@@ -121,6 +124,66 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def _prefect_env(art: Path) -> dict[str, str]:
+    """Environment for a Prefect CLI process that talks to baton's embedded server (started here)."""
+    from flows.pipeline import configure_prefect, start_embedded_server
+
+    configure_prefect(art)
+    start_embedded_server()
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        url = SubprocessASGIServer().api_url
+    return os.environ | {"PREFECT_API_URL": url}
+
+
+def cmd_prefect(args) -> int:
+    art = _artifacts(args)
+    _check_writable(art)
+    prefect = Path(sys.executable).with_name("prefect")
+    return subprocess.call([str(prefect), *args.args], env=_prefect_env(art))
+
+
+def cmd_retry(args) -> int:
+    import uuid
+
+    art = _artifacts(args)
+    _check_writable(art)
+    try:
+        fid = uuid.UUID(args.flow_run_id)
+    except ValueError:
+        raise RecipeError(f"retry {args.flow_run_id!r}: not a Prefect flow run id (a UUID)") from None
+    env = _prefect_env(art)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    from flows.pipeline import flow_run_is_alive
+
+    with get_client(sync_client=True) as client:
+        try:
+            fr = client.read_flow_run(fid)
+        except ObjectNotFound:
+            raise RecipeError(f"retry {fid}: no such flow run in the Prefect database of {art}") from None
+        if fr.state is not None and fr.state.type in (StateType.RUNNING, StateType.PENDING):
+            if flow_run_is_alive(art, str(fid)):
+                raise RecipeError(f"retry {fid}: the flow run is still running (a live process holds it)")
+            client.set_flow_run_state(fid, Crashed(message="its process is gone (found by baton retry)"), force=True)
+            print(f"flow run {fid} was {fr.state.type.value} but its process is gone: marked CRASHED")
+    entry = Path(__file__).resolve().parent / "entry.py"
+    prefect = Path(sys.executable).with_name("prefect")
+    rc = subprocess.call([str(prefect), "flow-run", "retry", str(fid), "--entrypoint", f"{entry}:baton_pipeline"],
+                         env=env)
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(fid)
+    print(f"flow run {fid}: {fr.state.type.value if fr.state else 'unknown'} (run count {fr.run_count})")
+    return rc
+
+
 def cmd_ui(args) -> int:
     from flows.tracking import tracking_uri
 
@@ -150,13 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     rs = sub.add_parser("resume", help="rerun the recipe snapshot of an invocation: MLflow run id (parent or "
                                        "stage) or Prefect flow run id")
     rs.add_argument("run_id")
+    rt = sub.add_parser("retry", help="retry a failed (or killed) Prefect flow run in place: same flow run id and "
+                                      "recipe snapshot; finished stages are Cached")
+    rt.add_argument("flow_run_id")
+    pf = sub.add_parser("prefect", help="the Prefect CLI against baton's embedded Prefect database "
+                                        "(e.g. baton prefect flow-run ls)")
+    pf.add_argument("args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
-    if args.cmd not in ("run", "resume"):  # under Prefect, Prefect's console handler prints our 'baton' logger
+    if args.cmd not in ("run", "resume", "retry"):  # under Prefect, Prefect's console handler prints our 'baton' logger
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s",
                             datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     try:
-        return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume}[args.cmd](args)
+        return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume, "retry": cmd_retry,
+                "prefect": cmd_prefect}[args.cmd](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,9 +5,10 @@
 1. A reference run, uninterrupted, in its own artifacts dir. A watcher records when each stage
    takes its lock, writes each checkpoint and ``result.json``: the windows the kills aim at.
 2. In a second artifacts dir, ``python -m flows.cli run CONFIG`` again and again, each time SIGKILLed
-   (its whole process group: the CLI and Prefect's server) while the *target* stage is working: the
-   first stage in recipe order that is not complete and has fewer than N kills. Each kill aims at one
-   phase of the stage, chosen in rotation (seeded delays):
+   (its whole process group: the CLI, its stage processes and Prefect's server; a SIGSTOP first freezes
+   it at that instant while the harness notes what was executing) while the *target* stage executes:
+   the first stage (recipe order) of the run that starts executing, is not complete and has had fewer
+   than N kills aimed at it. Each kill aims at one phase of the stage, chosen in rotation (seeded delays):
      startup     a random moment before anything is written
      train       a random moment between checkpoints (after 0-2 new ones)
      checkpoint  while ``checkpoints/.tmp-<step>-<pid>/`` exists (a checkpoint write)
@@ -83,6 +84,15 @@ class Watch:
         pid = self.lock_pid()
         return pid if in_run(pid, run_pid) else None
 
+    def executing(self, run_pid: int, workers: bool) -> int | None:
+        """Pid of the process of run ``run_pid`` that executes this stage now (or did last): with stage
+        processes (flows.worker) the lock holder other than the CLI, which only takes the lock for a
+        moment to look for result.json; without them the CLI itself."""
+        pid = self.writer(run_pid)
+        if pid is None or (workers and pid == run_pid):
+            return None
+        return pid
+
     def complete(self) -> bool:
         return (self.path / "result.json").exists()
 
@@ -107,6 +117,21 @@ class Watch:
         except OSError:
             pass
         return dirs
+
+    def writing(self, subdir: str, prefix: str, run_pid: int) -> list[str]:
+        """Temp entries ``prefix*-<pid>`` in one directory whose writer belongs to run ``run_pid``: the
+        cheap probe the harness busy-polls while waiting for a write that lasts milliseconds."""
+        try:
+            entries = os.scandir(self.path / subdir) if subdir else os.scandir(self.path)
+            names = [e.name for e in entries if e.name.startswith(prefix)]
+        except OSError:
+            return []
+        out = []
+        for n in names:
+            m = TEMP.search(n)
+            if m and in_run(int(m.group(1)), run_pid):
+                out.append(n)
+        return out
 
     def checkpoints(self) -> dict[int, int]:
         """{step: mtime_ns} of the published checkpoint dirs."""
@@ -413,6 +438,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
     else:
         cwd, cfg = ROOT, str(config)
     runner = Runner(cwd, cfg, overrides, workdir / "prefect", logs)
+    workers = (cwd / "flows" / "worker.py").exists()  # each stage executes in its own process
     ref, art = workdir / "reference", workdir / "faulty"
     for d in (ref, art):
         shutil.rmtree(d, ignore_errors=True)
@@ -434,7 +460,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
             t = tl[s]
             if t.done is not None:
                 continue
-            if t.active is None and w.writer(proc.pid) is not None:
+            if t.active is None and w.executing(proc.pid, workers) is not None:
                 t.active = now
             if t.active is None:
                 continue
@@ -490,27 +516,35 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
     max_attempts = kills_per_stage * len(order) * 3 + 10
     attempts = 0
     while attempts < max_attempts:
-        target = next((s for s in targets if aimed[s] < kills_per_stage and not watches[s].complete()), None)
-        if target is None:
+        wanted = [s for s in targets if aimed[s] < kills_per_stage and not watches[s].complete()]
+        if not wanted:
             break
         attempts += 1
-        w = watches[target]
-        aim = plan[target][min(aimed[target], len(plan[target]) - 1)]
-        win = windows[target]
         run_ns = time.time_ns()  # files this run writes are newer; the killed runs' are older
-        proc, log = runner.start(art, f"kill-{target}-{aim}")
+        proc, log = runner.start(art, "kill")
         t_run = time.monotonic()
-        r = wait_for(proc, lambda: w.writer(proc.pid) is not None, run_timeout)
-        if r is not True:
-            if r == "timeout":
+        run_pid = proc.pid
+
+        def pick() -> str | None:  # the first stage that starts executing and still needs kills is the target
+            for s in targets:
+                if aimed[s] < kills_per_stage and not watches[s].complete() and \
+                        watches[s].executing(run_pid, workers) is not None:
+                    return s
+            return None
+
+        target = wait_for(proc, pick, run_timeout)
+        if target in ("exited", "timeout"):
+            if target == "timeout":
                 killpg(proc)
-            failures.append(f"run {runner.n} ({target}/{aim}): {r} before {target} started (exit {proc.returncode}); "
+            failures.append(f"run {runner.n}: {target} before any of {wanted} started (exit {proc.returncode}); "
                             f"log {log}")
-            if proc.returncode not in (0, None) and r == "exited":
+            if proc.returncode not in (0, None):
                 break
             continue
-        run_pid = proc.pid
-        wpid = lambda: w.writer(run_pid) or -1  # noqa: E731 - the stage's writer: the CLI or its stage process
+        w = watches[target]
+        wp = w.executing(run_pid, workers)  # the stage's writer: its process, or the CLI
+        aim = plan[target][min(aimed[target], len(plan[target]) - 1)]
+        win = windows[target]
         start_ckpts = w.checkpoints()
         final_done = lambda: w.steps is not None and any(s >= w.steps for s in w.checkpoints())  # noqa: E731
         if aim in ("train", "checkpoint", "eval") and (w.steps is None or final_done()):
@@ -518,7 +552,9 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         detail: dict[str, Any] = {}
         miss = w.complete
         if aim == "startup":
-            delay = rng.uniform(0, 0.8 * win["startup"])
+            # half the reference's startup: a resumed stage or one that no longer shares the cores boots
+            # faster, and a later kill could find it already complete
+            delay = rng.uniform(0, 0.5 * win["startup"])
             r = wait_for(proc, lambda: False, delay, miss=miss)
             r = True if r == "timeout" else r
             detail["delay"] = round(delay, 4)
@@ -536,23 +572,22 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
             seen: set[str] = set()
 
             def ckpt_write() -> bool:
-                for t in w.temps(wpid()):
-                    if t.startswith("checkpoints/") and t not in seen:
+                for t in w.writing("checkpoints", ".tmp-", run_pid):
+                    if t not in seen:
                         seen.add(t)
-                        step = int(Path(t).name.split("-")[1])
+                        step = int(t.split("-")[1])
                         if len(seen) >= j or (w.steps is not None and step >= w.steps):
                             return True
                 return False
 
-            r = wait_for(proc, ckpt_write, run_timeout, poll=0.0002, miss=miss)
+            r = wait_for(proc, ckpt_write, run_timeout, poll=0.0001, miss=miss)
             detail["nth_write"] = j
         elif aim == "regions":
-            r = wait_for(proc, lambda: any(Path(t).name.startswith("regions.tmp-") for t in w.temps(wpid())),
-                         run_timeout, poll=0.0002, miss=miss)
+            regions_tmp = w.path / "outputs" / f"regions.tmp-{wp}"
+            r = wait_for(proc, regions_tmp.exists, run_timeout, poll=0.0, miss=miss)
         elif aim == "outputs":
             if w.steps is None:  # world: somewhere inside the generation
-                r = wait_for(proc, lambda: any(Path(t).name.startswith("outputs.tmp-") for t in w.temps(wpid())),
-                             run_timeout, poll=0.0005, miss=miss)
+                r = wait_for(proc, (w.path / f"outputs.tmp-{wp}").exists, run_timeout, poll=0.0005, miss=miss)
                 if r is True:
                     delay = rng.uniform(0, 0.5 * win["interval"])  # the generation's speed varies with load
                     r = wait_for(proc, lambda: False, delay, miss=miss)
@@ -560,8 +595,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
                     detail["delay"] = round(delay, 4)
             else:
                 r = wait_for(proc, lambda: w.outputs_touched_since(run_ns) or
-                             any(t.startswith("outputs") for t in w.temps(wpid())), run_timeout, poll=0.0005,
-                             miss=miss)
+                             any(t.startswith("outputs") for t in w.temps(wp)), run_timeout, poll=0.0005, miss=miss)
         elif aim == "eval":
             r = wait_for(proc, final_done, run_timeout, miss=miss)
             if r is True:
@@ -570,8 +604,9 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
                 r = True if r == "timeout" else r
                 detail["delay"] = round(delay, 4)
         elif aim == "result":
-            r = wait_for(proc, lambda: any(Path(t).name.startswith(".result.json.tmp-") for t in w.temps(wpid())),
-                         run_timeout, poll=0.0002, miss=miss)
+            # the write lasts about one fsync (~1 ms): poll the one name it has, without sleeping
+            result_tmp = w.path / f".result.json.tmp-{wp}"
+            r = wait_for(proc, result_tmp.exists, run_timeout, poll=0.0, miss=miss)
         else:
             raise ValueError(aim)
         if r == "exited":
@@ -579,7 +614,13 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
             if proc.returncode != 0:
                 break
             continue
-        writers = {s: ws.writer(run_pid) for s, ws in watches.items()}  # while the run's processes still exist
+        # freeze the whole run first (takes effect as fast as SIGKILL, and nothing runs afterwards), note
+        # which stages its processes were executing (they must still exist for that), then kill
+        try:
+            os.killpg(run_pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+        writers = {s: ws.executing(run_pid, workers) for s, ws in watches.items()}
         killpg(proc)
         t_kill = time.monotonic() - t_run
         text = log.read_text(errors="replace")

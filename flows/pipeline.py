@@ -76,6 +76,32 @@ def start_embedded_server() -> None:
         SubprocessASGIServer().start()
 
 
+def flow_run_lock_path(artifacts: Path, flow_run_id: str) -> Path:
+    return Path(artifacts) / "tmp" / f"flow-run-{flow_run_id}.lock"
+
+
+def hold_flow_run_lock(artifacts: Path, flow_run_id: str):
+    """An exclusive flock held while this process executes the flow run: a flow run that Prefect still
+    shows as Running but whose lock is free was killed (``baton retry`` then marks it Crashed)."""
+    path = flow_run_lock_path(artifacts, flow_run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def flow_run_is_alive(artifacts: Path, flow_run_id: str) -> bool:
+    path = flow_run_lock_path(artifacts, flow_run_id)
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
 def stage_dirs(recipe: Recipe, artifacts: Path) -> dict[str, StageDir]:
     fps = plan_fingerprints(recipe.stages)
     return {n: StageDir(artifacts, n, fp) for n, (fp, _) in fps.items()}
@@ -218,6 +244,7 @@ def build_flow():
 
         recipe = load_recipe(recipe_path, raw=recipe_snapshot)
         art = Path(artifacts)
+        alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or by the flow
         fps = plan_fingerprints(recipe.stages)
         tracking, parent_id = None, ""
         if track:
@@ -307,6 +334,7 @@ def build_flow():
         snapshot.unlink(missing_ok=True)
         if tracking is not None:
             tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
+        alive.close()
         if failed:
             raise failed[1]
         return {"results": results, "parent_run_id": parent_id}

@@ -325,7 +325,9 @@ def run(ctx: StageContext) -> StageResult:
     blocks = [list(emb.parameters())] + [list(layer.parameters()) for layer in model.bert.encoder.layer]
     head = [p for p in model.cls.parameters() if p is not emb.word_embeddings.weight]
     dataset = torch.utils.data.TensorDataset(train_ids, train_ws)
-    res = fit(ctx, model, dataset, None, loss_fn, cfg.train, blocks, head)
+    res = fit(ctx, model, dataset, None, loss_fn, cfg.train, blocks, head,
+              evaluate=lambda m: {"val/perplexity": masked_lm_eval(ctx, m, val_ids, val_ws, cfg, tok, unigram)[0]},
+              best_metric=("val/perplexity", "min"))
 
     ppl, acc, uni_ppl = masked_lm_eval(ctx, model, val_ids, val_ws, cfg, tok, unigram)
     metrics = {"val/perplexity": ppl, "val/masked_acc": acc}

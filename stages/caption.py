@@ -9,24 +9,29 @@ predict it under the seq2seq mask, write the prediction in, repeat; batched over
 (``decode.beam_size: 1``) or beam search. No KV cache: at this size re-running the prefix is cheap.
 
 Writes ``outputs/model/`` (a VLP dir, :func:`stages.vl.load_vl`), ``outputs/tokenizer/``,
-``outputs/captions_val.json`` (COCO results format ``[{image_id, caption}]``) and
-``outputs/samples.json``; reports BLEU-1..4, ROUGE-L and CIDEr-D on val against predicting the most
+``outputs/captions_val.json`` (COCO results format ``[{image_id, caption}]``),
+``outputs/samples.json`` and ``outputs/samples/*.png`` (val images with the generated caption and a
+reference caption underneath; both logged as the MLflow artifact ``samples/``); reports BLEU-1..4, ROUGE-L and CIDEr-D on val against predicting the most
 common training caption for every image.
 """
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field, model_validator
 from torch import nn
 
-from stages.base import StageConfig, StageContext, StageResult, Strict
+from stages.base import StageConfig, StageContext, StageError, StageResult, Strict, log
 from stages.bert import BertSizes, mask_tokens, normal_token_ids, step_generator
-from stages.data import coco_captions_file, load_coco_captions
+from stages.data import caption_image_path, coco_captions_file, load_coco_captions, open_rgb
 from stages.metrics import caption_scores
 from stages.train import TrainConfig, autocast, fit, to_device
 from stages.vl import (VLP, RegionTable, build_model, caption_data, check_init_fields, check_length, init_refs,
@@ -56,6 +61,9 @@ class Config(StageConfig):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     eval_batch_size: int = Field(256, ge=1)
     num_samples: int = Field(10, ge=0, description="val images written to outputs/samples.json")
+    sample_images: int = Field(8, ge=0, description="val images drawn with their generated and first reference "
+                                                    "caption to outputs/samples/*.png (images not on disk are "
+                                                    "skipped and counted)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -174,6 +182,87 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
 
 
 # ----------------------------------------------------------------------------------------------
+# samples a person can look at
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a word longer than a line is cut by characters)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            n = max(1, int(len(word) * width / font.getlength(word)))
+            lines.append(word[:n])
+            word = word[n:]
+        lines.append(word)
+    return lines or [""]
+
+
+def render_sample(image: Image.Image, generated: str, reference: str, min_width: int = 320,
+                  max_side: int = 512, font_size: int = 14) -> Image.Image:
+    """The image (small ones enlarged by a whole factor, pixels kept sharp; big ones shrunk to
+    ``max_side``) above a white band with the generated caption (blue) and a reference (grey)."""
+    im = image.convert("RGB")
+    if im.width < min_width:
+        f = math.ceil(min_width / im.width)
+        im = im.resize((im.width * f, im.height * f), Image.Resampling.NEAREST)
+    elif max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    font, pad = _font(font_size), 6
+    left, top, right, bottom = font.getbbox("Ag")
+    line_h = bottom - top + 4
+    blocks = [(_wrap("generated: " + generated, font, im.width - 2 * pad), (20, 60, 170)),
+              (_wrap("reference: " + reference, font, im.width - 2 * pad), (80, 80, 80))]
+    band = pad * 3 + line_h * sum(len(lines) for lines, _ in blocks)
+    canvas = Image.new("RGB", (im.width, im.height + band), "white")
+    canvas.paste(im, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = im.height + pad
+    for lines, colour in blocks:
+        for line in lines:
+            draw.text((pad, y), line, fill=colour, font=font)
+            y += line_h
+        y += pad
+    return canvas
+
+
+def write_sample_images(captions_json: Path, info: dict[int, dict], image_ids: list[int], generated: dict[int, str],
+                        references: dict[int, list[str]], out_dir: Path, n: int) -> tuple[int, int]:
+    """Up to ``n`` PNGs ``<rank>_<image_id>.png`` of the first val images whose file is on disk
+    (:func:`stages.data.caption_image_path`), looking at most ``max(50, 5 n)`` images.
+    Returns (written, skipped: not on disk / a URL / unreadable)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    written = skipped = 0
+    for iid in image_ids[:max(50, 5 * n)]:
+        if written >= n:
+            break
+        path = caption_image_path(captions_json, info.get(iid, {}), "val")
+        if path is None:
+            skipped += 1
+            continue
+        try:
+            im = open_rgb(path)
+        except StageError as e:
+            log.warning("caption samples: skipping %s", e)
+            skipped += 1
+            continue
+        render_sample(im, generated[iid], references[iid][0]).save(out_dir / f"{written:02d}_{iid}.png")
+        written += 1
+    return written, skipped
+
+
+# ----------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -184,7 +273,8 @@ def run(ctx: StageContext) -> StageResult:
     model, tok = built.model, built.tokenizer
     check_length(model, store.k, max(cfg.max_caption_len, cfg.decode.max_len), "max_caption_len/decode.max_len")
     train_ds, train_caps = caption_data(ctx, cfg.data, "train", tok, store, cfg.max_caption_len)
-    val_caps, _ = load_coco_captions(coco_captions_file(ctx.input(cfg.data, "coco"), "val"))
+    val_json = coco_captions_file(ctx.input(cfg.data, "coco"), "val")
+    val_caps, val_info = load_coco_captions(val_json)
     val_ids = sorted(val_caps)
     val_table = RegionTable(store, val_ids)
     pad, normal = tok.pad_token_id, normal_token_ids(tok)
@@ -222,9 +312,16 @@ def run(ctx: StageContext) -> StageResult:
     (out / "captions_val.json").write_text(json.dumps([{"image_id": i, "caption": generated[i]} for i in val_ids]))
     samples = [{"image_id": i, "generated": generated[i], "references": val_caps[i]} for i in val_ids[:cfg.num_samples]]
     (out / "samples.json").write_text(json.dumps(samples, indent=2))
+    drawn, not_drawn = write_sample_images(val_json, val_info, val_ids, generated, val_caps, out / "samples",
+                                           cfg.sample_images)
+    ctx.tracker.log_artifact(out / "samples.json", "samples")
+    if drawn:
+        ctx.tracker.log_artifact(out / "samples", "samples")
     return ctx.result(outputs={"model": "outputs/model", "tokenizer": "outputs/tokenizer",
-                               "captions": "outputs/captions_val.json", "samples": "outputs/samples.json"},
+                               "captions": "outputs/captions_val.json", "samples": "outputs/samples.json",
+                               "sample_images": "outputs/samples"},
                       metrics=metrics, baselines=baselines,
                       info={"resumed_from": res.resumed_from, "train_seconds": res.seconds, "init": built.origin,
                             "decode_captions_per_s": caps_per_s, "decode": cfg.decode.model_dump(),
-                            "empty_captions": len(empty), "baseline_caption": common})
+                            "empty_captions": len(empty), "baseline_caption": common,
+                            "sample_images": drawn, "sample_images_skipped": not_drawn})

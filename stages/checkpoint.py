@@ -4,6 +4,7 @@ A checkpoint is a directory ``checkpoints/<step:08d>/`` holding
   model.safetensors   the model's state dict (safetensors: no pickle)
   state.pt            optimizer, scheduler, RNG states, step, data position, extras
                       (plain tensors/containers only: loads with ``torch.load(weights_only=True)``)
+  best.json           (keep_best only) the best checkpoint's step as of this one: kept from pruning
   manifest.json       sizes + sha256 of the two files, written last
 It is written to ``.tmp-<step>-<pid>/``, fsynced, then renamed into place, so a kill during
 the write leaves either the previous checkpoint or the new one, never a half one. ``latest()``
@@ -31,7 +32,7 @@ from stages.base import StageError, fsync_dir
 
 log = logging.getLogger("baton")
 
-MODEL_FILE, STATE_FILE, MANIFEST = "model.safetensors", "state.pt", "manifest.json"
+MODEL_FILE, STATE_FILE, MANIFEST, BEST = "model.safetensors", "state.pt", "manifest.json", "best.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -148,15 +149,22 @@ class CheckpointManager:
             return []
         return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
 
+    def path_of(self, step: int) -> Path:
+        return self.root / f"{step:08d}"
+
     def save(self, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any]) -> Path:
+        """``train_state["best"]`` (keep_best: {"step", "metric", "value"}) protects that checkpoint from
+        pruning for as long as this one is kept."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"{step:08d}"
+        final = self.path_of(step)
         tmp = self.root / f".tmp-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
             save_file(_untie(model_state), str(tmp / MODEL_FILE))
             torch.save({**train_state, "step": step}, tmp / STATE_FILE)
+            if train_state.get("best"):
+                (tmp / BEST).write_text(json.dumps(train_state["best"]))
             files = {}
             for name in (MODEL_FILE, STATE_FILE):
                 _fsync_file(tmp / name)
@@ -177,9 +185,23 @@ class CheckpointManager:
         self._prune()
         return final
 
+    def best_steps(self, steps: list[int]) -> set[int]:
+        """The best checkpoints that the checkpoints ``steps`` point at (their best.json)."""
+        out = set()
+        for s in steps:
+            try:
+                out.add(int(json.loads((self.path_of(s) / BEST).read_text())["step"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return out
+
     def _prune(self) -> None:
-        for s in self.steps()[: -self.keep]:
-            shutil.rmtree(self.root / f"{s:08d}", ignore_errors=True)
+        steps = self.steps()
+        kept = steps[-self.keep:]
+        protected = set(kept) | self.best_steps(kept)
+        for s in steps:
+            if s not in protected:
+                shutil.rmtree(self.path_of(s), ignore_errors=True)
         for p in self.root.glob(".tmp-*"):
             pid = p.name.rsplit("-", 1)[-1]
             if pid != str(os.getpid()):

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.base import StageContext, StageError, Strict
-from stages.checkpoint import rng_state, set_rng_state
+from stages.checkpoint import load_weights, rng_state, set_rng_state
 from stages.transfer import Transfer, TransferPlan, build_plan
 
 log = logging.getLogger("baton")
@@ -37,6 +37,18 @@ class TrainConfig(Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
     transfer: Transfer = Field(default_factory=Transfer)
+    eval_every: int | None = Field(None, ge=1, description="steps between validation passes during training "
+                                                           "(val/* metrics at those steps); None = only at the end")
+    keep_best: bool = Field(False, description="keep the checkpoint with the best validation metric (besides the "
+                                               "newest keep_checkpoints) and make its weights the stage's output; "
+                                               "needs eval_every")
+
+    @model_validator(mode="after")
+    def _check_best(self):
+        if self.keep_best and self.eval_every is None:
+            raise ValueError("train.keep_best needs train.eval_every (steps between the validation passes that "
+                             "pick the best checkpoint)")
+        return self
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
@@ -123,6 +135,42 @@ class FitResult:
     train_loss: float
     seconds: float
     steps_per_s: float
+    best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the kept best checkpoint (keep_best)
+
+
+Evaluate = Callable[[torch.nn.Module], "dict[str, float]"]
+
+
+def _validate(ctx: StageContext, model: torch.nn.Module, evaluate: Evaluate, step: int) -> dict[str, float]:
+    """One validation pass in the middle of training. The RNG streams and train mode are restored after it,
+    so a run with validation passes trains exactly like one without (and resumes bitwise)."""
+    st = rng_state()
+    model.eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        vals = {k: float(v) for k, v in evaluate(model).items()}
+    model.train()
+    set_rng_state(st)
+    log.info("[%s] step %d validation: %s (%.1fs)", ctx.name, step,
+             " ".join(f"{k} {v:.4g}" for k, v in vals.items()), time.perf_counter() - t)
+    ctx.tracker.log_metrics(vals, step=step)
+    return vals
+
+
+def _restore_best(ctx: StageContext, model: torch.nn.Module, best: dict[str, Any] | None) -> None:
+    """Load the kept best checkpoint's weights into ``model`` (keep_best: they are the stage's output)."""
+    if best is None:
+        return
+    path = ctx.checkpoints.path_of(int(best["step"]))
+    problem = ctx.checkpoints.verify(path)
+    if problem is not None:
+        raise StageError(f"stage {ctx.name!r}: the best checkpoint {path} ({best['metric']} {best['value']:.4g}) "
+                         f"is unusable: {problem}")
+    model.load_state_dict(load_weights(path / "model.safetensors"))
+    log.info("[%s] output weights: best checkpoint, step %d (%s %.4g)", ctx.name, best["step"], best["metric"],
+             best["value"])
+    ctx.tracker.log_metrics({"best/step": float(best["step"]), f"best/{best['metric']}": float(best["value"])},
+                            step=int(best["step"]))
 
 
 LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
@@ -130,14 +178,23 @@ LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict[str, fl
 
 def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | None, loss_fn: LossFn,
         cfg: TrainConfig, blocks: list[list[torch.nn.Parameter]] | None = None,
-        head: list[torch.nn.Parameter] | None = None, extra_state: dict | None = None) -> FitResult:
+        head: list[torch.nn.Parameter] | None = None, extra_state: dict | None = None,
+        evaluate: Evaluate | None = None, best_metric: tuple[str, Literal["max", "min"]] | None = None) -> FitResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps on ``dataset``.
 
     ``loss_fn(model, batch, step) -> (loss, logs)`` computes one micro-batch's loss. ``blocks`` and
     ``head`` (see stages.transfer) define the transfer strategy; without them every parameter is
-    one 'head' group. Returns when the last step is done and checkpointed; the trained weights are
-    in ``model``."""
+    one 'head' group. ``evaluate(model) -> {metric: value}`` is the stage's validation pass, run every
+    ``cfg.eval_every`` steps; with ``cfg.keep_best`` the checkpoint with the best ``best_metric``
+    (name, "max" | "min") is kept and its weights are in ``model`` on return. Otherwise returns when the
+    last step is done and checkpointed, with the trained weights in ``model``."""
     rt = ctx.config.runtime
+    if cfg.eval_every is not None and evaluate is None:
+        raise StageError(f"stage {ctx.name!r}: train.eval_every is set but this stage kind has no validation "
+                         "pass during training")
+    if cfg.keep_best and best_metric is None:
+        raise StageError(f"stage {ctx.name!r}: train.keep_best is set but this stage kind names no metric to "
+                         "select the best checkpoint by")
     if cfg.batch_size % cfg.grad_accum:
         raise StageError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     accum = cfg.grad_accum
@@ -158,7 +215,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     ctx.tracker.log_params({f"train.{k}": v for k, v in cfg.model_dump().items() if k != "transfer"} | plan.describe())
 
-    start = 0
+    start, best = 0, None
     ckpt = ctx.checkpoints.latest()
     if ckpt is not None:
         mstate, tstate = ckpt.load()
@@ -170,9 +227,12 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
             extra_state.update(tstate.get("extra", {}))
         start = int(tstate["step"])
         accum = int(tstate.get("grad_accum", accum))
+        best = tstate.get("best")
         log.info("[%s] resumed from checkpoint at step %d/%d (%s)", ctx.name, start, cfg.steps, ckpt.path)
     if start >= cfg.steps:
-        return FitResult(start, start, float("nan"), 0.0, 0.0)
+        if cfg.keep_best:
+            _restore_best(ctx, model, best)
+        return FitResult(start, start, float("nan"), 0.0, 0.0, best if cfg.keep_best else None)
 
     def loader_from(step: int, accum: int) -> Iterator:
         sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, ctx.seed, step, cfg.steps, accum)
@@ -188,7 +248,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     def save(step: int) -> None:
         ctx.checkpoints.save(step, model.state_dict(), {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-            "grad_accum": accum, "extra": extra_state or {}})
+            "grad_accum": accum, "extra": extra_state or {}} | ({"best": best} if best else {}))
         ctx.tracker.flush()
 
     model.train()
@@ -233,8 +293,22 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
             ctx.tracker.log_metrics({"train/loss": loss_avg, "train/lr": lr0, "train/steps_per_s": rate}
                                     | {f"train/{k}": float(v) for k, v in logs.items()}, step=done)
             window_loss, window_n, last_t, last_step = 0.0, 0, now, done
-        if done % rt.checkpoint_every == 0 or done == cfg.steps:
+        new_best = False
+        if cfg.eval_every is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            vals = _validate(ctx, model, evaluate, done)
+            if cfg.keep_best:
+                name, mode = best_metric
+                if name not in vals:
+                    raise StageError(f"stage {ctx.name!r}: the validation pass returned {sorted(vals)}, "
+                                     f"not {name!r} (the best-checkpoint metric)")
+                v = vals[name]
+                if best is None or (v > best["value"] if mode == "max" else v < best["value"]):
+                    best, new_best = {"step": done, "metric": name, "value": v}, True
+        if done % rt.checkpoint_every == 0 or done == cfg.steps or new_best:
             save(done)
     plan.apply(cfg.steps)
     secs = time.perf_counter() - t0
-    return FitResult(cfg.steps, start, loss_avg, secs, (cfg.steps - start) / max(secs, 1e-9))
+    if cfg.keep_best:
+        _restore_best(ctx, model, best)
+    return FitResult(cfg.steps, start, loss_avg, secs, (cfg.steps - start) / max(secs, 1e-9),
+                     best if cfg.keep_best else None)

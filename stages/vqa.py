@@ -158,7 +158,14 @@ def run(ctx: StageContext) -> StageResult:
 
     blocks = transfer_blocks(model.vlp, visual_in_backbone=built.origin == "vl")
     head = list(model.head.parameters()) + ([] if built.origin == "vl" else list(model.vlp.visual.parameters()))
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head)
+
+    def evaluate(m: VQAModel) -> dict[str, float]:
+        pred = predict(ctx, m, val_ds, cfg.eval_batch_size)
+        return {f"val/{k}": v for k, v in vqa_scores({r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)},
+                                                     val_recs).items()}
+
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head, evaluate=evaluate,
+              best_metric=("val/vqa_acc", "max"))
 
     pred = predict(ctx, model, val_ds, cfg.eval_batch_size)
     preds = {r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)}

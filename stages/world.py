@@ -8,6 +8,12 @@ yellow, purple, orange) and sizes (small, large) at non-overlapping positions on
 noisy grey background. Captions, corpus sentences and VQA answers are all TRUE of the scene
 they describe. Everything derives from ``ctx.seed``: the same config gives byte-identical files.
 
+``source: real`` points at real datasets (``paths.*``, passed on as the stage's outputs), except
+the caption formats that are not COCO's: ``paths.karpathy`` (Karpathy split JSON) or
+``paths.cc_train`` + ``paths.cc_val`` (Conceptual-Captions-style TSV) are converted into
+``outputs/coco/captions_{train,val[,test]}.json`` (:func:`convert_captions`), the ``coco`` output
+vl / caption read, with each image's file in a ``file_path`` key.
+
 The generator is usable without a stage context: :func:`sample_objects`, :func:`render`,
 :func:`captions_for`, :func:`questions_for`, :func:`corpus_document`, :func:`generate`.
 """
@@ -130,6 +136,16 @@ class PathsCfg(Strict):
     regions: str | None = Field(None, description="a region-feature store directory (stages.regions; e.g. imported "
                                                    "from bottom-up-attention TSV): vl/caption/vqa read it with "
                                                    "`regions: <this stage>`, no detector stage needed")
+    karpathy: str | None = Field(None, description="Karpathy split JSON (dataset_coco.json): converted to the "
+                                                   "`coco` output (COCO captions JSON per split)")
+    karpathy_images: str | None = Field(None, description="folder holding <filepath>/<filename> of the Karpathy "
+                                                          "images (default: the JSON's folder)")
+    cc_train: str | None = Field(None, description="Conceptual-Captions-style TSV (caption, image path/url), train; "
+                                                   "with cc_val, converted to the `coco` output")
+    cc_val: str | None = Field(None, description="Conceptual-Captions-style TSV, val")
+
+
+CAPTION_SOURCES = ("karpathy", "cc_train", "cc_val")  # converted into outputs/coco, not passed on
 
 
 class Config(StageConfig):
@@ -141,6 +157,8 @@ class Config(StageConfig):
     captions_per_image: int = Field(5, ge=1, le=50)
     questions_per_image: int = Field(4, ge=1, le=100)
     paths: PathsCfg = Field(default_factory=PathsCfg)
+    karpathy_restval: Literal["train", "drop"] = Field("train", description="paths.karpathy: the 'restval' images "
+                                                       "join train (the usual practice) or are left out")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -148,13 +166,30 @@ class Config(StageConfig):
         if self.source == "synthetic" and given:
             raise ValueError(f"paths.{given[0]} is set but source is 'synthetic' (paths are used with source: real)")
         if self.source == "real" and not given:
-            raise ValueError("source 'real' needs at least one of paths.imagenet/vg/corpus/coco/vqa/regions")
+            raise ValueError("source 'real' needs at least one of paths." + "/".join(PathsCfg.model_fields))
+        p = self.paths
+        sources = [k for k, v in (("coco", p.coco), ("karpathy", p.karpathy),
+                                  ("cc_train/cc_val", p.cc_train or p.cc_val)) if v]
+        if len(sources) > 1:
+            raise ValueError(f"paths.{sources[0]} and paths.{sources[1]} both provide the `coco` captions output: "
+                             "set one")
+        if bool(p.cc_train) != bool(p.cc_val):
+            raise ValueError("paths.cc_train and paths.cc_val go together (train and val captions)")
+        if p.karpathy_images and not p.karpathy:
+            raise ValueError("paths.karpathy_images is set without paths.karpathy")
         return self
+
+    def external_inputs(self) -> dict[str, str]:
+        """Files whose content the stage copies into its outputs: digested into the fingerprint, so an
+        edited Karpathy JSON / CC TSV is converted again."""
+        return {f"paths.{k}": v for k in CAPTION_SOURCES if (v := getattr(self.paths, k))}
 
     def declared_outputs(self) -> set[str]:
         if self.source == "synthetic":
             return set(OUTPUTS)
-        return {k for k, v in self.paths.model_dump().items() if v is not None}
+        given = {k for k, v in self.paths.model_dump().items() if v is not None}
+        coco = {"coco"} if given & {"coco", *CAPTION_SOURCES} else set()
+        return (given - {*CAPTION_SOURCES, "karpathy_images"}) | coco
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +577,8 @@ def write_scenes(out: Path, cfg: Config, seed: int) -> dict[str, int]:
             counts["objects"] += len(objs)
             objects_json.append({"image_id": iid, "objects": olist})
             attributes_json.append({"image_id": iid, "attributes": alist})
-            cimages.append({"id": iid, "file_name": f"{iid}.jpg", "width": S, "height": S})
+            cimages.append({"id": iid, "file_name": f"{iid}.jpg", "width": S, "height": S,
+                            "file_path": f"../vg/images/{iid}.jpg"})  # baton's extension: where the image is
             for cap in captions_for(rng, objs, cfg.captions_per_image):
                 canns.append({"id": next_ann, "image_id": iid, "caption": cap})
                 next_ann += 1
@@ -599,6 +635,52 @@ OUTPUTS = {"imagenet": "outputs/imagenet", "vg": "outputs/vg", "corpus": "output
            "vqa": "outputs/vqa"}
 
 
+def _publish(stage_dir: Path, write) -> Any:
+    """Run ``write(tmp_outputs_dir)`` then rename the folder to ``stage_dir/outputs`` (nothing
+    half-written survives a failure or a kill: a stale ``outputs.tmp-*`` is removed next time)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / "outputs"
+    for stale in stage_dir.glob("outputs.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if final.exists():  # partial outputs of an earlier, interrupted run (result.json is the truth)
+        shutil.rmtree(final)
+    tmp = stage_dir / f"outputs.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        ret = write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(stage_dir)
+    return ret
+
+
+def convert_captions(out: Path, cfg: Config, found: dict[str, Path]) -> dict[str, int]:
+    """paths.karpathy or paths.cc_train + cc_val -> ``out/coco/captions_{train,val[,test]}.json``
+    (COCO captions JSON, with each image's ``file_path``), the layout vl / caption already read."""
+    from stages.data import CC_VAL_ID_BASE, load_cc_tsv, load_karpathy, write_coco_captions
+
+    counts: dict[str, int] = {}
+    if "karpathy" in found:
+        src = found["karpathy"]
+        splits, stats = load_karpathy(src, found.get("karpathy_images"), cfg.karpathy_restval)
+        counts.update({f"karpathy_{k}": v for k, v in stats.items()})
+    else:
+        src = found["cc_train"]
+        splits = {"train": load_cc_tsv(found["cc_train"], 0), "val": load_cc_tsv(found["cc_val"], CC_VAL_ID_BASE)}
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise StageError(f"{src}: no {split!r} images")
+    (out / "coco").mkdir(parents=True)
+    for split, images in splits.items():
+        if images:
+            counts[f"captions_{split}"] = write_coco_captions(out / "coco" / f"captions_{split}.json", images,
+                                                              f"converted by baton from {src}")
+            counts[f"images_{split}"] = len(images)
+    return counts
+
+
 def _run_real(ctx: StageContext, cfg: Config) -> StageResult:
     outputs: dict[str, str] = {}
     info: dict[str, Any] = {"source": "real"}
@@ -621,7 +703,15 @@ def _run_real(ctx: StageContext, cfg: Config) -> StageResult:
         if train.is_dir():
             info["classes"] = sum(1 for d in train.iterdir() if d.is_dir())
     ctx.tracker.log_params({"source": "real", **{f"paths.{k}": v for k, v in outputs.items()}})
-    return ctx.result(outputs=outputs, metrics={}, info=info)
+    counts: dict[str, int] = {}
+    found = {k: Path(outputs.pop(k)) for k in (*CAPTION_SOURCES, "karpathy_images") if k in outputs}
+    if found:
+        t0 = time.perf_counter()
+        counts = _publish(Path(ctx.stage_dir), lambda tmp: convert_captions(tmp, cfg, found))
+        outputs["coco"] = "outputs/coco"
+        info["captions_from"] = {k: str(v) for k, v in found.items()}
+        log.info("world: converted %s to COCO captions in %.1fs: %s", sorted(found), time.perf_counter() - t0, counts)
+    return ctx.result(outputs=outputs, metrics={k: float(v) for k, v in counts.items()}, info=info)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -632,22 +722,7 @@ def run(ctx: StageContext) -> StageResult:
         return _run_real(ctx, cfg)
 
     t0 = time.perf_counter()
-    stage_dir = Path(ctx.stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    final = stage_dir / "outputs"
-    for stale in stage_dir.glob("outputs.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if final.exists():  # partial outputs of an earlier, interrupted run (result.json is the truth)
-        shutil.rmtree(final)
-    tmp = stage_dir / f"outputs.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        counts = generate(tmp, cfg, ctx.seed)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(stage_dir)
+    counts = _publish(Path(ctx.stage_dir), lambda tmp: generate(tmp, cfg, ctx.seed))
     seconds = time.perf_counter() - t0
     log.info("world: generated %s in %.1fs", counts, seconds)
     ctx.tracker.log_params({k: v for k, v in counts.items() if k in (

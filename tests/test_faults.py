@@ -9,10 +9,8 @@ makes the micro recipe bitwise reproducible on CPU; each executing stage runs in
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,9 @@ from flows.faults import ROOT, check_consistency, run_harness, snapshot_code
 CONFIG = "configs/vlp-micro.yaml"
 STAGES = ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]
 DETERMINISTIC = ["runtime.deterministic=true"]
-# long version: enough steps and checkpoints that 20 kills per stage land inside training
-LONG_OVERRIDES = DETERMINISTIC + ["runtime.checkpoint_every=1", "runtime.log_every=2"] + [
+# long version (= `make faults-long`): enough steps and checkpoints that 20 kills per stage land inside
+# training; one stage at a time, so that no stage completes while another one is the target
+LONG_OVERRIDES = ["max_concurrency=1"] + DETERMINISTIC + ["runtime.checkpoint_every=1", "runtime.log_every=2"] + [
     f"stages.{s}.train.steps={n}" for s, n in
     (("cnn", 24), ("detector", 20), ("bert", 24), ("vl", 24), ("caption", 20), ("vqa", 20))]
 
@@ -166,3 +165,43 @@ def test_resume_unknown_id_is_a_clear_error(two_at_once, code):
     p = baton(code, ["resume", "0123456789abcdef0123456789abcdef"], art)
     assert p.returncode == 2
     assert "no MLflow run and no invocation of Prefect flow run 0123456789abcdef0123456789abcdef" in p.stderr
+
+
+def test_retry_a_killed_flow_run_in_place(two_at_once, code):
+    """`baton retry <prefect flow run id>` (= `prefect flow-run retry --entrypoint flows/entry.py:...` against
+    baton's Prefect database): a run SIGKILLed during vqa is left Running in Prefect; retry marks it
+    Crashed, reruns the same flow run from its stored parameters, every other stage is Cached and vqa
+    continues from its checkpoint."""
+    import signal
+    import time
+
+    art, codes, _ = two_at_once
+    assert codes == [0, 0]
+    over = ["stages.vqa.train.lr=0.003", "runtime.checkpoint_every=2"]
+    st = baton(code, ["status", CONFIG, *over], art)
+    fp16 = re.search(r"vqa\s+(\w{16})\s+not started", st.stdout).group(1)
+    ckpts = art / "stages" / "vqa" / fp16 / "checkpoints"
+    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", CONFIG, *over], cwd=code, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "vqa wrote no checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = parent_runs(art)[0]
+    fid = killed.data.tags["baton.prefect_flow_run_id"]
+
+    p = baton(code, ["retry", fid], art)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert f"flow run {fid} was RUNNING but its process is gone: marked CRASHED" in out, out[-3000:]
+    assert re.search(r"\[vqa\] resumed from checkpoint at step [1-9]", out), out[-3000:]
+    assert ran(out) == ["vqa"] and sorted(cached(out)) == sorted(s for s in STAGES if s != "vqa"), out[-3000:]
+    assert re.search(rf"flow run {fid}: COMPLETED \(run count [2-9]\)", out), out[-2000:]
+    assert (ckpts.parent / "result.json").exists()
+    assert check_consistency(art) == []
+    # a running flow run is not retried; an unknown id is a clear error
+    p = baton(code, ["retry", "5b6c7d8e-0000-4000-8000-000000000000"], art)
+    assert p.returncode == 2 and "no such flow run" in p.stderr, p.stderr[-2000:]

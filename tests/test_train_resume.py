@@ -199,3 +199,92 @@ def test_oom_retry_halves_micro_batch_same_effective_batch(tmp_path, caplog):
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     assert torch.load(tmp_path / "oom" / "checkpoints" / "00000012" / "state.pt", weights_only=True)["grad_accum"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# validation during training, keep-best
+
+
+def scripted(values: dict[int, float]):
+    """A loss_fn that records the step, and an evaluate whose metric is scripted per step (plus the
+    real val loss, so the pass runs the model)."""
+    seen = {"step": 0}
+
+    def lf(model, batch, step):
+        seen["step"] = step + 1
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y), {}
+
+    val = Data(32)
+
+    def evaluate(model):
+        torch.rand(3)  # draws from the RNG: the loop must restore it
+        return {"val/score": values[seen["step"]], "val/loss": nn.functional.cross_entropy(model(val.x), val.y).item()}
+    return lf, evaluate
+
+
+def train_best(path, values, crash_at=None, **kw):
+    model = Toy()
+    blocks, head = model.blocks()
+    lf, ev = scripted(values)
+    if crash_at is not None:
+        inner = lf
+
+        def lf(model, batch, step):  # noqa: F811
+            if step == crash_at:
+                raise KeyboardInterrupt("simulated kill")
+            return inner(model, batch, step)
+    cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=5, **kw)
+    ctx = ctx_for(path, checkpoint_every=5, keep_checkpoints=1)
+    res = fit(ctx, model, Data(), None, lf, cfg, blocks, head, evaluate=ev, best_metric=("val/score", "max"))
+    return model, res, ctx
+
+
+VALUES = {5: 0.1, 10: 0.7, 15: 0.3, 20: 0.2}
+
+
+def test_validation_passes_do_not_change_training(tmp_path):
+    plain, _, _ = train(tmp_path / "plain", steps=20)
+    lf, ev = scripted(VALUES)
+    model = Toy()
+    blocks, head = model.blocks()
+    ctx = ctx_for(tmp_path / "eval")
+    fit(ctx, model, Data(), None, lf, TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=5), blocks, head,
+        evaluate=ev)
+    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [s for s, m in ctx.tracker.metrics if "val/score" in m] == [5, 10, 15, 20]
+
+
+def test_keep_best_keeps_that_checkpoint_and_outputs_its_weights(tmp_path):
+    model, res, ctx = train_best(tmp_path / "best", VALUES, keep_best=True)
+    assert res.best == {"step": 10, "metric": "val/score", "value": 0.7}
+    # keep_checkpoints=1: the newest (20) and the best (10) survive
+    assert CheckpointManager(tmp_path / "best" / "checkpoints").steps() == [10, 20]
+    at10 = load_weights(tmp_path / "best" / "checkpoints" / "00000010" / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, at10[k]), k
+    last = load_weights(tmp_path / "best" / "checkpoints" / "00000020" / "model.safetensors")
+    assert not all(torch.equal(v, last[k]) for k, v in model.state_dict().items())
+    assert any("best/step" in m for _, m in ctx.tracker.metrics)
+
+
+def test_keep_best_survives_a_kill_and_resume(tmp_path):
+    ref, _, _ = train_best(tmp_path / "ref", VALUES, keep_best=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_best(tmp_path / "run", VALUES, keep_best=True, crash_at=17)  # after the step-15 checkpoint
+    assert CheckpointManager(tmp_path / "run" / "checkpoints").steps() == [10, 15]
+    model, res, _ = train_best(tmp_path / "run", VALUES, keep_best=True)
+    assert res.resumed_from == 15 and res.best["step"] == 10
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    # a finished stage asked again (e.g. it crashed during its final evaluation) still outputs the best
+    again, res2, _ = train_best(tmp_path / "run", VALUES, keep_best=True)
+    assert res2.best["step"] == 10
+    for a, b in zip(ref.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_keep_best_without_eval_every_is_refused():
+    with pytest.raises(ValueError, match="train.keep_best needs train.eval_every"):
+        TrainConfig(keep_best=True)

@@ -13,6 +13,9 @@ the caption formats that are not COCO's: ``paths.karpathy`` (Karpathy split JSON
 ``paths.cc_train`` + ``paths.cc_val`` (Conceptual-Captions-style TSV) are converted into
 ``outputs/coco/captions_{train,val[,test]}.json`` (:func:`convert_captions`), the ``coco`` output
 vl / caption read, with each image's file in a ``file_path`` key.
+``paths.regions`` is a region-feature store (:mod:`stages.regions`, e.g. imported from
+bottom-up-attention TSV), checked to open and passed on as the ``regions`` output that vl / caption /
+vqa read with ``regions: <this stage>``.
 
 The generator is usable without a stage context: :func:`sample_objects`, :func:`render`,
 :func:`captions_for`, :func:`questions_for`, :func:`corpus_document`, :func:`generate`.

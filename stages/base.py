@@ -37,6 +37,9 @@ class Runtime(Strict):
     keep_checkpoints: int = Field(2, ge=1, description="keep the newest N checkpoints")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
     oom_retry: bool = Field(True, description="CUDA OOM: retry the step with half the micro-batch, twice the accumulation")
+    cache_images_mb: float = Field(2048.0, ge=0, description="decoded-image cache budget (MiB) per stage: a dataset "
+                                                             "whose decoded pixels fit is decoded once and kept in RAM, "
+                                                             "a larger one is decoded per item in DataLoader workers")
 
 
 class StageConfig(Strict):
@@ -50,6 +53,15 @@ class StageConfig(Strict):
     def upstream_refs(self) -> dict[str, str]:
         """Config fields that name an upstream stage: {dotted.field: stage}. Checked against needs."""
         return {}
+
+    def ref_outputs(self) -> dict[str, str]:
+        """{field: output key} for fields of :meth:`upstream_refs` that need a particular output of the stage
+        they name; checked against that stage's :meth:`declared_outputs` when the recipe is validated."""
+        return {}
+
+    def declared_outputs(self) -> set[str] | None:
+        """The output keys this stage will produce, when the config alone tells (None = not known before run)."""
+        return None
 
     def fingerprint_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"runtime"})

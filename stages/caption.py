@@ -33,10 +33,9 @@ from stages.base import StageConfig, StageContext, StageError, StageResult, Stri
 from stages.bert import BertSizes, mask_tokens, normal_token_ids, step_generator
 from stages.data import caption_image_path, coco_captions_file, load_coco_captions, open_rgb
 from stages.metrics import caption_scores
-from stages.regions import RegionStore
 from stages.train import TrainConfig, autocast, fit, to_device
 from stages.vl import (VLP, RegionTable, build_model, caption_data, check_init_fields, check_length, init_refs,
-                       mlm_head_params, regions_of, save_vl, transfer_blocks)
+                       mlm_head_params, open_regions, regions_of, save_vl, transfer_blocks)
 
 
 class DecodeConfig(Strict):
@@ -73,6 +72,9 @@ class Config(StageConfig):
 
     def upstream_refs(self) -> dict[str, str]:
         return init_refs(self)
+
+    def ref_outputs(self) -> dict[str, str]:
+        return {"regions": "regions"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def write_sample_images(captions_json: Path, info: dict[int, dict], image_ids: l
 
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
-    store = RegionStore(ctx.input(cfg.regions, "regions"))
+    store = open_regions(ctx, cfg.regions)
     built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
     model, tok = built.model, built.tokenizer
     check_length(model, store.k, max(cfg.max_caption_len, cfg.decode.max_len), "max_caption_len/decode.max_len")

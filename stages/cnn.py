@@ -6,6 +6,8 @@ writes ``outputs/model/`` (model.safetensors + config.json + classes.json, the c
 label index and, when ``synset_words.txt`` is in the ImageNet root, wnid -> name); reports top-1/top-5
 on val against chance and majority-class baselines. An unreadable image is an error naming the file,
 or with ``skip_bad_images: true`` it is left out and counted (metric ``data/skipped_bad_images``).
+Decoded images are kept in RAM only when they fit ``runtime.cache_images_mb``; otherwise the loader
+workers decode them per item. Batches are uint8; normalisation and the random flip run on the device.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from stages.base import StageConfig, StageContext, StageError, StageResult, Strict
 from stages.checkpoint import load_into, load_weights, save_weights
-from stages.data import ImageClassDataset, class_index, load_imagefolder
+from stages.data import ImageClassDataset, class_index, load_imagefolder, normalize_images
 from stages.metrics import topk_accuracy
 from stages.train import TrainConfig, autocast, fit, to_device
 
@@ -129,13 +131,34 @@ def save_model(model: nn.Module, cfg: ModelConfig, classes: list[str], out: Path
     (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(), "classes": classes}, indent=2))
 
 
+def device_batch(ctx: StageContext, x: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images already on the device -> normalised float (flipped where ``flip``), channels_last if set."""
+    x = normalize_images(x, flip)
+    return x.contiguous(memory_format=torch.channels_last) if ctx.config.runtime.channels_last else x
+
+
+def image_datasets(cfg: "Config", runtime, tr: tuple, va: tuple) -> tuple[ImageClassDataset, ImageClassDataset]:
+    """Train and val datasets of uint8 images (normalised and flipped on the device, see ``run``). Each is
+    cached in RAM only if its decoded pixels fit what is left of ``runtime.cache_images_mb`` (train first);
+    otherwise its images are decoded per item in the DataLoader workers. Same pixels either way."""
+    budget = runtime.cache_images_mb
+    train = ImageClassDataset(tr[0], tr[1], cfg.image_size, train=True, cache=None, cache_mb=budget,
+                              skip_bad=cfg.skip_bad_images, raw=True)
+    budget -= train.decoded_mb if train.cached else 0.0
+    val = ImageClassDataset(va[0], va[1], cfg.image_size, train=False, cache=None, cache_mb=budget,
+                            skip_bad=cfg.skip_bad_images, raw=True)
+    return train, val
+
+
 @torch.no_grad()
 def evaluate(ctx: StageContext, model: nn.Module, ds, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     logits, targets = [], []
-    for x, y in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=ctx.config.runtime.num_workers):
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=ctx.config.runtime.num_workers,
+                                         pin_memory=ctx.device.type == "cuda")
+    for x, y in loader:
         with autocast(ctx):
-            logits.append(model(to_device(x, ctx.device, ctx.config.runtime.channels_last)).float().cpu())
+            logits.append(model(device_batch(ctx, to_device(x, ctx.device))).float().cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
@@ -147,8 +170,7 @@ def run(ctx: StageContext) -> StageResult:
     va_paths, va_labels, va_classes = load_imagefolder(root / "val")
     if va_classes != classes:
         raise StageError(f"{root}/val has classes {len(va_classes)} that differ from {root}/train ({len(classes)})")
-    train_ds = ImageClassDataset(tr_paths, tr_labels, cfg.image_size, train=True, skip_bad=cfg.skip_bad_images)
-    val_ds = ImageClassDataset(va_paths, va_labels, cfg.image_size, train=False, skip_bad=cfg.skip_bad_images)
+    train_ds, val_ds = image_datasets(cfg, ctx.config.runtime, (tr_paths, tr_labels), (va_paths, va_labels))
     skipped = len(train_ds.skipped) + len(val_ds.skipped)
 
     model = build_classifier(cfg.model, len(classes))
@@ -156,11 +178,16 @@ def run(ctx: StageContext) -> StageResult:
     blocks, head = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
                             "model.params": sum(p.numel() for p in model.parameters()),
-                            "data.skipped_bad_images": skipped})
+                            "data.skipped_bad_images": skipped, "data.train_cached": train_ds.cached,
+                            "data.val_cached": val_ds.cached, "data.train_decoded_mb": round(train_ds.decoded_mb, 1)})
 
     def loss_fn(m: nn.Module, batch, step: int):
-        x, y = batch
-        logits = m(x)
+        x, y = batch  # x: uint8 on the device
+        # the flips come from the main process's torch RNG (checkpointed with the model), not from the
+        # loader workers: the same for any num_workers, cached or streamed, and a resumed run draws what
+        # the unbroken run drew
+        flip = torch.rand(len(x)) < 0.5
+        logits = m(device_batch(ctx, x, flip))
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().item()}
 

@@ -113,6 +113,15 @@ def open_rgb(path: Path) -> Image.Image:
         raise StageError(f"{path}: cannot read image ({e})") from None
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels; unreadable -> StageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise StageError(f"{path}: cannot read image ({e})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # ImageNet
 
@@ -168,26 +177,62 @@ def class_index(classes: list[str], root: Path) -> dict[str, Any]:
             "names": {c: names[c] for c in classes if c in names}}
 
 
+def decode_resized(path: Path, size: int) -> np.ndarray:
+    """Decode an image to RGB uint8 (size, size, 3). JPEGs use PIL's draft mode: libjpeg decodes at 1/2, 1/4
+    or 1/8 scale (DCT scaling) when the image is at least that much larger than ``size``, so a 500x375
+    ImageNet JPEG read at 64 px costs a fraction of a full decode; then a bilinear resize to ``size``.
+    Unreadable -> StageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im.load()
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise StageError(f"{path}: cannot read image ({e})") from None
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.array(im, dtype=np.uint8)
+
+
+def normalize_images(x: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on any device -> float, horizontally flipped where ``flip`` (B,) is true,
+    normalised with the ImageNet mean/std. Runs on the GPU when ``x`` is there (4x less to copy than float)."""
+    x = x.float().div_(255.0)
+    if flip is not None and bool(flip.any()):
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class ImageClassDataset(torch.utils.data.Dataset):
-    """(CHW float tensor normalised with ImageNet mean/std, int label).
+    """(CHW float tensor normalised with ImageNet mean/std, int label); ``raw=True``: (CHW uint8, label),
+    for batch-side normalisation and augmentation (:func:`normalize_images`).
 
-    ``cache=True`` decodes every image once into ``self.images`` (uint8, N x 3 x H x W); meant for
-    small sets. ``train=True`` applies a random horizontal flip (torch RNG). An unreadable image is a
-    StageError naming the file, or with ``skip_bad=True`` it is left out and listed in ``self.skipped``
-    (without ``cache`` the check is PIL's ``verify()``, which catches bad headers but not every
-    truncated body)."""
+    Caching is a memory decision: ``cache=True`` decodes every image once into ``self.images`` (uint8,
+    N x 3 x H x W), ``cache=False`` decodes per item (in DataLoader workers), ``cache=None`` caches only
+    when the decoded set (``decoded_mb``) fits ``cache_mb``. Both give the same pixels
+    (:func:`decode_resized`). ``train=True`` without ``raw`` applies a random horizontal flip drawn from
+    the torch RNG of the process that loads the item. An unreadable image is a StageError naming the file,
+    or with ``skip_bad=True`` it is left out and listed in ``self.skipped`` (without the cache the check is
+    PIL's ``verify()``, which catches bad headers but not every truncated body)."""
 
-    def __init__(self, paths: list[Path], labels: list[int], image_size: int, train: bool, cache: bool = True,
-                 skip_bad: bool = False):
+    def __init__(self, paths: list[Path], labels: list[int], image_size: int, train: bool, cache: bool | None = True,
+                 skip_bad: bool = False, cache_mb: float = float("inf"), raw: bool = False):
         if len(paths) != len(labels):
             raise StageError(f"ImageClassDataset: {len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
         self.labels = [int(x) for x in labels]
         self.image_size = int(image_size)
         self.train = bool(train)
+        self.raw = bool(raw)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.images: torch.Tensor | None = None
+        self.decoded_mb = len(self.paths) * 3 * self.image_size ** 2 / 2 ** 20
+        if cache is None:
+            cache = self.decoded_mb <= cache_mb
         self.skipped: list[tuple[Path, str]] = []  # (file, why) of unreadable images left out (skip_bad=True)
         if cache:
             s = self.image_size
@@ -218,12 +263,12 @@ class ImageClassDataset(torch.utils.data.Dataset):
             self.labels = [self.labels[i] for i in keep]
             log.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0][1])
 
+    @property
+    def cached(self) -> bool:
+        return self.images is not None
+
     def _decode(self, path: Path) -> np.ndarray:
-        im = open_rgb(path)
-        s = self.image_size
-        if im.size != (s, s):
-            im = im.resize((s, s), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        return decode_resized(path, self.image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -231,9 +276,11 @@ class ImageClassDataset(torch.utils.data.Dataset):
     def uint8(self, i: int) -> torch.Tensor:
         if self.images is not None:
             return self.images[i]
-        return torch.from_numpy(self._decode(self.paths[i]).copy()).permute(2, 0, 1)
+        return torch.from_numpy(self._decode(self.paths[i])).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.raw:
+            return self.uint8(i), self.labels[i]
         x = self.uint8(i).float().div_(255.0)
         if self.train and bool(torch.rand(()) < 0.5):
             x = x.flip(-1)

@@ -33,7 +33,7 @@ from stages.base import StageConfig, StageContext, StageError, StageResult, Stri
 from stages.checkpoint import load_into, load_weights, save_weights
 from stages.cnn import ModelConfig as BackboneConfig
 from stages.cnn import build_classifier, init_weights
-from stages.data import VGImage, build_vocab, load_vg, open_rgb, read_id_list
+from stages.data import VGImage, build_vocab, image_size, load_vg, open_rgb, read_id_list
 from stages.metrics import detection_map
 from stages.regions import RegionStoreWriter
 from stages.train import TrainConfig, autocast, fit, to_device
@@ -234,23 +234,52 @@ def load_model(model_dir: Path) -> tuple[FasterRCNN, list[str]]:
 # data
 
 
-def decode_images(images: list[VGImage]) -> list[torch.Tensor]:
-    """Every image decoded once as uint8 (3, H, W); the size must match image_data.json."""
-    out = []
-    for im in images:
+class VGPixels(torch.utils.data.Dataset):
+    """VG images decoded on access, as uint8 (3, H, W): nothing is held in memory, so a DataLoader's
+    workers decode them per item (Visual Genome's 108k images would be ~90 GB decoded). ``pixels[i]``,
+    ``pixels[a:b]`` (a list), ``pixels.subset(indices)``."""
+
+    def __init__(self, images: list[VGImage]):
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: list[int]) -> "VGPixels":
+        return VGPixels([self.images[i] for i in indices])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        im = self.images[i]
         rgb = open_rgb(im.path)
-        if rgb.size != (im.width, im.height):
-            raise StageError(f"{im.path}: image is {rgb.size[0]}x{rgb.size[1]} but image_data.json says "
-                             f"{im.width}x{im.height} (image_id {im.image_id})")
-        out.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
-    return out
+        _check_size(im, rgb.size)
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _check_size(im: VGImage, size: tuple[int, int]) -> None:
+    if size != (im.width, im.height):
+        raise StageError(f"{im.path}: image is {size[0]}x{size[1]} but image_data.json says "
+                         f"{im.width}x{im.height} (image_id {im.image_id})")
+
+
+def decode_images(images: list[VGImage]) -> VGPixels:
+    """The images as a lazily decoding :class:`VGPixels`. Every file's header is read now (no pixel
+    decoding), so a missing or unreadable file or a size that differs from image_data.json is an error
+    naming the file before training starts."""
+    for im in images:
+        _check_size(im, image_size(im.path))
+    return VGPixels(images)
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """(image (3, H, W) float in [0, 1], {"boxes": (n, 4) float x1y1x2y2, "labels": (n,) int64 in 1..C}).
-    Boxes whose name is not a class are left out. ``train`` = random horizontal flip (torch RNG)."""
+    """(image (3, H, W) uint8, {"boxes": (n, 4) float x1y1x2y2, "labels": (n,) int64 in 1..C}); boxes whose
+    name is not a class are left out. ``pixels``: uint8 images by position (a lazily decoding
+    :class:`VGPixels`, or a list of tensors), decoded in the loader's workers. Scaling to [0, 1] and the
+    random flip happen on the batch in the main process (:func:`prepare_batch`), so they do not depend
+    on ``num_workers`` and a resumed run draws the flips the unbroken run drew (the RNG is checkpointed)."""
 
-    def __init__(self, images: list[VGImage], pixels: list[torch.Tensor], class_ids: dict[str, int], train: bool):
+    def __init__(self, images: list[VGImage], pixels, class_ids: dict[str, int], train: bool):
         self.pixels, self.train = pixels, train
         self.targets = []
         for im in images:
@@ -262,13 +291,24 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.pixels)
 
     def __getitem__(self, i: int):
-        x, t = self.pixels[i].float().div_(255.0), self.targets[i]
-        if self.train and bool(torch.rand(()) < 0.5):
+        return self.pixels[i], self.targets[i]
+
+
+def prepare_batch(xs: list[torch.Tensor], targets: list[dict], train: bool) -> tuple[list[torch.Tensor], list[dict]]:
+    """uint8 images (on any device) -> float in [0, 1]; ``train``: each image and its boxes flipped
+    horizontally with probability 1/2 (main-process torch RNG, one draw per image)."""
+    out_x, out_t = [], []
+    flips = torch.rand(len(xs)) < 0.5 if train else torch.zeros(len(xs), dtype=torch.bool)
+    for x, t, f in zip(xs, targets, flips.tolist()):
+        x = x.float().div_(255.0)
+        if f:
             w = x.shape[-1]
             x = x.flip(-1)
             b = t["boxes"]
             t = {"boxes": torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1), "labels": t["labels"]}
-        return x, t
+        out_x.append(x)
+        out_t.append(t)
+    return out_x, out_t
 
 
 def collate(batch):
@@ -303,13 +343,18 @@ def detect(model: FasterRCNN, images: list[torch.Tensor], k: int) -> list[dict[s
     return dets
 
 
-def predict_all(ctx: StageContext, model: FasterRCNN, pixels: list[torch.Tensor], k: int,
+def predict_all(ctx: StageContext, model: FasterRCNN, pixels, k: int,
                 batch_size: int) -> list[dict[str, np.ndarray]]:
-    """``detect`` over every image in batches of ``batch_size``; numpy on the CPU."""
+    """``detect`` over every image in batches of ``batch_size``; numpy on the CPU. The images (uint8, by
+    position: :class:`VGPixels` or a list) stream through a DataLoader, decoded in ``runtime.num_workers``
+    workers while the model runs; only the current batch is in memory."""
     model.eval()
     out = []
-    for s in range(0, len(pixels), batch_size):
-        xs = to_device([x.float().div_(255.0) for x in pixels[s:s + batch_size]], ctx.device)
+    loader = torch.utils.data.DataLoader(pixels, batch_size=batch_size, collate_fn=list,
+                                         num_workers=ctx.config.runtime.num_workers,
+                                         pin_memory=ctx.device.type == "cuda")
+    for batch in loader:
+        xs = [x.to(ctx.device, non_blocking=True).float().div_(255.0) for x in batch]
         with autocast(ctx):
             dets = detect(model, xs, k)
         out.extend({key: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
@@ -349,8 +394,8 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"{vg_dir}: the train split has no named objects")
     class_ids = {n: i + 1 for i, n in enumerate(classes)}
     pixels = decode_images(images)
-    train_ds = DetectionDataset(train_imgs, [pixels[i] for i in splits["train"]], class_ids, train=True)
-    val_ds = DetectionDataset([images[i] for i in splits["val"]], [pixels[i] for i in splits["val"]], class_ids,
+    train_ds = DetectionDataset(train_imgs, pixels.subset(splits["train"]), class_ids, train=True)
+    val_ds = DetectionDataset([images[i] for i in splits["val"]], pixels.subset(splits["val"]), class_ids,
                               train=False)
 
     body, backbone_cfg, pretrained, source = backbone_body(cfg, ctx)
@@ -361,7 +406,7 @@ def run(ctx: StageContext) -> StageResult:
                             "model.params": sum(p.numel() for p in model.parameters())})
 
     def loss_fn(m: FasterRCNN, batch, step: int):
-        xs, targets = batch
+        xs, targets = prepare_batch(*batch, train=True)
         losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
         return sum(losses.values()), {k: v.item() for k, v in losses.items()}
 

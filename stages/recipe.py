@@ -172,6 +172,11 @@ def _toposort(path: Path, configs: dict[str, StageConfig]) -> list[str]:
             if ref not in cfg.needs:
                 raise RecipeError(f"{path}: stages.{name}.{key}: refers to stage {ref!r}, which is not in "
                                   f"stages.{name}.needs {cfg.needs}")
+            want, have = cfg.ref_outputs().get(key), configs[ref].declared_outputs()
+            if want and have is not None and want not in have:
+                hint = f"; set stages.{ref}.paths.{want} (source: real)" if configs[ref].kind == "world" else ""
+                raise RecipeError(f"{path}: stages.{name}.{key}: stage {ref!r} has no {want!r} output "
+                                  f"(it has {', '.join(sorted(have)) or 'none'}{hint})")
     order: list[str] = []
     state: dict[str, int] = {}  # 1 = on stack, 2 = done
 

@@ -138,6 +138,7 @@ class RegionStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.source: str | None = None  # which config key named this store (for error messages)
         index_file = self.path / "index.json"
         if not index_file.exists():
             raise StageError(f"region store {self.path} is incomplete or missing (no index.json)")

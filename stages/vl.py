@@ -73,6 +73,9 @@ class Config(StageConfig):
     def upstream_refs(self) -> dict[str, str]:
         return init_refs(self)
 
+    def ref_outputs(self) -> dict[str, str]:
+        return {"regions": "regions"}
+
 
 def check_init_fields(cfg) -> None:
     """``init`` / ``tokenizer_from`` / ``model`` of the vl, caption and vqa configs: one source of truth."""
@@ -103,7 +106,8 @@ class VisualEmbedding(nn.Module):
     """Regions -> input embeddings: LayerNorm(MLP(feature) + Linear([geometry, class probs])).
 
     feats (B, K, D), geom (B, K, 6), probs (B, K, C+1) -> (B, K, hidden). The MLP starts with a
-    LayerNorm so the detector's feature scale does not matter."""
+    LayerNorm so the detector's feature scale does not matter. Inputs may be float16 (the region store's
+    dtype, as :class:`RegionTable` batches them): they become float32 here, on the model's device."""
 
     def __init__(self, feature_dim: int, prob_dim: int, hidden: int):
         super().__init__()
@@ -114,6 +118,7 @@ class VisualEmbedding(nn.Module):
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, feats: torch.Tensor, geom: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        feats, geom, probs = feats.float(), geom.float(), probs.float()
         return self.norm(self.feat(feats) + self.loc(torch.cat([geom, probs], -1)))
 
 
@@ -302,27 +307,67 @@ def mlm_head_params(model: VLP) -> list[nn.Parameter]:
 # data
 
 
-class RegionTable:
-    """The regions of a set of images as float32 tensors, held in memory, indexed by row.
+def open_regions(ctx: StageContext, stage: str, field: str = "regions") -> RegionStore:
+    """The RegionStore named by config field ``field`` (= ``stage``): the ``regions`` output of a detector
+    stage, or of a real-data world stage with ``paths.regions`` (an imported bottom-up-attention store).
+    A missing output or store is an error naming the key."""
+    src = f"stages.{ctx.name}.{field} = {stage!r}"
+    res = ctx.upstream.get(stage)
+    if res is not None and "regions" not in res.outputs:
+        hint = (f"set stages.{stage}.paths.regions to a region store (python -m stages.regions import-tsv ...)"
+                if res.kind == "world" else "that stage writes no region store")
+        raise StageError(f"{src}: stage {stage!r} has no `regions` output ({hint})")
+    path = ctx.input(stage, "regions")
+    try:
+        store = RegionStore(path)
+    except StageError as e:
+        raise StageError(f"{src}: {e}") from None
+    store.source = src
+    return store
 
-    ``table.row[image_id]`` -> row index; ``table.batch(rows)`` -> the ``regions`` dict :class:`VLP` reads."""
+
+class RegionTable:
+    """The regions of a set of images, read lazily from a RegionStore's float16 memory maps.
+
+    ``table.row[image_id]`` -> row index; ``table.batch(rows)`` -> the ``regions`` dict :class:`VLP` reads:
+    only those images' K rows are gathered from the maps (100k images x K=100 x D=2048 is 41 GB as
+    float16: never all in memory). The batch stays float16 (half the bytes to pin and copy) and becomes
+    float32 in :class:`VisualEmbedding`, on the device: numpy's float16 -> float32 conversion is ~10x
+    slower than the gather on a CPU. In a DataLoader the gather runs in the workers
+    (``TextRegionData.collate``). Pickles without the maps; a copy re-opens the store by path (DataLoader
+    workers under spawn)."""
 
     def __init__(self, store: RegionStore, image_ids: list[int]):
         missing = [i for i in image_ids if i not in store]
         if missing:
-            raise StageError(f"region store {store.path} has no regions for {len(missing)} image(s), "
-                             f"e.g. image_id {missing[:5]} (was the detector run on these images?)")
+            src = store.source
+            raise StageError(f"{src + ': ' if src else ''}region store {store.path} has no regions for "
+                             f"{len(missing)} image(s), e.g. image_id {missing[:5]} (was the detector run on "
+                             f"these images, or the store imported from their features?)")
+        self.path, self.k = store.path, store.k
         self.row = {iid: r for r, iid in enumerate(image_ids)}
-        parts = [store[i] for i in image_ids]
-        self.feats = torch.from_numpy(np.stack([p[0] for p in parts]).astype(np.float32))  # (N, K, D)
-        self.geom = torch.from_numpy(np.stack([p[1] for p in parts]).astype(np.float32))  # (N, K, 6)
-        self.probs = torch.from_numpy(np.stack([p[2] for p in parts]).astype(np.float32))  # (N, K, C+1)
-        self.n_boxes = torch.tensor([p[3] for p in parts], dtype=torch.long)
-        self.k = store.k
+        self.store_rows = np.array([store.row[i] for i in image_ids], dtype=np.int64)  # table row -> store image
+        self.n_boxes = torch.tensor([store.num_boxes[j] for j in self.store_rows.tolist()], dtype=torch.long)
+        self._store: RegionStore | None = store
+
+    def __len__(self) -> int:
+        return len(self.store_rows)
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_store": None}
+
+    def _maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._store is None:
+            self._store = RegionStore(self.path)
+        s = self._store
+        return (s.features.reshape(-1, s.k, s.feature_dim), s.geometry.reshape(-1, s.k, GEOMETRY_DIM),
+                s.probs.reshape(-1, s.k, s.prob_dim))
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"feats": self.feats[rows], "geom": self.geom[rows], "probs": self.probs[rows],
-                "n_boxes": self.n_boxes[rows]}
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        idx = self.store_rows[rows.numpy()]
+        feats, geom, probs = (torch.from_numpy(a[idx]) for a in self._maps())  # float16 (B, K, *)
+        return {"feats": feats, "geom": geom, "probs": probs, "n_boxes": self.n_boxes[rows]}
 
 
 def encode_texts(tok, texts: list[str], max_len: int) -> list[list[int]]:
@@ -427,7 +472,7 @@ def held_out_mlm(ctx: StageContext, model: VLP, ds: TextRegionData, cfg, tok, s2
 
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
-    store = RegionStore(ctx.input(cfg.regions, "regions"))
+    store = open_regions(ctx, cfg.regions)
     built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store, itm=cfg.itm)
     model, tok = built.model, built.tokenizer
     check_length(model, store.k, cfg.max_caption_len, "max_caption_len")

@@ -29,10 +29,9 @@ from stages.bert import BertSizes
 from stages.checkpoint import save_weights
 from stages.data import VQARecord, load_vqa, vqa_files
 from stages.metrics import normalize_answer, vqa_scores
-from stages.regions import RegionStore
 from stages.train import TrainConfig, autocast, fit, to_device
 from stages.vl import (VLP, RegionTable, TextRegionData, build_model, check_init_fields, check_length, encode_texts,
-                       init_refs, regions_of, save_vl, transfer_blocks)
+                       init_refs, open_regions, regions_of, save_vl, transfer_blocks)
 
 
 class Config(StageConfig):
@@ -56,6 +55,9 @@ class Config(StageConfig):
 
     def upstream_refs(self) -> dict[str, str]:
         return init_refs(self)
+
+    def ref_outputs(self) -> dict[str, str]:
+        return {"regions": "regions"}
 
 
 class VQAModel(nn.Module):
@@ -128,7 +130,7 @@ def predict(ctx: StageContext, model: VQAModel, ds: TextRegionData, batch_size: 
 
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
-    store = RegionStore(ctx.input(cfg.regions, "regions"))
+    store = open_regions(ctx, cfg.regions)
     built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
     tok = built.tokenizer
     check_length(built.model, store.k, cfg.max_question_len, "max_question_len")

@@ -13,6 +13,9 @@ the caption formats that are not COCO's: ``paths.karpathy`` (Karpathy split JSON
 ``paths.cc_train`` + ``paths.cc_val`` (Conceptual-Captions-style TSV) are converted into
 ``outputs/coco/captions_{train,val[,test]}.json`` (:func:`convert_captions`), the ``coco`` output
 vl / caption read, with each image's file in a ``file_path`` key.
+``paths.regions`` is a region-feature store (:mod:`stages.regions`, e.g. imported from
+bottom-up-attention TSV), checked to open and passed on as the ``regions`` output that vl / caption /
+vqa read with ``regions: <this stage>``.
 
 The generator is usable without a stage context: :func:`sample_objects`, :func:`render`,
 :func:`captions_for`, :func:`questions_for`, :func:`corpus_document`, :func:`generate`.
@@ -33,6 +36,7 @@ from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
 
 from stages.base import StageConfig, StageContext, StageError, StageResult, Strict, fsync_dir, log
+from stages.regions import RegionStore
 
 # ----------------------------------------------------------------------------------------------
 # the world's vocabulary
@@ -132,6 +136,9 @@ class PathsCfg(Strict):
     corpus: str | None = None
     coco: str | None = None
     vqa: str | None = None
+    regions: str | None = Field(None, description="a region-feature store directory (stages.regions; e.g. imported "
+                                                   "from bottom-up-attention TSV): vl/caption/vqa read it with "
+                                                   "`regions: <this stage>`, no detector stage needed")
     karpathy: str | None = Field(None, description="Karpathy split JSON (dataset_coco.json): converted to the "
                                                    "`coco` output (COCO captions JSON per split)")
     karpathy_images: str | None = Field(None, description="folder holding <filepath>/<filename> of the Karpathy "
@@ -179,6 +186,13 @@ class Config(StageConfig):
         """Files whose content the stage copies into its outputs: digested into the fingerprint, so an
         edited Karpathy JSON / CC TSV is converted again."""
         return {f"paths.{k}": v for k in CAPTION_SOURCES if (v := getattr(self.paths, k))}
+
+    def declared_outputs(self) -> set[str]:
+        if self.source == "synthetic":
+            return set(OUTPUTS)
+        given = {k for k, v in self.paths.model_dump().items() if v is not None}
+        coco = {"coco"} if given & {"coco", *CAPTION_SOURCES} else set()
+        return (given - {*CAPTION_SOURCES, "karpathy_images"}) | coco
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,14 +686,21 @@ def convert_captions(out: Path, cfg: Config, found: dict[str, Path]) -> dict[str
 
 def _run_real(ctx: StageContext, cfg: Config) -> StageResult:
     outputs: dict[str, str] = {}
+    info: dict[str, Any] = {"source": "real"}
     for name, p in cfg.paths.model_dump().items():
         if p is None:
             continue
         path = Path(p).expanduser().resolve()
         if not path.exists():
             raise StageError(f"stage {ctx.name!r}: paths.{name} = {p!r}: {path} does not exist")
+        if name == "regions":
+            try:
+                store = RegionStore(path)
+            except StageError as e:
+                raise StageError(f"stage {ctx.name!r}: paths.regions = {p!r}: {e}") from None
+            info["regions"] = {"images": len(store), "k": store.k, "feature_dim": store.feature_dim,
+                               "classes": store.num_classes}
         outputs[name] = str(path)
-    info: dict[str, Any] = {"source": "real"}
     if "imagenet" in outputs:
         train = Path(outputs["imagenet"]) / "train"
         if train.is_dir():

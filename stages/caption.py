@@ -294,7 +294,14 @@ def run(ctx: StageContext) -> StageResult:
 
     blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
     head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head)
+
+    def evaluate(m: VLP) -> dict[str, float]:
+        gen, _ = decode_images(ctx, m, tok, val_table, val_ids, cfg.decode)
+        scores = caption_scores({i: c if c.strip() else "unk" for i, c in gen.items()}, val_caps)
+        return {f"val/{k}": v for k, v in scores.items()}
+
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head, evaluate=evaluate,
+              best_metric=("val/CIDEr", "max"))
 
     generated, caps_per_s = decode_images(ctx, model, tok, val_table, val_ids, cfg.decode)
     empty = [i for i, c in generated.items() if not c.strip()]

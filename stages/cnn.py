@@ -191,7 +191,10 @@ def run(ctx: StageContext) -> StageResult:
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().item()}
 
-    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head)
+    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head,
+              evaluate=lambda m: {f"val/{k}": v for k, v in topk_accuracy(
+                  *evaluate(ctx, m, val_ds, cfg.eval_batch_size), (1, 5)).items()},
+              best_metric=("val/top1", "max"))
     logits, targets = evaluate(ctx, model, val_ds, cfg.eval_batch_size)
     metrics = {f"val/{k}": v for k, v in topk_accuracy(logits, targets, (1, 5)).items()}
     metrics["data/skipped_bad_images"] = skipped

@@ -517,7 +517,9 @@ def run(ctx: StageContext) -> StageResult:
     blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
     head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
     head += list(model.itm.parameters()) if model.itm is not None else []
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head)
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head,
+              evaluate=lambda m: {"val/mlm_ppl": held_out_mlm(ctx, m, val_ds, cfg, tok, s2s=False)["ppl"]},
+              best_metric=("val/mlm_ppl", "min"))
 
     bi = held_out_mlm(ctx, model, val_ds, cfg, tok, s2s=False)
     s2s = held_out_mlm(ctx, model, val_ds, cfg, tok, s2s=True)

@@ -409,3 +409,20 @@ def test_vqa_contract_from_scratch(world, bert_stage):
     assert {"val/vqa_acc", "val/vqa_acc_yes/no", "val/vqa_acc_number", "val/vqa_acc_other"} <= set(res.metrics)
     assert "val/vqa_acc_type_prior" in res.baselines and res.info["init"] == "scratch"
     assert (out / res.outputs["model"] / "head.safetensors").exists()
+
+
+def test_vqa_keep_best_outputs_the_best_validation_pass(world, bert_stage, tmp_path):
+    """train.eval_every + keep_best: the stage's reported accuracy is that of the best pass during
+    training (its weights are the output), not of the last step."""
+    from stages import vqa
+
+    cfg = vqa.Config(seed=0, runtime=runtime() | {"checkpoint_every": 100, "keep_checkpoints": 1}, init=None,
+                     tokenizer_from="bert", model=MICRO | {"max_position": 32},
+                     train=micro_train(30, lr=1e-2) | {"eval_every": 6, "keep_best": True})
+    res, tracker = run_stage(world, "vqa", cfg, ("world", "detector", "bert"), stage_dir=tmp_path / "vqa")
+    passes = {s: m["val/vqa_acc"] for s, m in tracker.metrics if "val/vqa_acc" in m and s % 6 == 0}
+    assert sorted(passes) == [6, 12, 18, 24, 30], tracker.metrics
+    best_step = max(passes, key=lambda s: (passes[s], -s))
+    assert res.metrics["val/vqa_acc"] == pytest.approx(passes[best_step])
+    kept = sorted(int(p.name) for p in (tmp_path / "vqa" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({best_step, 30})

@@ -427,7 +427,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         config = (ROOT / config) if (ROOT / config).exists() else config.resolve()
     overrides = list(overrides or [])
     rng = random.Random(seed)
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="baton-faults-"))
+    workdir = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="baton-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)

@@ -302,12 +302,14 @@ def test_vgg16_and_alexnet_single_map_detectors_train_and_detect(arch, stage_con
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["alexnet", "vgg16"])
-def test_full_size_torchvision_vgg16_and_alexnet_build_from_a_cnn_model_dir(arch, tmp_path):
+def test_full_size_torchvision_vgg16_and_alexnet_keep_the_cnn_weights_and_reload(arch, tmp_path):
     bcfg = cnn.ModelConfig(arch=arch)
-    cnn.save_model(cnn.build_classifier(bcfg, 3), bcfg, ["a", "b", "c"], tmp_path / "cnn" / "model")
+    classifier = cnn.build_classifier(bcfg, 3)
+    first_conv = classifier.features[0].weight.detach().clone()
     cfg = detector.ModelConfig(**TINY)
-    model = detector.build_detector(cfg, cnn.build_classifier(bcfg, 1), 2, True, arch)
+    model = detector.build_detector(cfg, classifier, 2, True, arch)
     assert model.backbone.out_channels == (512 if arch == "vgg16" else 256)
+    assert torch.equal(model.backbone.body[0][0].weight, first_conv)
     detector.save_model(model, cfg, bcfg, True, ["x", "y"], tmp_path / "det")
     loaded, classes = detector.load_model(tmp_path / "det")
     assert classes == ["x", "y"] and len(detector.detect(loaded, [torch.rand(3, 64, 64)], k=3)) == 1

@@ -236,7 +236,8 @@ def build_flow():
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    @flow(name="baton", log_prints=False, validate_parameters=False)
+    # threads only wait on stage processes; `slots` below caps how many run (run_pipeline sets the same)
+    @flow(name="baton", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=32))
     def baton_pipeline(recipe_path: str, recipe_snapshot: dict, artifacts: str, only: list[str] | None = None,
                        track: bool = True) -> dict[str, Any]:
         """Run (or resume) every stage of a recipe; complete stages are Cached."""

@@ -47,7 +47,6 @@ def _module_file(name: str) -> Path | None:
 
 def _project_imports(tree: ast.AST, module: str) -> set[str]:
     out = set()
-    pkg = module.rsplit(".", 1)[0]
     for node in ast.walk(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stages.base import NullTracker, StageContext, StageResult
-from stages.regions import RegionStore, RegionStoreWriter
+from stages.regions import RegionStoreWriter
 
 WORLD_OUTPUTS = {"corpus": "outputs/corpus", "coco": "outputs/coco", "vqa": "outputs/vqa", "vg": "outputs/vg"}
 RUNTIME = {"checkpoint_every": 10, "log_every": 5}

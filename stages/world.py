@@ -183,9 +183,10 @@ class Config(StageConfig):
         return self
 
     def external_inputs(self) -> dict[str, str]:
-        """Files whose content the stage copies into its outputs: digested into the fingerprint, so an
-        edited Karpathy JSON / CC TSV is converted again."""
-        return {f"paths.{k}": v for k in CAPTION_SOURCES if (v := getattr(self.paths, k))}
+        """Every real dataset path: digested into the fingerprint (names, sizes, mtimes: see
+        flows.fingerprint.data_digest), so an edited Karpathy JSON is converted again and a re-imported
+        region store or a changed dataset reruns the stages that read it."""
+        return {f"paths.{k}": v for k, v in self.paths.model_dump().items() if v is not None}
 
     def declared_outputs(self) -> set[str]:
         if self.source == "synthetic":

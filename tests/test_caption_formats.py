@@ -179,9 +179,9 @@ def test_world_caption_source_config_errors(paths, message):
         world.Config(source="real", paths=paths)
 
 
-def test_caption_files_are_in_the_world_fingerprint():
+def test_real_paths_are_the_world_external_inputs():
     cfg = world.Config(source="real", paths={"karpathy": str(KARPATHY), "vg": "/vg"})
-    assert cfg.external_inputs() == {"paths.karpathy": str(KARPATHY)}
+    assert cfg.external_inputs() == {"paths.karpathy": str(KARPATHY), "paths.vg": "/vg"}
 
 
 # ---------------------------------------------------------------------------------------------- caption samples

@@ -67,3 +67,27 @@ def test_store_dir_is_fingerprint_addressed(tmp_path):
     sd = StageDir(tmp_path / "artifacts", "cnn", f["cnn"])
     assert sd.path == tmp_path / "artifacts" / "stages" / "cnn" / f["cnn"][:16]
     assert sd.status() == "not started" and sd.result() is None
+
+
+def test_a_changed_real_dataset_reruns_the_world_and_its_readers(tmp_path):
+    """Real dataset paths are external inputs: re-importing a region store (or editing a corpus) changes
+    the world's fingerprint and so every stage downstream of it."""
+    import os
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("a b c\n")
+    p = tmp_path / "real.yaml"
+    p.write_text(f"""
+recipe: t
+stages:
+  world: {{kind: world, source: real, paths: {{corpus: {corpus}}}}}
+  bert: {{kind: bert, needs: [world]}}
+""")
+    plan = lambda: {n: fp for n, (fp, _) in plan_fingerprints(load_recipe(p).stages).items()}  # noqa: E731
+    first = plan()
+    assert plan() == first
+    (corpus / "train.txt").write_text("a b c d\n")
+    os.utime(corpus / "train.txt", ns=(1, 1))
+    second = plan()
+    assert second["world"] != first["world"] and second["bert"] != first["bert"]

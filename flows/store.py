@@ -31,7 +31,9 @@ log = logging.getLogger("baton")
 # temp names of the atomic writers: ``.result.json.tmp-<pid>`` (write_json_atomic), ``.tmp-<step>-<pid>``
 # (checkpoints), ``outputs.tmp-<pid>`` (world), ``regions.tmp-<pid>`` / ``regions.old-<pid>`` (region store),
 # ``.x.tmp-<pid>`` (save_weights)
-TEMP_NAME = re.compile(r"(^|\.)(tmp|old)-(\d+-)?\d+$")
+# our atomic writers' temp names (pid-tagged), and the Rust tempfile crate's (.tmpXXXXXX), which safetensors
+# and tokenizers write through when transformers' save_pretrained saves into outputs/
+TEMP_NAME = re.compile(r"(^|\.)(tmp|old)-(\d+-)?\d+$|^\.tmp[A-Za-z0-9]{6}$")
 
 
 class StageDir:

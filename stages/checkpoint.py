@@ -66,10 +66,18 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     """Write a state dict as safetensors atomically (temp file + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(_untie(state), str(tmp), metadata=metadata)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    # a pid-tagged temp *directory*: safetensors itself writes through a temp file (.tmpXXXXXX) next to its
+    # target, which a kill would leave behind in outputs/; inside this dir it goes with the dir
+    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        tmp = tmp_dir / path.name
+        save_file(_untie(state), str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -47,3 +47,27 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
     with sd.lock(poll=0.05):  # ...but the lock is not
         pass
     assert time.perf_counter() - t0 < 1
+
+
+def test_temps_of_killed_writers_are_removed_and_weights_writes_leave_none(tmp_path):
+    """A kill during an outputs write leaves temp names behind: ours (pid-tagged) and the Rust tempfile
+    crate's (.tmpXXXXXX, which safetensors writes through). The next holder of the lock removes both;
+    finished files stay. save_weights confines safetensors' temp file to its own pid-tagged temp dir."""
+    import torch
+
+    from stages.checkpoint import load_weights, save_weights
+
+    sd = StageDir(tmp_path, "s", "f" * 64)
+    model = sd.path / "outputs" / "model"
+    model.mkdir(parents=True)
+    save_weights({"w": torch.ones(3)}, model / "model.safetensors")
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors"]
+    assert torch.equal(load_weights(model / "model.safetensors")["w"], torch.ones(3))
+    leftovers = [model / ".tmpRJfnKa", model / ".model.safetensors.tmp-999999", sd.path / ".result.json.tmp-999999"]
+    for p in leftovers:
+        p.write_text("half")
+    (model / "config.json").write_text("{}")
+    with sd.lock():
+        removed = sd.remove_stale_temps()
+    assert sorted(removed) == sorted(leftovers)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]

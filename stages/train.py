@@ -130,7 +130,7 @@ def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int,
 
 @dataclass
 class FitResult:
-    step: int
+    step: int  # the step whose weights ``model`` holds: the last, or the best one under keep_best
     resumed_from: int
     train_loss: float
     seconds: float
@@ -232,7 +232,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     if start >= cfg.steps:
         if cfg.keep_best:
             _restore_best(ctx, model, best)
-        return FitResult(start, start, float("nan"), 0.0, 0.0, best if cfg.keep_best else None)
+        kept = best if cfg.keep_best else None
+        return FitResult(kept["step"] if kept else start, start, float("nan"), 0.0, 0.0, kept)
 
     def loader_from(step: int, accum: int) -> Iterator:
         sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, ctx.seed, step, cfg.steps, accum)
@@ -310,5 +311,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     secs = time.perf_counter() - t0
     if cfg.keep_best:
         _restore_best(ctx, model, best)
-    return FitResult(cfg.steps, start, loss_avg, secs, (cfg.steps - start) / max(secs, 1e-9),
-                     best if cfg.keep_best else None)
+    kept = best if cfg.keep_best else None
+    # final val metrics logged at res.step then sit on the selected checkpoint's step, not on the last
+    # pass's (which scored other weights)
+    return FitResult(kept["step"] if kept else cfg.steps, start, loss_avg, secs,
+                     (cfg.steps - start) / max(secs, 1e-9), kept)

@@ -424,5 +424,9 @@ def test_vqa_keep_best_outputs_the_best_validation_pass(world, bert_stage, tmp_p
     assert sorted(passes) == [6, 12, 18, 24, 30], tracker.metrics
     best_step = max(passes, key=lambda s: (passes[s], -s))
     assert res.metrics["val/vqa_acc"] == pytest.approx(passes[best_step])
+    # the final metrics are logged at the selected step: one value per step in the MLflow history
+    final = [(s, m["val/vqa_acc"]) for s, m in tracker.metrics if "val/vqa_acc" in m]
+    assert sorted({s for s, _ in final}) == sorted(passes) and len(final) == len(passes) + 1
+    assert final[-1] == (best_step, pytest.approx(passes[best_step]))
     kept = sorted(int(p.name) for p in (tmp_path / "vqa" / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == sorted({best_step, 30})

@@ -70,5 +70,28 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
+def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:
+    """Entry of a stage process forked from the fork server (flows.pipeline.launch_worker): take the
+    launching flow's environment and working directory, send fds 1 and 2 into its pipe ``out``, run."""
+    import os
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    out.close()
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda._is_in_bad_fork():  # CUDA was initialised in the fork server
+        os.execv(sys.executable, [sys.executable, "-m", "flows.worker", *argv])  # a fresh interpreter
+    sys.argv = ["flows.worker", *argv]
+    rc = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
     sys.exit(main())

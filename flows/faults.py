@@ -17,6 +17,8 @@
      eval        a random moment after the last checkpoint (evaluation, outputs, MLflow model)
      result      while ``.result.json.tmp-<pid>`` exists (the final result write)
    After the kill the stage directory says what was really hit (the phase recorded in the report).
+   A stage that completes before it has had its N kills (a kill that came too late for a millisecond
+   window lets it finish) is reopened: its directory is removed and it runs again from scratch.
    Every stage working in the killed process counts a kill (``kills_per_stage``); a stage is the
    target until N kills aimed at it landed (``aimed_kills_per_stage``), so concurrent stages' kills
    (mostly in their startup) come on top.
@@ -515,8 +517,18 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
     failures: list[str] = []
     max_attempts = kills_per_stage * len(order) * 3 + 10
     attempts = 0
+    reopened: Counter = Counter()
     while attempts < max_attempts:
-        wanted = [s for s in targets if aimed[s] < kills_per_stage and not watches[s].complete()]
+        for s in targets:
+            # a short stage can finish in a run whose kill came too late (a missed millisecond window): it
+            # still needs kills, so its directory goes and it runs again from scratch; downstream stages
+            # keep theirs (same fingerprint) and the final comparison shows the rerun changed nothing
+            if aimed[s] < kills_per_stage and watches[s].complete():
+                shutil.rmtree(watches[s].path)
+                reopened[s] += 1
+                say(f"[faults] {s} completed with {aimed[s]} of {kills_per_stage} kills: removed "
+                    f"{watches[s].path} so it runs again")
+        wanted = [s for s in targets if aimed[s] < kills_per_stage]
         if not wanted:
             break
         attempts += 1
@@ -527,8 +539,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
 
         def pick() -> str | None:  # the first stage that starts executing and still needs kills is the target
             for s in targets:
-                if aimed[s] < kills_per_stage and not watches[s].complete() and \
-                        watches[s].executing(run_pid, workers) is not None:
+                if aimed[s] < kills_per_stage and watches[s].executing(run_pid, workers) is not None:
                     return s
             return None
 
@@ -664,6 +675,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         "phases_total": dict(sum(phases.values(), Counter())),
         "kills_total": len(records),
         "misses": misses,
+        "reopened": {s: reopened[s] for s in order if reopened[s]},
         "runs": runner.n,
         "runs_detail": {"reference": 1, "killed": len(records), "other": runner.n - 2 - len(records), "final": 1},
         "failures": failures,
@@ -685,7 +697,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
     say(f"[faults] {report['kills_total']} kills, per stage {report['kills_per_stage']} (aimed "
-        f"{report['aimed_kills_per_stage']}), {misses} missed, {runner.n} runs, "
+        f"{report['aimed_kills_per_stage']}), {misses} missed, reopened {report['reopened']}, {runner.n} runs, "
         f"all completed: {all_completed}, metrics identical: {cmp['metrics_identical']}, outputs identical: "
         f"{cmp['outputs_identical']}, consistent: {not problems}, {report['seconds']:.0f}s")
     if not keep and report["all_completed"] and cmp["metrics_identical"] and not problems:

@@ -8,6 +8,10 @@
     baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run: the same
                                               flow run (id, parameters) runs again; finished stages are Cached
     baton prefect ARGS...                     the Prefect CLI against baton's embedded Prefect database
+    baton serve [--port 4200]                 a Prefect server with its UI on 127.0.0.1 (unless PREFECT_API_URL
+                                              is set) serving the deployment baton/baton: it executes submitted
+                                              runs and the runs retried from the UI's Retry button
+    baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 """
 from __future__ import annotations
 
@@ -184,6 +188,108 @@ def cmd_retry(args) -> int:
     return rc
 
 
+DEPLOYMENT = "baton/baton"
+
+
+def _served_api(args) -> str:
+    return os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RecipeError(f"the Prefect server exited with status {proc.returncode} before it was up ({url})")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RecipeError(f"no Prefect server answered at {url} within {timeout:.0f}s")
+
+
+def cmd_serve(args) -> int:
+    """A Prefect server with its UI (started here on loopback unless PREFECT_API_URL names one), and a
+    process serving the flow as deployment baton/baton. Runs of that deployment (``baton submit``, the UI's
+    Run) execute here; so do the ones the UI's Retry button puts back to Scheduled: finished stages are
+    Cached and the failed one continues from its checkpoint, in the same flow run."""
+    from flows.pipeline import configure_prefect
+
+    art = _artifacts(args).resolve()
+    _check_writable(art)
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        url = f"http://{args.host}:{args.port}/api"
+        configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
+        prefect = Path(sys.executable).with_name("prefect")
+        server = subprocess.Popen([str(prefect), "server", "start", "--host", args.host, "--port", str(args.port)],
+                                  env=os.environ | {"PREFECT_SERVER_UI_ENABLED": "true"}, stdout=subprocess.DEVNULL)
+        os.environ["PREFECT_API_URL"] = url
+    else:
+        url = os.environ["PREFECT_API_URL"]
+        configure_prefect(art)
+    try:
+        _wait_healthy(url, server, timeout=180)
+        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
+        from prefect import serve
+
+        from flows.entry import baton_pipeline
+
+        dep = baton_pipeline.to_deployment(
+            name="baton", enforce_parameter_schema=False,
+            description="baton recipe runs: `baton submit CONFIG` (or the UI's Run with the same parameters)")
+        # each flow run executes in a fresh process that loads the flow by its entrypoint, relative to here
+        root = Path(__file__).resolve().parents[1]
+        os.chdir(root)
+        dep.entrypoint = "flows/entry.py:baton_pipeline"
+        serve(dep, limit=args.limit, print_starting_message=False)
+        return 0
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def cmd_submit(args) -> int:
+    """Create a flow run of deployment baton/baton for this recipe (executed by ``baton serve``)."""
+    recipe = load_recipe(args.config, args.overrides)
+    art = _artifacts(args).resolve()
+    _check_writable(art)
+    from flows.pipeline import configure_prefect
+
+    url = _served_api(args)
+    configure_prefect(art)
+    os.environ["PREFECT_API_URL"] = url
+    _wait_healthy(url, None, timeout=10)
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        fr = run_deployment(DEPLOYMENT, timeout=0, flow_run_name=recipe.name, parameters={
+            "recipe_path": str(recipe.path), "recipe_snapshot": recipe.raw, "artifacts": str(art),
+            "only": args.only, "track": not args.no_track})
+    except ObjectNotFound:
+        raise RecipeError(f"no deployment {DEPLOYMENT} at {url}: start `baton serve` first") from None
+    print(f"flow run {fr.id} ({fr.name}) submitted: {url.removesuffix('/api')}/runs/flow-run/{fr.id}", flush=True)
+    if not args.wait:
+        return 0
+    with get_client(sync_client=True) as client:
+        while True:
+            fr = client.read_flow_run(fr.id)
+            if fr.state is not None and fr.state.is_final():
+                break
+            time.sleep(1)
+    print(f"flow run {fr.id}: {fr.state.type.value} ({fr.state.message or ''})".rstrip(" ()"))
+    return 0 if fr.state.is_completed() else 1
+
+
 def cmd_ui(args) -> int:
     from flows.tracking import tracking_uri
 
@@ -219,14 +325,26 @@ def main(argv: list[str] | None = None) -> int:
     pf = sub.add_parser("prefect", help="the Prefect CLI against baton's embedded Prefect database "
                                         "(e.g. baton prefect flow-run ls)")
     pf.add_argument("args", nargs=argparse.REMAINDER)
+    sv = sub.add_parser("serve", help="Prefect server + UI on loopback, serving deployment baton/baton (runs "
+                                      "from `baton submit`, retries from the UI)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=4200)
+    sv.add_argument("--limit", type=int, default=None, help="flow runs executed at once (default: no limit)")
+    sm = sub.add_parser("submit", help="run a recipe through the served deployment baton/baton")
+    sm.add_argument("config")
+    sm.add_argument("overrides", nargs="*", help="dotted.key=value")
+    sm.add_argument("--only", action="append")
+    sm.add_argument("--no-track", action="store_true")
+    sm.add_argument("--wait", action="store_true", help="wait for the flow run to finish; exit 1 unless it completed")
+    sm.add_argument("--port", type=int, default=4200, help="the `baton serve` port (when PREFECT_API_URL is unset)")
     args = p.parse_args(argv)
-    if args.cmd not in ("run", "resume", "retry"):  # under Prefect, Prefect's console handler prints our 'baton' logger
+    if args.cmd not in ("run", "resume", "retry", "serve"):  # under Prefect, Prefect's console handler prints our 'baton' logger
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s",
                             datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     try:
         return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume, "retry": cmd_retry,
-                "prefect": cmd_prefect}[args.cmd](args)
+                "prefect": cmd_prefect, "serve": cmd_serve, "submit": cmd_submit}[args.cmd](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -303,13 +303,15 @@ class VGImage:
     attributes: list[list[str]] = field(default_factory=list)  # normalised attributes per box
 
 
-def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage], dict]:
+def load_vg(vg_dir: Path, image_dir: Path | None = None, bad_boxes: str = "drop") -> tuple[list[VGImage], dict]:
     """Read ``image_data.json``, ``objects.json`` and optional ``attributes.json`` (v1.0-v1.4 keys).
 
     Images (not opened here) are ``image_dir/<image_id>.jpg`` when ``image_dir`` is given; else the
     folder named in the record's ``url`` when it exists under ``vg_dir`` (the real download unpacks into
     ``VG_100K/`` and ``VG_100K_2/``), else ``vg_dir/images/<image_id>.jpg``.
-    Boxes are clipped to the image; boxes of zero/negative area after clipping are dropped.
+    Boxes are clipped to the image (VG has many that cross the border by a few pixels). A box with no
+    area inside its image (entirely outside it, or of zero/negative size) is dropped and counted with
+    ``bad_boxes="drop"``; with ``"error"`` it is an error naming the file, record and object_id.
     Objects listed in another object's ``merged_object_ids`` are skipped (their attributes go
     to the object they were merged into). Returns (images in image_data order, stats)."""
     vg_dir = Path(vg_dir)
@@ -390,6 +392,10 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None) -> tuple[list[VGImage],
             cb = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
                   min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
             if cb[2] <= cb[0] or cb[3] <= cb[1]:
+                if bad_boxes == "error":
+                    raise StageError(
+                        f"{p_obj}: {ow}: box x={x:g} y={y:g} w={bw:g} h={bh:g} has no area inside its {w}x{h} image "
+                        f"(set bad_boxes: drop in the stage's config to skip such boxes)")
                 stats["dropped_degenerate"] += 1
                 continue
             if cb != box:

@@ -128,6 +128,10 @@ class Config(StageConfig):
     # 250 x 8 images: ~70 s of training on one CPU core at 64x64 (the whole stage ~80 s)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=250, batch_size=8, lr=1e-3, warmup_steps=20))
     eval_batch_size: int = Field(32, ge=1)
+    bad_boxes: Literal["error", "drop"] = Field(
+        "error", description="a VG box with no area inside its image (entirely outside it, or zero size): an error "
+                             "naming the record, or dropped and counted (data/dropped_degenerate); boxes that only "
+                             "cross the border are clipped either way")
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="val share of a seeded split (used only when "
                                                                    "the vg folder has no train/val id lists)")
 
@@ -570,7 +574,7 @@ def region_rows(det: dict[str, np.ndarray], width: int, height: int) -> tuple[np
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
     vg_dir = ctx.input(cfg.data, "vg")
-    images, vg_stats = load_vg(vg_dir)
+    images, vg_stats = load_vg(vg_dir, bad_boxes=cfg.bad_boxes)
     splits, split_how = vg_splits(vg_dir, images, cfg.seed, cfg.val_fraction)
     train_imgs = [images[i] for i in splits["train"]]
     att_k = cfg.model.attributes.num_attributes_k if cfg.model.attributes.enabled else -1
@@ -594,7 +598,8 @@ def run(ctx: StageContext) -> StageResult:
     blocks, head = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.attributes": len(attributes),
                             "data.train": len(train_ds), "data.val": len(val_ds), "data.split": split_how,
-                            "data.objects": vg_stats["objects"], "backbone.source": source,
+                            "data.objects": vg_stats["objects"], "data.boxes_clipped": vg_stats["clipped"],
+                            "data.boxes_dropped": vg_stats["dropped_degenerate"], "backbone.source": source,
                             "backbone.arch": backbone_cfg.arch,
                             "model.params": sum(p.numel() for p in model.parameters())})
 

@@ -228,9 +228,6 @@ def test_empty_dataset(tmp_path, world, prefect_home):
     assert_nothing_half_written(art, "bert")
 
 
-@pytest.mark.xfail(strict=True, reason="stages/data.load_vg clips boxes to the image and silently drops the ones "
-                                       "left with no area (dropped_degenerate in its stats): a box entirely "
-                                       "outside its image is not reported (reported to the data.py owner)")
 def test_box_outside_the_image(tmp_path, world, prefect_home):
     paths = copy_world(world, tmp_path / "data", "vg")
     vg = tmp_path / "data" / "vg"

@@ -170,9 +170,15 @@ def test_vg_split_from_one_list_and_list_errors(tmp_path):
 
 
 def test_detector_runs_on_the_vg_fixture(tmp_path):
-    """The real-format quirks end to end: url folders, a non-square image, clipped/dropped boxes."""
+    """The real-format quirks end to end: url folders, a non-square image, clipped/dropped boxes. A box
+    with no area inside its image is an error naming it unless the config says to drop such boxes."""
     wres = real_world(tmp_path, vg=FIX / "vg_v14")
-    cfg = detector.Config(backbone_from=None, runtime=RUNTIME, eval_batch_size=3, regions={"k": 3},
+    strict = detector.Config(backbone_from=None, runtime=RUNTIME, train={"steps": 2, "batch_size": 2})
+    with pytest.raises(StageError, match=r"objects\.json: record 0 \(image_id 1\) object \d \(object_id 105\): box "
+                                         r"x=\S+ y=\S+ w=\S+ h=\S+ has no area inside its 16x16 image \(set bad_boxes: drop"):
+        detector.run(stage_ctx("detector", strict, tmp_path / "strict", {"world": wres}))
+    assert not (tmp_path / "strict" / "result.json").exists()
+    cfg = detector.Config(backbone_from=None, runtime=RUNTIME, eval_batch_size=3, regions={"k": 3}, bad_boxes="drop",
                           model={"num_classes_k": 3, "backbone": {"widths": [4, 8, 8, 8]}, "fpn_channels": 8,
                                  "representation_size": 16, "min_size": 32, "max_size": 32,
                                  "anchor_sizes": [4, 8, 16, 32], "rpn_batch_size_per_image": 16,

@@ -140,7 +140,7 @@ def test_detector_decodes_lazily_and_checks_sizes_up_front(tmp_path):
 def _det_cfg(workers: int):
     from stages import detector
 
-    return detector.Config(backbone_from=None, eval_batch_size=2, regions={"k": 3},
+    return detector.Config(backbone_from=None, eval_batch_size=2, regions={"k": 3}, bad_boxes="drop",
                            runtime={"device": "cpu", "threads": 1, "num_workers": workers, "checkpoint_every": 50},
                            model={"num_classes_k": 3, "backbone": {"widths": [4, 8, 8, 8]}, "fpn_channels": 8,
                                   "representation_size": 16, "min_size": 32, "max_size": 32,

@@ -28,7 +28,8 @@ class Runtime(Strict):
     """Settings that do not change the result. Left out of the fingerprint."""
 
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast on CUDA")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 / fp16 = autocast on CUDA; fp16 also scales the loss (GradScaler, checkpointed)")
     channels_last: bool = False
     num_workers: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None = torch default)")

@@ -96,8 +96,16 @@ def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
 
 
 def autocast(ctx: StageContext):
-    enabled = ctx.config.runtime.precision == "bf16" and ctx.device.type == "cuda"
-    return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+    prec = ctx.config.runtime.precision
+    enabled = prec in ("bf16", "fp16") and ctx.device.type == "cuda"
+    return torch.autocast(ctx.device.type, dtype=torch.float16 if prec == "fp16" else torch.bfloat16, enabled=enabled)
+
+
+def grad_scaler(ctx: StageContext) -> torch.amp.GradScaler:
+    """fp16: dynamic loss scaling (a step whose gradients overflow is skipped and the scale halves).
+    On CPU the math stays fp32 (no autocast) but the scaler still runs, so its state is checkpointed
+    and resumed the same way everywhere."""
+    return torch.amp.GradScaler(ctx.device.type, enabled=ctx.config.runtime.precision == "fp16")
 
 
 def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
@@ -111,7 +119,8 @@ def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int, accum: int):
+def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int, accum: int,
+                scaler: torch.amp.GradScaler | None = None):
     """Forward/backward ``accum`` micro-batches; returns the step's mean loss and the last logs."""
     rt = ctx.config.runtime
     step_loss, logs = 0.0, {}
@@ -123,7 +132,7 @@ def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int,
             good = ctx.checkpoints.steps()
             raise StageError(f"stage {ctx.name!r}: non-finite loss ({loss.item()}) at step {step}; "
                              f"stopped, last good checkpoint: step {good[-1] if good else 'none'}")
-        (loss / accum).backward()
+        (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
         step_loss += loss.item() / accum
     return step_loss, logs
 
@@ -213,6 +222,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     sched_fn = _schedule(cfg)
     lambdas = [(lambda s, g=g: sched_fn(s) * plan.lr_factor(g, s)) for g in plan.groups]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    scaler = grad_scaler(ctx)
     ctx.tracker.log_params({f"train.{k}": v for k, v in cfg.model_dump().items() if k != "transfer"} | plan.describe())
 
     start, best = 0, None
@@ -222,6 +232,11 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         model.load_state_dict(mstate)
         opt.load_state_dict(tstate["optimizer"])
         sched.load_state_dict(tstate["scheduler"])
+        if scaler.is_enabled():
+            if not tstate.get("scaler"):
+                raise StageError(f"stage {ctx.name!r}: checkpoint {ckpt.path} has no fp16 loss-scaler state "
+                                 "(it was written with runtime.precision other than fp16)")
+            scaler.load_state_dict(tstate["scaler"])
         set_rng_state(tstate["rng"])
         if extra_state is not None:
             extra_state.update(tstate.get("extra", {}))
@@ -249,7 +264,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     def save(step: int) -> None:
         ctx.checkpoints.save(step, model.state_dict(), {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-            "grad_accum": accum, "extra": extra_state or {}} | ({"best": best} if best else {}))
+            "grad_accum": accum, "extra": extra_state or {}} | ({"best": best} if best else {})
+            | ({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
         ctx.tracker.flush()
 
     model.train()
@@ -260,7 +276,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         plan.apply(step)
         while True:
             try:
-                step_loss, logs = _accumulate(ctx, model, batches, loss_fn, step, accum)
+                step_loss, logs = _accumulate(ctx, model, batches, loss_fn, step, accum,
+                                              scaler if scaler.is_enabled() else None)
                 break
             except torch.OutOfMemoryError:
                 # same effective batch: half the micro-batch, twice the accumulation, same examples
@@ -274,10 +291,16 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
                             ctx.name, step, cfg.batch_size // accum, accum)
                 ctx.tracker.set_tags({"train.oom_retry": f"step {step}: grad_accum {accum}"})
                 batches = loader_from(step, accum)
+        if scaler.is_enabled():
+            scaler.unscale_(opt)  # clip the true gradients
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None],
                                            cfg.grad_clip)
-        opt.step()
+        if scaler.is_enabled():
+            scaler.step(opt)  # skipped if the gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         window_loss += step_loss
@@ -292,6 +315,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
             log.info("[%s] step %d/%d loss %.4f lr %.2e %.2f it/s ETA %s", ctx.name, done, cfg.steps, loss_avg,
                      lr0, rate, time.strftime("%M:%S", time.gmtime(eta)))
             ctx.tracker.log_metrics({"train/loss": loss_avg, "train/lr": lr0, "train/steps_per_s": rate}
+                                    | ({"train/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})
                                     | {f"train/{k}": float(v) for k, v in logs.items()}, step=done)
             window_loss, window_n, last_t, last_step = 0.0, 0, now, done
         new_best = False

@@ -288,3 +288,41 @@ def test_keep_best_survives_a_kill_and_resume(tmp_path):
 def test_keep_best_without_eval_every_is_refused():
     with pytest.raises(ValueError, match="train.keep_best needs train.eval_every"):
         TrainConfig(keep_best=True)
+
+
+def test_fp16_loss_scaler_is_checkpointed_and_resumed(tmp_path):
+    """runtime.precision=fp16: the GradScaler's state (scale, growth tracker) is part of every checkpoint,
+    a killed-and-resumed run continues it (the same final state and weights as an unbroken run), and a
+    step whose gradients overflow is skipped (weights unchanged, scale halved)."""
+    def run(path, crash_at=None, loss_mult=1.0, steps=12):
+        model = Toy()
+        cfg = TrainConfig(steps=steps, batch_size=16, lr=0.05)
+        ctx = ctx_for(path, precision="fp16")
+
+        def f(model, batch, step):
+            if step == crash_at:
+                raise KeyboardInterrupt("simulated kill")
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y) * loss_mult, {}
+        res = fit(ctx, model, Data(), None, f, cfg)
+        return model, res, ctx
+
+    ref, _, ctx = run(tmp_path / "ref")
+    _, tstate = CheckpointManager(tmp_path / "ref" / "checkpoints").latest().load()
+    assert tstate["scaler"]["scale"] == 2.0 ** 16 and tstate["scaler"]["_growth_tracker"] == 12
+    assert [m["train/loss_scale"] for _, m in ctx.tracker.metrics] == [2.0 ** 16] * 3
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", crash_at=8)
+    got, res, _ = run(tmp_path / "run")
+    assert res.resumed_from == 5
+    _, tstate2 = CheckpointManager(tmp_path / "run" / "checkpoints").latest().load()
+    assert tstate2["scaler"] == tstate["scaler"]  # the growth tracker went on from 5, not from 0
+    for a, b in zip(ref.state_dict().values(), got.state_dict().values()):
+        assert torch.equal(a, b)
+    # 1e36 * 65536 overflows float32: every step is skipped, the scale halves each time
+    before = Toy().state_dict()
+    over, _, _ = run(tmp_path / "overflow", loss_mult=1e36, steps=3)
+    _, tstate3 = CheckpointManager(tmp_path / "overflow" / "checkpoints").latest().load()
+    assert tstate3["scaler"]["scale"] == 2.0 ** 13
+    for a, b in zip(before.values(), over.state_dict().values()):
+        assert torch.equal(a, b)

@@ -444,7 +444,15 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     configure_prefect(artifacts)
     # three things that take seconds each, at once: the Prefect server (its own process) starts in a
     # thread, the fork server imports the stages' libraries (its own process), this thread imports
-    # Prefect's flow engine and MLflow
+    # MLflow. Prefect itself is imported here first: importing it from two threads at once breaks its
+    # plugin initialisation (a circular import seen half-done)
+    import importlib
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    if not os.environ.get("PREFECT_API_URL"):
+        importlib.import_module("prefect.server.api.server")
+
     started: list[BaseException | None] = []
 
     def start() -> None:
@@ -457,8 +465,6 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     server = threading.Thread(target=start, name="baton-prefect-server", daemon=True)
     server.start()
     prewarm_workers(incomplete_kinds(recipe, artifacts))
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     if track:
         __import__("mlflow")
     server.join()

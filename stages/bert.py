@@ -318,7 +318,7 @@ def run(ctx: StageContext) -> StageResult:
                                      normal, step_generator(ctx.seed, step), ws if cfg.whole_word else None)
         out = m(input_ids=masked, attention_mask=ids != tok.pad_token_id, labels=labels)
         sel = labels != -100
-        acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean().item()
+        acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean().detach()
         return out.loss, {"masked_acc": acc}
 
     emb = model.bert.embeddings

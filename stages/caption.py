@@ -290,7 +290,7 @@ def run(ctx: StageContext) -> StageResult:
         sel = labels != -100
         logits = m.mlm.cls(h[sel])
         return nn.functional.cross_entropy(logits, labels[sel]), \
-            {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().item()}
+            {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
 
     blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
     head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))

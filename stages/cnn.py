@@ -188,7 +188,7 @@ def run(ctx: StageContext) -> StageResult:
         flip = torch.rand(len(x)) < 0.5
         logits = m(device_batch(ctx, x, flip))
         loss = nn.functional.cross_entropy(logits, y)
-        return loss, {"acc": (logits.argmax(1) == y).float().mean().item()}
+        return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
 
     res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head,
               evaluate=lambda m: {f"val/{k}": v for k, v in topk_accuracy(

@@ -606,7 +606,7 @@ def run(ctx: StageContext) -> StageResult:
     def loss_fn(m: FasterRCNN, batch, step: int):
         xs, targets = prepare_batch(*batch, train=True)
         losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
-        return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
     res = fit(ctx, model, train_ds, collate, loss_fn, cfg.train, blocks, head)
 

@@ -121,20 +121,20 @@ def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
 
 def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int, accum: int,
                 scaler: torch.amp.GradScaler | None = None):
-    """Forward/backward ``accum`` micro-batches; returns the step's mean loss and the last logs."""
+    """Forward/backward ``accum`` micro-batches. Returns the step's mean loss, the last micro-batch's logs
+    and whether every loss was finite, all as tensors on the device: nothing here waits for the GPU
+    (``fit`` looks at them at its log / checkpoint / validation points)."""
     rt = ctx.config.runtime
-    step_loss, logs = 0.0, {}
+    step_loss, logs, finite = None, {}, None
     for _ in range(accum):
         batch = to_device(next(batches), ctx.device, rt.channels_last)
         with autocast(ctx):
             loss, logs = loss_fn(model, batch, step)
-        if not torch.isfinite(loss):
-            good = ctx.checkpoints.steps()
-            raise StageError(f"stage {ctx.name!r}: non-finite loss ({loss.item()}) at step {step}; "
-                             f"stopped, last good checkpoint: step {good[-1] if good else 'none'}")
         (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-        step_loss += loss.item() / accum
-    return step_loss, logs
+        d = loss.detach().float()
+        step_loss = d / accum if step_loss is None else step_loss + d / accum
+        finite = torch.isfinite(d) if finite is None else finite & torch.isfinite(d)
+    return step_loss, logs, finite
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _restore_best(ctx: StageContext, model: torch.nn.Module, best: dict[str, Any
                             step=int(best["step"]))
 
 
-LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict[str, float]]"]
+LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict[str, torch.Tensor | float]]"]
 
 
 def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | None, loss_fn: LossFn,
@@ -268,6 +268,18 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
             | ({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
         ctx.tracker.flush()
 
+    # the first step whose loss was not finite (+1; 0: none) and that loss, kept on the device and looked
+    # at only where the loop syncs anyway (log lines, checkpoints, validation): never a checkpoint after it
+    first_bad = torch.zeros((), dtype=torch.long, device=ctx.device)
+    bad_loss = torch.zeros((), device=ctx.device)
+
+    def stop_if_not_finite(at: int) -> None:
+        b = int(first_bad)
+        if b:
+            good = [s for s in ctx.checkpoints.steps() if s < b]
+            raise StageError(f"stage {ctx.name!r}: non-finite loss ({float(bad_loss)}) at step {b - 1} (seen at "
+                             f"step {at}); stopped, last good checkpoint: step {good[-1] if good else 'none'}")
+
     model.train()
     t0 = time.perf_counter()
     window_loss, window_n, last_t, last_step = 0.0, 0, t0, start
@@ -276,8 +288,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         plan.apply(step)
         while True:
             try:
-                step_loss, logs = _accumulate(ctx, model, batches, loss_fn, step, accum,
-                                              scaler if scaler.is_enabled() else None)
+                step_loss, logs, finite = _accumulate(ctx, model, batches, loss_fn, step, accum,
+                                                      scaler if scaler.is_enabled() else None)
                 break
             except torch.OutOfMemoryError:
                 # same effective batch: half the micro-batch, twice the accumulation, same examples
@@ -303,13 +315,17 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
             opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        window_loss += step_loss
+        newly_bad = (first_bad == 0) & ~finite
+        first_bad = torch.where(newly_bad, step + 1, first_bad)
+        bad_loss = torch.where(newly_bad, step_loss, bad_loss)
+        window_loss = window_loss + step_loss
         window_n += 1
         done = step + 1
         if done % rt.log_every == 0 or done == cfg.steps:
+            stop_if_not_finite(done)
             now = time.perf_counter()
             rate = (done - last_step) / max(now - last_t, 1e-9)
-            loss_avg = window_loss / window_n
+            loss_avg = float(window_loss) / window_n
             eta = (cfg.steps - done) / max(rate, 1e-9)
             lr0 = opt.param_groups[-1]["lr"]
             log.info("[%s] step %d/%d loss %.4f lr %.2e %.2f it/s ETA %s", ctx.name, done, cfg.steps, loss_avg,
@@ -320,6 +336,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
             window_loss, window_n, last_t, last_step = 0.0, 0, now, done
         new_best = False
         if cfg.eval_every is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            stop_if_not_finite(done)
             vals = _validate(ctx, model, evaluate, done)
             if cfg.keep_best:
                 name, mode = best_metric
@@ -330,6 +347,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
                 if best is None or (v > best["value"] if mode == "max" else v < best["value"]):
                     best, new_best = {"step": done, "metric": name, "value": v}, True
         if done % rt.checkpoint_every == 0 or done == cfg.steps or new_best:
+            stop_if_not_finite(done)
             save(done)
     plan.apply(cfg.steps)
     secs = time.perf_counter() - t0

@@ -501,7 +501,7 @@ def run(ctx: StageContext) -> StageResult:
         sel = labels != -100
         logits = m.mlm.cls(h[sel])
         loss = nn.functional.cross_entropy(logits, labels[sel])
-        logs = {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().item()}
+        logs = {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
         if m.itm is not None:
             # half the examples get another example's regions (rolled batch); label 1 = mismatch
             swap = (torch.rand(len(text), generator=gen) < 0.5).to(text.device)
@@ -511,7 +511,7 @@ def run(ctx: StageContext) -> StageResult:
             regions = {key: v[src] for key, v in regions_of(batch).items()}
             itm_logits = m.itm(m(text, regions, torch.zeros_like(swap))[:, 0])
             loss = loss + nn.functional.cross_entropy(itm_logits, swap.long())
-            logs["itm_acc"] = (itm_logits.argmax(-1) == swap.long()).float().mean().item()
+            logs["itm_acc"] = (itm_logits.argmax(-1) == swap.long()).float().mean().detach()
         return loss, logs
 
     blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")

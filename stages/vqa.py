@@ -153,7 +153,7 @@ def run(ctx: StageContext) -> StageResult:
         logits = m(batch["text"], regions_of(batch))  # (B, A)
         t = batch["targets"]
         loss = nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="sum") / len(t)
-        score = t.gather(1, logits.argmax(-1, keepdim=True)).mean().item()
+        score = t.gather(1, logits.argmax(-1, keepdim=True)).mean().detach()
         return loss, {"soft_acc": score}
 
     blocks = transfer_blocks(model.vlp, visual_in_backbone=built.origin == "vl")

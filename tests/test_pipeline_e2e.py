@@ -143,3 +143,21 @@ def test_sigkill_during_vl_then_rerun_resumes_same_mlflow_run(first_run):
     steps = [h.step for h in sorted(hist, key=lambda h: h.timestamp)]
     assert steps == sorted(set(steps)), f"metric history has repeats or goes back: {steps}"
     assert steps == list(range(2, 301, 2)), steps
+
+
+@pytest.mark.slow  # three CLI runs, ~1-2 min
+def test_stage_processes_can_be_spawned_instead_of_forked(tmp_path):
+    """BATON_WORKER_START=spawn: each stage in a fresh `python -m flows.worker` (the fork server's
+    fallback) trains the same as a forked one; an unknown value is refused, naming the variable."""
+    art = tmp_path / "artifacts"
+    det = "runtime.deterministic=true"
+    p = baton(["run", CONFIG, det, "--only", "bert", "--no-track"], art, env={"BATON_WORKER_START": "spawn"})
+    out = p.stderr + p.stdout
+    assert p.returncode == 0 and ran(out) == {"world", "bert"}, out[-3000:]
+    q = baton(["run", CONFIG, det, "--only", "bert", "--no-track"], tmp_path / "forked")
+    assert q.returncode == 0, (q.stderr + q.stdout)[-3000:]
+    spawned, forked = results(art)["bert"][0], results(tmp_path / "forked")["bert"][0]
+    assert spawned["fingerprint"] == forked["fingerprint"] and spawned["metrics"] == forked["metrics"]
+    p = baton(["run", CONFIG, "--only", "world", "--no-track"], tmp_path / "bad", check=False,
+              env={"BATON_WORKER_START": "thread"})
+    assert p.returncode == 2 and "BATON_WORKER_START='thread'" in p.stderr, p.stderr[-2000:]

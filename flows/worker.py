@@ -81,8 +81,16 @@ def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:
     os.dup2(out.fileno(), 1)
     os.dup2(out.fileno(), 2)
     out.close()
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)
+    for name, fd in (("stdout", 1), ("stderr", 2)):  # line by line into the pipe
+        stream = getattr(sys, name)
+        try:
+            ok = stream.fileno() == fd
+        except (AttributeError, OSError, ValueError):  # None (a server started without it), or not a file
+            ok = False
+        if ok:
+            stream.reconfigure(line_buffering=True)
+        else:
+            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda._is_in_bad_fork():  # CUDA was initialised in the fork server
         os.execv(sys.executable, [sys.executable, "-m", "flows.worker", *argv])  # a fresh interpreter

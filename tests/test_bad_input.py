@@ -217,14 +217,16 @@ def test_json_record_missing_a_key(tmp_path, world, prefect_home):
 
 
 def test_empty_dataset(tmp_path, world, prefect_home):
+    """(also: a data error is final: `retries: 2` does not retry it)"""
     paths = copy_world(world, tmp_path / "data", "corpus")
     train = tmp_path / "data" / "corpus" / "train.txt"
     train.write_text("\n\n")
     f = recipe(tmp_path, {"world": {"kind": "world", "source": "real", "paths": paths}, "bert": BERT})
     art = tmp_path / "artifacts"
-    code, out = run(["run", str(f), "--no-track"], art, prefect_home)
+    code, out = run(["run", str(f), "retries=2", "--no-track"], art, prefect_home)
     assert code == 1, out[-3000:]
     assert last_error(out) == f"error: {train}: empty corpus (no documents in 1 .txt file(s))"
+    assert "Retry 1/2" not in out and "Retries are exhausted" not in out, out[-3000:]
     assert_nothing_half_written(art, "bert")
 
 

@@ -145,6 +145,33 @@ def test_sigkill_during_vl_then_rerun_resumes_same_mlflow_run(first_run):
     assert steps == list(range(2, 301, 2)), steps
 
 
+def test_transient_failure_is_retried_by_prefect_and_resumes(first_run):
+    """recipe `retries: 1`: a stage process killed mid-training (as the OOM killer would) is a transient
+    error; Prefect retries the task in the same `baton run`, which resumes from the checkpoint."""
+    art, _, _ = first_run
+    over = ["retries=1", "stages.vqa.train.steps=300", "stages.vqa.runtime.checkpoint_every=4"]
+    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(BATON + ["run", CONFIG, *over], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    killed = None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        for d in art.glob("stages/vqa/*/checkpoints/0*"):
+            sd = d.parents[1]
+            if d.is_dir() and not (sd / "result.json").exists():
+                m = re.match(r"pid=(\d+)", (sd / ".lock").read_text())
+                os.kill(int(m.group(1)), signal.SIGKILL)  # the stage process, not the flow
+                killed = sd
+                break
+        time.sleep(0.1)
+    assert killed is not None, "vqa never checkpointed"
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "worker exited with status -9" in out and re.search(r"Retry 1/1 will start", out), out[-4000:]
+    assert re.search(r"\[vqa\] resumed from checkpoint at step [1-9]", out), out[-4000:]
+    assert (killed / "result.json").exists()
+
+
 @pytest.mark.slow  # three CLI runs, ~1-2 min
 def test_stage_processes_can_be_spawned_instead_of_forked(tmp_path):
     """BATON_WORKER_START=spawn: each stage in a fresh `python -m flows.worker` (the fork server's

@@ -191,10 +191,6 @@ def cmd_retry(args) -> int:
 DEPLOYMENT = "baton/baton"
 
 
-def _served_api(args) -> str:
-    return os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
-
-
 def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
     import httpx
 
@@ -220,17 +216,15 @@ def cmd_serve(args) -> int:
 
     art = _artifacts(args).resolve()
     _check_writable(art)
+    configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
     server = None
-    if not os.environ.get("PREFECT_API_URL"):
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
         url = f"http://{args.host}:{args.port}/api"
-        configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
         prefect = Path(sys.executable).with_name("prefect")
         server = subprocess.Popen([str(prefect), "server", "start", "--host", args.host, "--port", str(args.port)],
                                   env=os.environ | {"PREFECT_SERVER_UI_ENABLED": "true"}, stdout=subprocess.DEVNULL)
         os.environ["PREFECT_API_URL"] = url
-    else:
-        url = os.environ["PREFECT_API_URL"]
-        configure_prefect(art)
     try:
         _wait_healthy(url, server, timeout=180)
         print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
@@ -263,7 +257,7 @@ def cmd_submit(args) -> int:
     _check_writable(art)
     from flows.pipeline import configure_prefect
 
-    url = _served_api(args)
+    url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
     configure_prefect(art)
     os.environ["PREFECT_API_URL"] = url
     _wait_healthy(url, None, timeout=10)

@@ -221,10 +221,11 @@ def _worker_start_method() -> str:
     return m
 
 
-def incomplete_kinds(recipe: Recipe, artifacts: Path) -> list[str]:
+def incomplete_kinds(recipe: Recipe, artifacts: Path, fps: dict | None = None) -> list[str]:
     """The kinds of the stages that have no result.json yet (the ones that will need a process)."""
-    return sorted({recipe.stages[n].kind for n, sd in stage_dirs(recipe, Path(artifacts)).items()
-                   if sd.result() is None})
+    fps = fps if fps is not None else plan_fingerprints(recipe.stages)
+    return sorted({c.kind for n, c in recipe.stages.items()
+                   if StageDir(Path(artifacts), n, fps[n][0]).result() is None})
 
 
 _prewarmed: dict[str, Any] = {}  # what the running fork server imported, and the code it imported
@@ -343,7 +344,7 @@ def build_flow():
         art = Path(artifacts)
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or by the flow
         fps = plan_fingerprints(recipe.stages)
-        prewarm_workers(incomplete_kinds(recipe, art))  # no-op if run_pipeline already started it
+        prewarm_workers(incomplete_kinds(recipe, art, fps))  # no-op if run_pipeline already started it
         tracking, parent_id = None, ""
         if track:
             from flows.tracking import Tracking

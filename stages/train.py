@@ -120,7 +120,7 @@ def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int, accum: int,
-                scaler: torch.amp.GradScaler | None = None):
+                scaler: torch.amp.GradScaler):
     """Forward/backward ``accum`` micro-batches. Returns the step's mean loss, the last micro-batch's logs
     and whether every loss was finite, all as tensors on the device: nothing here waits for the GPU
     (``fit`` looks at them at its log / checkpoint / validation points)."""
@@ -130,7 +130,7 @@ def _accumulate(ctx: StageContext, model, batches: Iterator, loss_fn, step: int,
         batch = to_device(next(batches), ctx.device, rt.channels_last)
         with autocast(ctx):
             loss, logs = loss_fn(model, batch, step)
-        (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+        scaler.scale(loss / accum).backward()  # a disabled scaler (fp32, bf16) returns the loss as is
         d = loss.detach().float()
         step_loss = d / accum if step_loss is None else step_loss + d / accum
         finite = torch.isfinite(d) if finite is None else finite & torch.isfinite(d)
@@ -288,8 +288,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         plan.apply(step)
         while True:
             try:
-                step_loss, logs, finite = _accumulate(ctx, model, batches, loss_fn, step, accum,
-                                                      scaler if scaler.is_enabled() else None)
+                step_loss, logs, finite = _accumulate(ctx, model, batches, loss_fn, step, accum, scaler)
                 break
             except torch.OutOfMemoryError:
                 # same effective batch: half the micro-batch, twice the accumulation, same examples
@@ -303,16 +302,12 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
                             ctx.name, step, cfg.batch_size // accum, accum)
                 ctx.tracker.set_tags({"train.oom_retry": f"step {step}: grad_accum {accum}"})
                 batches = loader_from(step, accum)
-        if scaler.is_enabled():
-            scaler.unscale_(opt)  # clip the true gradients
         if cfg.grad_clip:
+            scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None],
                                            cfg.grad_clip)
-        if scaler.is_enabled():
-            scaler.step(opt)  # skipped if the gradients overflowed
-            scaler.update()
-        else:
-            opt.step()
+        scaler.step(opt)  # = opt.step(), skipped under fp16 if the gradients overflowed
+        scaler.update()
         sched.step()
         opt.zero_grad(set_to_none=True)
         newly_bad = (first_bad == 0) & ~finite

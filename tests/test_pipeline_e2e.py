@@ -109,26 +109,30 @@ def test_override_reruns_stage_and_downstream_only(first_run):
     assert cached(out) == {"world", "cnn", "detector"}
 
 
-def test_sigkill_during_vl_then_rerun_resumes_same_mlflow_run(first_run):
-    art, _, _ = first_run
-    over = ["stages.vl.train.steps=300", "stages.vl.runtime.checkpoint_every=4", "stages.vl.runtime.log_every=2"]
+def run_until_checkpoint(art: Path, stage: str, over: list[str], min_step: int = 1, timeout: float = 300):
+    """Start `baton run CONFIG over` in the background (its own process group); return (process, stage dir,
+    step) as soon as ``stage`` has a checkpoint at step >= min_step and no result.json yet."""
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(BATON + ["run", CONFIG, *over], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    ckpt = None
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        dirs = [d for d in art.glob("stages/vl/*/checkpoints/0*")
-                if d.is_dir() and not (d.parents[1] / "result.json").exists()]
-        steps = [int(d.name) for d in dirs]
-        if steps and max(steps) >= 8:
-            ckpt = max(steps)
-            break
-        time.sleep(0.2)
-    assert ckpt, "vl never checkpointed"
+        for d in art.glob(f"stages/{stage}/*/checkpoints/0*"):
+            sd = d.parents[1]
+            if d.is_dir() and int(d.name) >= min_step and not (sd / "result.json").exists():
+                return proc, sd, int(d.name)
+        time.sleep(0.1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{stage} wrote no checkpoint >= {min_step} within {timeout}s:\n{proc.communicate()[0][-3000:]}")
+
+
+def test_sigkill_during_vl_then_rerun_resumes_same_mlflow_run(first_run):
+    art, _, _ = first_run
+    over = ["stages.vl.train.steps=300", "stages.vl.runtime.checkpoint_every=4", "stages.vl.runtime.log_every=2"]
+    proc, vl_dir, ckpt = run_until_checkpoint(art, "vl", over, min_step=8)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    vl_dir = next(d for d in art.glob("stages/vl/*") if (d / "checkpoints").exists() and not (d / "result.json").exists())
     run_id = (vl_dir / "run.json").read_text()
 
     p = baton(["run", CONFIG, *over], art)
@@ -150,21 +154,9 @@ def test_transient_failure_is_retried_by_prefect_and_resumes(first_run):
     error; Prefect retries the task in the same `baton run`, which resumes from the checkpoint."""
     art, _, _ = first_run
     over = ["retries=1", "stages.vqa.train.steps=300", "stages.vqa.runtime.checkpoint_every=4"]
-    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(BATON + ["run", CONFIG, *over], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    killed = None
-    while time.time() < deadline and proc.poll() is None and killed is None:
-        for d in art.glob("stages/vqa/*/checkpoints/0*"):
-            sd = d.parents[1]
-            if d.is_dir() and not (sd / "result.json").exists():
-                m = re.match(r"pid=(\d+)", (sd / ".lock").read_text())
-                os.kill(int(m.group(1)), signal.SIGKILL)  # the stage process, not the flow
-                killed = sd
-                break
-        time.sleep(0.1)
-    assert killed is not None, "vqa never checkpointed"
+    proc, killed, _ = run_until_checkpoint(art, "vqa", over)
+    m = re.match(r"pid=(\d+)", (killed / ".lock").read_text())
+    os.kill(int(m.group(1)), signal.SIGKILL)  # the stage process, not the flow
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-4000:]
     assert "worker exited with status -9" in out and re.search(r"Retry 1/1 will start", out), out[-4000:]

@@ -262,11 +262,13 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     batches = loader_from(start, accum)
 
     def save(step: int) -> None:
+        # metrics first: a kill between the two then leaves the history ahead of the newest checkpoint
+        # (the resumed tracker drops the re-computed overlap), never a gap behind it
+        ctx.tracker.flush()
         ctx.checkpoints.save(step, model.state_dict(), {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
             "grad_accum": accum, "extra": extra_state or {}} | ({"best": best} if best else {})
             | ({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
-        ctx.tracker.flush()
 
     # the first step whose loss was not finite (+1; 0: none) and that loss, kept on the device and looked
     # at only where the loop syncs anyway (log lines, checkpoints, validation): never a checkpoint after it

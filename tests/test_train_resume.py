@@ -85,6 +85,38 @@ def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, caplo
         assert torch.equal(a, b), k
 
 
+def test_metrics_reach_the_tracker_before_their_checkpoint_is_written(tmp_path):
+    """A kill right after checkpoint k is written must not lose the metrics logged up to k: the resumed
+    run starts logging at k+1, so anything still buffered would leave a gap in the MLflow history."""
+    from stages.base import NullTracker
+
+    class Buffered(NullTracker):
+        def __init__(self):
+            super().__init__()
+            self.pending, self.flushed = [], []
+
+        def log_metrics(self, metrics, step):
+            self.pending.append(step)
+
+        def flush(self):
+            self.flushed += self.pending
+            self.pending = []
+
+    ctx = ctx_for(tmp_path, log_every=2, checkpoint_every=4)
+    ctx.tracker = Buffered()
+    save, seen = ctx.checkpoints.save, []
+
+    def save_and_look(step, *a, **k):
+        seen.append((step, max(ctx.tracker.flushed, default=0)))
+        return save(step, *a, **k)
+
+    ctx.checkpoints.save = save_and_look
+    model = Toy()
+    fit(ctx, model, Data(), None, loss_fn(), TrainConfig(steps=12, batch_size=16, lr=0.05), *model.blocks())
+    assert [s for s, _ in seen] == [4, 8, 12]
+    assert all(flushed >= step for step, flushed in seen), seen
+
+
 def test_sampler_resumes_mid_epoch_without_replay():
     full = list(ResumableBatchSampler(10, 3, seed=4, total=7))
     assert list(ResumableBatchSampler(10, 3, seed=4, start=4, total=7)) == full[4:]

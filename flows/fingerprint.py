@@ -37,12 +37,19 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+@lru_cache(maxsize=None)
 def _module_file(name: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ModuleNotFoundError, ValueError):  # `from stages.base import X`: X is not a module
-        return None
-    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+    """Source file of project module ``name``, found on disk: importing ``stages.cnn`` just to hash it
+    would import torch into a process that never trains. None when ``name`` is not a module (``X`` of
+    ``from stages.base import X``)."""
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(base).joinpath(*rest)
+        for candidate in ([p.with_suffix(".py")] if rest else []) + [p / "__init__.py"]:
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def _project_imports(tree: ast.AST, module: str) -> set[str]:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.base import StageResult, write_json_atomic
-from stages.checkpoint import CheckpointManager
 
 log = logging.getLogger("baton")
 
@@ -95,6 +94,8 @@ class StageDir:
         return removed
 
     def checkpoint_steps(self) -> list[int]:
+        from stages.checkpoint import CheckpointManager  # imports torch: not at the top of the flow's process
+
         return CheckpointManager(self.path / "checkpoints").steps()
 
     def status(self) -> str:

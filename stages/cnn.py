@@ -14,45 +14,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torchvision
-from pydantic import Field
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from stages.base import StageConfig, StageContext, StageError, StageResult, Strict
+from stages.base import StageContext, StageError, StageResult
 from stages.checkpoint import load_into, load_weights, save_weights
+from stages.config.cnn import Config, ModelConfig  # noqa: F401 - the kind's config
 from stages.data import ImageClassDataset, class_index, load_imagefolder, normalize_images
 from stages.metrics import topk_accuracy
-from stages.train import TrainConfig, autocast, fit, to_device
-
-TORCHVISION_ARCHS = ("alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
-
-
-class ModelConfig(Strict):
-    arch: Literal["narrow_resnet", "alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101",
-                  "resnext50_32x4d"] = "narrow_resnet"
-    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="narrow_resnet channels per stage")
-    blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], description="narrow_resnet BasicBlocks per stage")
-    stem: Literal["imagenet", "small"] = Field("small", description="small = 3x3 stride-1 stem, no max-pool (tiny images)")
-    init: str | None = Field(None, description="local state-dict file (.safetensors/.pt) or torchvision weights name")
-
-
-class Config(StageConfig):
-    kind: Literal["cnn"] = "cnn"
-    data: str = Field("world", description="stage providing the `imagenet` output")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    image_size: int = 32
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=2e-3))
-    eval_batch_size: int = 256
-    skip_bad_images: bool = Field(False, description="leave unreadable images out (counted in metric "
-                                                     "data/skipped_bad_images) instead of stopping on the first")
-
-    def upstream_refs(self) -> dict[str, str]:
-        return {"data": self.data}
-
+from stages.train import autocast, fit, to_device
 
 class NarrowResNet(ResNet):
     """torchvision ResNet with chosen widths/depths (same attribute names: conv1, bn1, layer1..4, fc),

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from stages import KINDS, kind_module
+from stages import KINDS, kind_config
 from stages.base import Runtime, StageConfig, Strict
 
 
@@ -139,7 +139,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
             raise RecipeError(f"{path}: {prefix}.kind: unknown stage kind {kind!r} (known: {', '.join(KINDS)})")
         block.setdefault("seed", settings.seed)
         block["runtime"] = {**settings.runtime, **(block.get("runtime") or {})}
-        model = kind_module(kind).Config
+        model = kind_config(kind)
         # A partial `train` block keeps the stage kind's tuned defaults for the keys it leaves out
         # (pydantic alone would fall back to TrainConfig's generic defaults).
         if isinstance(block.get("train"), dict) and "train" in model.model_fields:

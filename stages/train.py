@@ -16,39 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from stages.base import StageContext, StageError, Strict
+from stages.base import StageContext, StageError
 from stages.checkpoint import load_weights, rng_state, set_rng_state
-from stages.transfer import Transfer, TransferPlan, build_plan
+from stages.config.train import TrainConfig  # noqa: F401 - its config, re-exported
+from stages.transfer import TransferPlan, build_plan
 
 log = logging.getLogger("baton")
-
-
-class TrainConfig(Strict):
-    steps: int = Field(200, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="effective batch size (examples per optimizer step)")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per step; micro-batch = batch_size / grad_accum")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_clip: float | None = Field(1.0, gt=0)
-    transfer: Transfer = Field(default_factory=Transfer)
-    eval_every: int | None = Field(None, ge=1, description="steps between validation passes during training "
-                                                           "(val/* metrics at those steps); None = only at the end")
-    keep_best: bool = Field(False, description="keep the checkpoint with the best validation metric (besides the "
-                                               "newest keep_checkpoints) and make its weights the stage's output; "
-                                               "needs eval_every")
-
-    @model_validator(mode="after")
-    def _check_best(self):
-        if self.keep_best and self.eval_every is None:
-            raise ValueError("train.keep_best needs train.eval_every (steps between the validation passes that "
-                             "pick the best checkpoint)")
-        return self
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):

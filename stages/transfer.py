@@ -14,29 +14,10 @@ resumed run reproduces the same phases from the step number alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from stages.base import Strict
-
-
-class Transfer(Strict):
-    strategy: Literal["finetune", "linear_probe", "partial", "lp_ft"] = "finetune"
-    backbone_lr_mult: float = Field(1.0, ge=0.0, description="backbone LR = lr * backbone_lr_mult")
-    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="block i LR *= layer_decay**(n_blocks-i)")
-    freeze_blocks: int = Field(0, ge=0, description="partial: number of input-side blocks kept frozen")
-    lp_steps: int = Field(0, ge=0, description="lp_ft: steps of linear probing before full fine-tuning")
-    ft_lr_mult: float = Field(0.1, gt=0.0, description="lp_ft: LR multiplier for the fine-tune phase")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.strategy == "lp_ft" and self.lp_steps == 0:
-            raise ValueError("transfer.lp_steps must be > 0 when transfer.strategy is 'lp_ft'")
-        if self.strategy == "partial" and self.freeze_blocks == 0:
-            raise ValueError("transfer.freeze_blocks must be > 0 when transfer.strategy is 'partial'")
-        return self
+from stages.config.train import Transfer
 
 
 def _no_decay(p: torch.nn.Parameter) -> bool:

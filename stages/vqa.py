@@ -18,46 +18,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from stages.base import StageConfig, StageContext, StageError, StageResult
-from stages.bert import BertSizes
+from stages.base import StageContext, StageError, StageResult
 from stages.checkpoint import save_weights
+from stages.config.vqa import Config  # noqa: F401 - the kind's config
 from stages.data import VQARecord, load_vqa, vqa_files
 from stages.metrics import normalize_answer, vqa_scores
-from stages.train import TrainConfig, autocast, fit, to_device
-from stages.vl import (VLP, RegionTable, TextRegionData, build_model, check_init_fields, check_length, encode_texts,
-                       init_refs, open_regions, regions_of, save_vl, transfer_blocks)
-
-
-class Config(StageConfig):
-    kind: Literal["vqa"] = "vqa"
-    data: str = Field("world", description="stage providing the `vqa` output")
-    regions: str = Field("detector", description="stage providing the `regions` output")
-    init: str | None = Field("vl", description="stage whose model + tokenizer initialise the encoder; null = random "
-                                               "weights (the no-pretraining control)")
-    tokenizer_from: str | None = Field(None, description="init: null only: stage whose `tokenizer` output to use")
-    model: BertSizes = Field(default_factory=BertSizes, description="init: null only: the encoder sizes")
-    max_question_len: int = Field(16, ge=1, description="question WordPieces kept (+ [SEP])")
-    num_answers: int = Field(0, ge=0, description="answer vocabulary: the K most frequent training answers; 0 = all")
-    head_hidden: int = Field(0, ge=0, description="classifier MLP width; 0 = 2 x hidden_size")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_steps=30))
-    eval_batch_size: int = Field(256, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self):
-        check_init_fields(self)
-        return self
-
-    def upstream_refs(self) -> dict[str, str]:
-        return init_refs(self)
-
-    def ref_outputs(self) -> dict[str, str]:
-        return {"regions": "regions"}
+from stages.train import autocast, fit, to_device
+from stages.vl import (VLP, RegionTable, TextRegionData, build_model, check_length, encode_texts, open_regions,
+                       regions_of, save_vl, transfer_blocks)
 
 
 class VQAModel(nn.Module):

@@ -6,7 +6,6 @@ object's colour/shape/size plus noise), written with the detector's own RegionSt
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages import kind_module
 from stages.base import NullTracker, StageContext, StageResult
 from stages.regions import RegionStoreWriter
 
@@ -95,7 +95,7 @@ def make_ctx(root: Path, name: str, config, needs: tuple[str, ...], stage_dir: P
 def run_stage(root: Path, name: str, config, needs: tuple[str, ...], stage_dir: Path | None = None):
     """Run a stage like the flow does (result.json written last); returns (result, tracker)."""
     ctx = make_ctx(root, name, config, needs, stage_dir)
-    result = importlib.import_module(type(config).__module__).run(ctx)  # the kind module defines Config
+    result = kind_module(config.kind).run(ctx)
     (ctx.stage_dir / "result.json").write_text(result.model_dump_json())
     return result, ctx.tracker
 

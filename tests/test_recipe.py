@@ -110,3 +110,29 @@ def test_partial_train_block_keeps_stage_defaults(tmp_path):
     default = CnnConfig().train
     assert r.stages["cnn"].train.lr == 0.01
     assert r.stages["cnn"].train.steps == default.steps and r.stages["cnn"].train.batch_size == default.batch_size
+
+
+def test_validating_and_fingerprinting_a_recipe_does_not_import_torch():
+    """Every `baton` command reads the recipe first: that takes a fraction of a second, not the ~8 s of
+    importing torch, torchvision and transformers (the stage processes import those)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from stages.recipe import load_recipe\n"
+            "from flows.fingerprint import plan_fingerprints\n"
+            "import flows.cli, flows.pipeline, flows.store\n"
+            "for f in ('configs/vlp-tiny.yaml', 'configs/vlp-base.yaml'):\n"
+            "    plan_fingerprints(load_recipe(f).stages)\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'transformers') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_each_kinds_config_is_the_one_its_module_exposes():
+    from stages import KINDS, kind_config, kind_module
+
+    for kind in KINDS:
+        assert kind_config(kind) is kind_module(kind).Config, kind

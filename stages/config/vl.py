@@ -10,14 +10,34 @@ from stages.config.bert import BertSizes
 from stages.config.train import TrainConfig
 
 
-class Config(StageConfig):
-    kind: Literal["vl"] = "vl"
-    data: str = Field("world", description="stage providing the `coco` output (captions_{train,val}*.json)")
+class EncoderStageConfig(StageConfig):
+    """What vl, caption and vqa share: the stages giving the data and the regions, where the encoder's
+    weights and tokenizer come from (``init``), and its sizes when they come from nowhere."""
+
+    data: str = Field("world", description="stage providing the data output")
     regions: str = Field("detector", description="stage providing the `regions` output (a RegionStore)")
-    init: str | None = Field("bert", description="stage whose model + tokenizer initialise the encoder "
-                                                 "(bert: BERT weights, new visual embedding; vl/caption: everything)")
+    init: str | None = Field("vl", description="stage whose model + tokenizer initialise the encoder; null = random "
+                                               "weights (the no-pretraining control)")
     tokenizer_from: str | None = Field(None, description="init: null only: stage whose `tokenizer` output to use")
     model: BertSizes = Field(default_factory=BertSizes, description="init: null only: the encoder sizes")
+
+    @model_validator(mode="after")
+    def _check_init(self):
+        check_init_fields(self)
+        return self
+
+    def upstream_refs(self) -> dict[str, str]:
+        return init_refs(self)
+
+    def ref_outputs(self) -> dict[str, str]:
+        return {"regions": "regions"}
+
+
+class Config(EncoderStageConfig):
+    kind: Literal["vl"] = "vl"
+    data: str = Field("world", description="stage providing the `coco` output (captions_{train,val}*.json)")
+    init: str | None = Field("bert", description="stage whose model + tokenizer initialise the encoder "
+                                                 "(bert: BERT weights, new visual embedding; vl/caption: everything)")
     max_caption_len: int = Field(20, ge=1, description="caption WordPieces kept (the closing [SEP] is extra)")
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
     max_pred: int = Field(3, ge=1, description="at most this many masked tokens per caption")
@@ -28,18 +48,11 @@ class Config(StageConfig):
     eval_batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")
-    def _check(self):
-        check_init_fields(self)
+    def _check_masks(self):
         if abs(self.s2s_prob + self.bi_prob - 1.0) > 1e-6:
             raise ValueError(f"s2s_prob={self.s2s_prob} + bi_prob={self.bi_prob} must be 1 "
                              "(each example uses one of the two masks)")
         return self
-
-    def upstream_refs(self) -> dict[str, str]:
-        return init_refs(self)
-
-    def ref_outputs(self) -> dict[str, str]:
-        return {"regions": "regions"}
 
 
 def check_init_fields(cfg) -> None:

@@ -370,6 +370,38 @@ def mlflow_problems(artifacts: Path) -> list[str]:
     return out
 
 
+def _loss_history(artifacts: Path, stage: str) -> list[tuple[int, float]] | None:
+    """The stage's MLflow ``train/loss`` history in logging order (None: untracked or incomplete)."""
+    from mlflow import MlflowClient
+
+    results = list((artifacts / "stages" / stage).glob("*/result.json"))
+    rid = json.loads(results[0].read_text()).get("info", {}).get("mlflow_run_id") if len(results) == 1 else None
+    if not rid:
+        return None
+    client = MlflowClient(tracking_uri=f"sqlite:///{artifacts.resolve() / 'mlflow.db'}")
+    hist = sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: (m.timestamp, m.step))
+    return [(m.step, m.value) for m in hist]
+
+
+def loss_history_diffs(ref: Path, got: Path, stages: list[str]) -> dict[str, str]:
+    """Stages whose MLflow loss curve differs from the uninterrupted run's: a step missing or logged twice
+    (metrics lost or repeated around a kill), or another value (a resumed run averaging other steps)."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return {}
+    out = {}
+    for s in stages:
+        a, b = _loss_history(ref, s), _loss_history(got, s)
+        if a is None or b is None or a == b:
+            continue
+        if [st for st, _ in a] != [st for st, _ in b]:
+            out[s] = f"steps {[st for st, _ in b]} instead of {[st for st, _ in a]}"
+        else:
+            out[s] = "; ".join(f"step {x[0]}: {y[1]!r} instead of {x[1]!r}" for x, y in zip(a, b) if x != y)
+    return out
+
+
 def compare(ref: Path, got: Path, stages: list[str]) -> dict[str, Any]:
     metric_diffs, output_diffs, missing = {}, {}, []
     for s in stages:
@@ -665,6 +697,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
     cmp = compare(ref, art, order)
     problems = check_consistency(art)
     tracking = mlflow_problems(art)
+    curves = loss_history_diffs(ref, art, order)
     report = {
         "config": str(cfg), "overrides": overrides, "seed": seed, "kills_per_stage_requested": kills_per_stage,
         "stages": order,
@@ -686,6 +719,8 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         "consistent": not problems,
         "problems": problems,
         "mlflow_problems": tracking,
+        "loss_histories_identical": not curves,
+        "loss_history_diffs": curves,
         "reference_seconds": round(ref_seconds, 1),
         "windows": {s: {k: round(v, 3) for k, v in windows[s].items()} for s in order},
         "seconds": round(time.monotonic() - t_start, 1),
@@ -699,7 +734,8 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
     say(f"[faults] {report['kills_total']} kills, per stage {report['kills_per_stage']} (aimed "
         f"{report['aimed_kills_per_stage']}), {misses} missed, reopened {report['reopened']}, {runner.n} runs, "
         f"all completed: {all_completed}, metrics identical: {cmp['metrics_identical']}, outputs identical: "
-        f"{cmp['outputs_identical']}, consistent: {not problems}, {report['seconds']:.0f}s")
+        f"{cmp['outputs_identical']}, loss curves identical: {not curves}, consistent: {not problems}, "
+        f"{report['seconds']:.0f}s")
     if not keep and report["all_completed"] and cmp["metrics_identical"] and not problems:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
@@ -720,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = run_harness(a.config, a.kills_per_stage, a.overrides, a.seed, a.workdir, not a.no_snapshot, a.out,
                       a.run_timeout)
     ok = rep["all_completed"] and rep["metrics_identical"] and rep["outputs_identical"] and rep["consistent"] \
-        and not rep["mlflow_problems"]
+        and not rep["mlflow_problems"] and rep["loss_histories_identical"]
     return 0 if ok else 1
 
 

@@ -200,6 +200,9 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     ctx.tracker.log_params({f"train.{k}": v for k, v in cfg.model_dump().items() if k != "transfer"} | plan.describe())
 
     start, best = 0, None
+    # the loss summed since the last log line, and its step count: checkpointed, so that the first line
+    # after a resume averages the same steps (and logs the same value) as an unbroken run
+    window0: tuple[float, int] = (0.0, 0)
     ckpt = ctx.checkpoints.latest()
     if ckpt is not None:
         mstate, tstate = ckpt.load()
@@ -217,6 +220,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         start = int(tstate["step"])
         accum = int(tstate.get("grad_accum", accum))
         best = tstate.get("best")
+        window0 = tuple(tstate.get("log_window", window0))
         log.info("[%s] resumed from checkpoint at step %d/%d (%s)", ctx.name, start, cfg.steps, ckpt.path)
     if start >= cfg.steps:
         if cfg.keep_best:
@@ -241,7 +245,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         ctx.tracker.flush()
         ctx.checkpoints.save(step, model.state_dict(), {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-            "grad_accum": accum, "extra": extra_state or {}} | ({"best": best} if best else {})
+            "grad_accum": accum, "extra": extra_state or {}, "log_window": [float(window_loss), window_n]}
+            | ({"best": best} if best else {})
             | ({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
 
     # the first step whose loss was not finite (+1; 0: none) and that loss, kept on the device and looked
@@ -258,7 +263,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
 
     model.train()
     t0 = time.perf_counter()
-    window_loss, window_n, last_t, last_step = 0.0, 0, t0, start
+    (window_loss, window_n), last_t, last_step = window0, t0, start
     loss_avg = float("nan")
     for step in range(start, cfg.steps):
         plan.apply(step)

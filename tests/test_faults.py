@@ -37,12 +37,14 @@ def cached(output: str) -> list[str]:
 
 def check_report(rep: dict, min_kills: int) -> None:
     summary = {k: rep[k] for k in ("kills_per_stage", "phases_hit", "misses", "failures", "metric_diffs",
-                                   "output_diffs", "problems", "mlflow_problems", "final_exit")}
+                                   "output_diffs", "problems", "mlflow_problems", "loss_history_diffs",
+                                   "final_exit")}
     assert rep["all_completed"], summary
     assert rep["metrics_identical"], summary
     assert rep["outputs_identical"], summary
     assert rep["consistent"], summary
     assert not rep["mlflow_problems"], summary
+    assert rep["loss_histories_identical"], summary  # no step lost, repeated or averaged differently
     assert not rep["failures"], summary
     assert rep["kills_total"] >= min_kills, summary
     for k in rep["kills"]:  # a kill that was not a miss interrupted its target

@@ -85,6 +85,24 @@ def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, caplo
         assert torch.equal(a, b), k
 
 
+def test_resumed_run_logs_the_same_loss_history_as_an_unbroken_one(tmp_path):
+    """The first log line after a resume averages the same steps as in an unbroken run: the log window
+    (loss summed since the last line, and its step count) is part of the checkpoint."""
+    def run(path, crash_at=None):
+        model = Toy()
+        ctx = ctx_for(path, log_every=4, checkpoint_every=5)  # resume at 5, inside the 5..8 window
+        cfg = TrainConfig(steps=12, batch_size=16, lr=0.05)
+        fit(ctx, model, Data(), None, loss_fn(crash_at), cfg, *model.blocks())
+        return {s: m["train/loss"] for s, m in ctx.tracker.metrics}
+
+    ref = run(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", crash_at=7)
+    resumed = run(tmp_path / "run")
+    assert sorted(ref) == [4, 8, 12] and sorted(resumed) == [8, 12]
+    assert resumed == {8: ref[8], 12: ref[12]}
+
+
 def test_metrics_reach_the_tracker_before_their_checkpoint_is_written(tmp_path):
     """A kill right after checkpoint k is written must not lose the metrics logged up to k: the resumed
     run starts logging at k+1, so anything still buffered would leave a gap in the MLflow history."""

@@ -348,56 +348,46 @@ def check_consistency(artifacts: Path) -> list[str]:
     return problems
 
 
-def mlflow_problems(artifacts: Path) -> list[str]:
-    """Stage runs of complete stages that MLflow does not show as FINISHED."""
+def tracked_runs(artifacts: Path) -> tuple[Any, dict[str, list[str]]]:
+    """(MLflow client, {stage: run ids of its complete stage dirs}); (None, {}) without MLflow."""
     try:
         from mlflow import MlflowClient
     except ImportError:
-        return []
-    client = MlflowClient(tracking_uri=f"sqlite:///{artifacts.resolve() / 'mlflow.db'}")
-    out = []
+        return None, {}
+    runs: dict[str, list[str]] = {}
     for stage, dirs in stage_dirs(artifacts).items():
         for d in dirs:
             f = d / "result.json"
-            if not f.exists():
-                continue
-            rid = json.loads(f.read_text()).get("info", {}).get("mlflow_run_id")
-            if not rid:
-                continue
-            status = client.get_run(rid).info.status
-            if status != "FINISHED":
-                out.append(f"{stage}: MLflow run {rid} is {status}")
-    return out
+            rid = json.loads(f.read_text()).get("info", {}).get("mlflow_run_id") if f.exists() else None
+            if rid:
+                runs.setdefault(stage, []).append(rid)
+    return MlflowClient(tracking_uri=f"sqlite:///{artifacts.resolve() / 'mlflow.db'}"), runs
 
 
-def _loss_history(artifacts: Path, stage: str) -> list[tuple[int, float]] | None:
-    """The stage's MLflow ``train/loss`` history in logging order (None: untracked or incomplete)."""
-    from mlflow import MlflowClient
-
-    results = list((artifacts / "stages" / stage).glob("*/result.json"))
-    rid = json.loads(results[0].read_text()).get("info", {}).get("mlflow_run_id") if len(results) == 1 else None
-    if not rid:
-        return None
-    client = MlflowClient(tracking_uri=f"sqlite:///{artifacts.resolve() / 'mlflow.db'}")
-    hist = sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: (m.timestamp, m.step))
-    return [(m.step, m.value) for m in hist]
+def mlflow_problems(artifacts: Path) -> list[str]:
+    """Stage runs of complete stages that MLflow does not show as FINISHED."""
+    client, runs = tracked_runs(artifacts)
+    return [f"{stage}: MLflow run {rid} is {status}" for stage, rids in runs.items() for rid in rids
+            if (status := client.get_run(rid).info.status) != "FINISHED"]
 
 
 def loss_history_diffs(ref: Path, got: Path, stages: list[str]) -> dict[str, str]:
     """Stages whose MLflow loss curve differs from the uninterrupted run's: a step missing or logged twice
     (metrics lost or repeated around a kill), or another value (a resumed run averaging other steps)."""
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        return {}
+    (ca, ra), (cb, rb) = tracked_runs(ref), tracked_runs(got)
+
+    def curve(client, rid: str) -> list[tuple[int, float]]:  # in logging order
+        hist = sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: (m.timestamp, m.step))
+        return [(m.step, m.value) for m in hist]
+
     out = {}
     for s in stages:
-        a, b = _loss_history(ref, s), _loss_history(got, s)
-        if a is None or b is None or a == b:
-            continue
+        if len(ra.get(s, [])) != 1 or len(rb.get(s, [])) != 1:
+            continue  # untracked, or incomplete (reported by compare)
+        a, b = curve(ca, ra[s][0]), curve(cb, rb[s][0])
         if [st for st, _ in a] != [st for st, _ in b]:
             out[s] = f"steps {[st for st, _ in b]} instead of {[st for st, _ in a]}"
-        else:
+        elif a != b:
             out[s] = "; ".join(f"step {x[0]}: {y[1]!r} instead of {x[1]!r}" for x, y in zip(a, b) if x != y)
     return out
 
@@ -721,6 +711,8 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         "mlflow_problems": tracking,
         "loss_histories_identical": not curves,
         "loss_history_diffs": curves,
+        "ok": all_completed and cmp["metrics_identical"] and cmp["outputs_identical"] and not problems
+        and not tracking and not curves,
         "reference_seconds": round(ref_seconds, 1),
         "windows": {s: {k: round(v, 3) for k, v in windows[s].items()} for s in order},
         "seconds": round(time.monotonic() - t_start, 1),
@@ -736,7 +728,7 @@ def run_harness(config: str | Path, kills_per_stage: int = 1, overrides: list[st
         f"all completed: {all_completed}, metrics identical: {cmp['metrics_identical']}, outputs identical: "
         f"{cmp['outputs_identical']}, loss curves identical: {not curves}, consistent: {not problems}, "
         f"{report['seconds']:.0f}s")
-    if not keep and report["all_completed"] and cmp["metrics_identical"] and not problems:
+    if not keep and report["ok"]:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
 
@@ -755,9 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     rep = run_harness(a.config, a.kills_per_stage, a.overrides, a.seed, a.workdir, not a.no_snapshot, a.out,
                       a.run_timeout)
-    ok = rep["all_completed"] and rep["metrics_identical"] and rep["outputs_identical"] and rep["consistent"] \
-        and not rep["mlflow_problems"] and rep["loss_histories_identical"]
-    return 0 if ok else 1
+    return 0 if rep["ok"] else 1
 
 
 if __name__ == "__main__":

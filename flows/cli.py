@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.base import StageError
+from stages.contract import StageError
 from stages.recipe import RecipeError, load_recipe
 
 log = logging.getLogger("baton")

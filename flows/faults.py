@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from stages.checkpoint import sha256_file
+from stages.fsio import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMP = re.compile(r"(?:^|\.)(?:tmp|old)-(?:\d+-)?(\d+)$")  # atomic writers' temp names; group 1 = writer pid
@@ -314,7 +314,7 @@ def stage_dirs(artifacts: Path) -> dict[str, list[Path]]:
 
 def check_consistency(artifacts: Path) -> list[str]:
     """Problems in the stage directories (empty = consistent)."""
-    from stages.checkpoint import CheckpointManager
+    from stages.train.checkpoint import CheckpointManager
 
     problems = []
     for stage, dirs in stage_dirs(artifacts).items():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import KINDS
-from stages.base import StageConfig
+from stages.contract import StageConfig
 
 STORE_FORMAT = 1
 PROJECT_PACKAGES = ("stages",)
@@ -41,7 +41,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 def _module_file(name: str) -> Path | None:
     """Source file of project module ``name``, found on disk: importing ``stages.cnn`` just to hash it
     would import torch into a process that never trains. None when ``name`` is not a module (``X`` of
-    ``from stages.base import X``)."""
+    ``from stages.contract import X``)."""
     top, *rest = name.split(".")
     spec = importlib.util.find_spec(top)
     for base in (spec.submodule_search_locations or []) if spec else []:

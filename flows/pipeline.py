@@ -22,7 +22,7 @@ from typing import Any
 from flows.fingerprint import plan_fingerprints
 from flows.store import StageDir
 from stages import kind_module
-from stages.base import StageContext, StageError, StageResult, seed_stage
+from stages.contract import StageContext, StageError, StageResult, seed_stage
 from stages.recipe import Recipe, RecipeError, load_recipe
 
 EXIT_BAD_INPUT, EXIT_CACHED = 2, 3
@@ -166,7 +166,7 @@ def execute_stage(name: str, recipe: Recipe, fps: dict, artifacts: Path, trackin
             tracker = MlflowTracker(tracking.client, run_id)
             tracking.client.set_tag(parent_id, f"stage.{name}", f"ran run={run_id}")
         else:
-            from stages.base import NullTracker
+            from stages.contract import NullTracker
 
             tracker = NullTracker()
         ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,

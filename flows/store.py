@@ -2,7 +2,7 @@
 
     artifacts/stages/<stage>/<fingerprint[:16]>/
         config.json   resolved config + everything that went into the fingerprint
-        checkpoints/  full training state (stages.checkpoint)
+        checkpoints/  full training state (stages.train.checkpoint)
         outputs/      weights, tokenizer, region features, reports
         run.json      the MLflow run id of this stage's execution (a resumed stage continues it)
         result.json   written last, atomically: its presence means "complete"
@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.base import StageResult, write_json_atomic
+from stages.contract import StageResult
+from stages.fsio import write_json_atomic
 
 log = logging.getLogger("baton")
 
@@ -94,7 +95,7 @@ class StageDir:
         return removed
 
     def checkpoint_steps(self) -> list[int]:
-        from stages.checkpoint import CheckpointManager  # imports torch: not at the top of the flow's process
+        from stages.train.checkpoint import CheckpointManager  # imports torch: not at the top of the flow's process
 
         return CheckpointManager(self.path / "checkpoints").steps()
 

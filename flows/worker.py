@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from stages import kind_module
-from stages.base import StageError
+from stages.contract import StageError
 from stages.recipe import RecipeError
 
 log = logging.getLogger("baton")

@@ -19,7 +19,7 @@ KINDS: dict[str, str] = {
     "vqa": "stages.vqa",
 }
 
-CONFIGS: dict[str, str] = {kind: f"stages.config.{kind}" for kind in ("cnn", "detector", "bert", "vl", "caption", "vqa")}
+CONFIGS: dict[str, str] = {kind: f"stages.config.{kind}" for kind in KINDS}
 
 
 def kind_module(kind: str) -> ModuleType:

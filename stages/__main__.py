@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from stages import kind_module
-from stages.base import NullTracker, StageContext, StageError, StageResult, seed_stage, write_json_atomic
+from stages.contract import NullTracker, StageContext, StageError, StageResult, seed_stage
+from stages.fsio import write_json_atomic
 from stages.recipe import RecipeError, load_recipe
 
 

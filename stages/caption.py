@@ -12,8 +12,7 @@ Writes ``outputs/model/`` (a VLP dir, :func:`stages.vl.load_vl`), ``outputs/toke
 ``outputs/captions_val.json`` (COCO results format ``[{image_id, caption}]``),
 ``outputs/samples.json`` and ``outputs/samples/*.png`` (val images with the generated caption and a
 reference caption underneath; both logged as the MLflow artifact ``samples/``); reports BLEU-1..4, ROUGE-L and CIDEr-D on val against predicting the most
-common training caption for every image.
-"""
+common training caption for every image."""
 from __future__ import annotations
 
 import json
@@ -27,98 +26,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from stages.base import StageContext, StageError, StageResult, log
-from stages.bert import mask_tokens, normal_token_ids, step_generator
 from stages.config.caption import Config, DecodeConfig  # noqa: F401 - the kind's config
-from stages.data import caption_image_path, coco_captions_file, load_coco_captions, open_rgb
+from stages.contract import StageContext, StageError, StageResult, log
+from stages.data.captions import caption_image_path, coco_captions_file, load_coco_captions
+from stages.data.common import open_rgb
+from stages.data.text_regions import RegionTable, caption_data, open_regions, regions_of
 from stages.metrics import caption_scores
-from stages.train import autocast, fit, to_device
-from stages.vl import (VLP, RegionTable, build_model, caption_data, check_length, mlm_head_params,
-                       open_regions, regions_of, save_vl, transfer_blocks)
-
-
-# ----------------------------------------------------------------------------------------------
-# decoding
-
-
-def _banned(model: VLP, vocab: int, device) -> torch.Tensor:
-    """(V,) additive logit bias that forbids generating [PAD] [CLS] [MASK] (and [UNK])."""
-    bias = torch.zeros(vocab, device=device)
-    for key in ("pad", "cls", "mask", "unk"):
-        if key in model.special:
-            bias[model.special[key]] = float("-inf")
-    return bias
-
-
-def _next_logits(model: VLP, text: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
-    """VLP's step: text (N, t) so far -> logits (N, V) of a [MASK] appended at position t (seq2seq mask)."""
-    N = text.shape[0]
-    inp = torch.cat([text, torch.full((N, 1), model.special["mask"], dtype=text.dtype, device=text.device)], 1)
-    h = model(inp, regions, torch.ones(N, dtype=torch.bool, device=text.device))  # (N, L, H)
-    return model.mlm.cls(h[:, -1]).float()
-
-
-@torch.no_grad()
-def greedy_decode(model: VLP, regions: dict[str, torch.Tensor], max_len: int) -> list[list[int]]:
-    """Batched greedy decoding: one token list (without [SEP]) per image of ``regions``."""
-    model.eval()
-    N, dev = regions["feats"].shape[0], regions["feats"].device
-    sep, pad = model.special["sep"], model.special["pad"]
-    text = torch.empty(N, 0, dtype=torch.long, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
-    banned = None
-    for _ in range(max_len):
-        logits = _next_logits(model, text, regions)
-        banned = _banned(model, logits.shape[-1], dev) if banned is None else banned
-        nxt = (logits + banned).argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)  # finished rows get [PAD] (invisible)
-        text = torch.cat([text, nxt[:, None]], 1)
-        done |= nxt == sep
-        if done.all():
-            break
-    return [[t for t in row if t not in (sep, pad)] for row in _cut_at_sep(text.tolist(), sep)]
-
-
-@torch.no_grad()
-def beam_decode(model: VLP, regions: dict[str, torch.Tensor], beam: int, max_len: int,
-                length_penalty: float) -> list[list[int]]:
-    """Batched beam search: the best of ``beam`` hypotheses per image by log p / length**length_penalty
-    (length counts the closing [SEP]). Finished hypotheses are carried with [PAD] at no cost."""
-    model.eval()
-    N, dev = regions["feats"].shape[0], regions["feats"].device
-    sep, pad = model.special["sep"], model.special["pad"]
-    regions = {k: v.repeat_interleave(beam, 0) for k, v in regions.items()}  # (N*beam, ...)
-    text = torch.empty(N * beam, 0, dtype=torch.long, device=dev)
-    scores = torch.full((N, beam), float("-inf"), device=dev)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    finished = torch.zeros(N, beam, dtype=torch.bool, device=dev)
-    lengths = torch.zeros(N, beam, device=dev)
-    banned = None
-    for _ in range(max_len):
-        logits = _next_logits(model, text, regions)  # (N*beam, V)
-        V = logits.shape[-1]
-        banned = _banned(model, V, dev) if banned is None else banned
-        logp = torch.log_softmax(logits + banned, -1).view(N, beam, V)
-        pad_only = torch.full((V,), float("-inf"), device=dev)
-        pad_only[pad] = 0.0
-        logp = torch.where(finished[..., None], pad_only, logp)
-        top, idx = (scores[..., None] + logp).view(N, beam * V).topk(beam, -1)  # (N, beam)
-        src, tok = idx // V, idx % V
-        text = torch.cat([text.view(N, beam, -1).gather(1, src[..., None].expand(-1, -1, text.shape[1])),
-                          tok[..., None]], 2).view(N * beam, -1)
-        finished, lengths = finished.gather(1, src), lengths.gather(1, src)
-        lengths = lengths + (~finished).float()
-        finished = finished | (tok == sep)
-        scores = top
-        if finished.all():
-            break
-    best = (scores / lengths.clamp(min=1) ** length_penalty).argmax(-1)  # (N,)
-    rows = text.view(N, beam, -1)[torch.arange(N, device=dev), best].tolist()
-    return [[t for t in row if t not in (sep, pad)] for row in _cut_at_sep(rows, sep)]
-
-
-def _cut_at_sep(rows: list[list[int]], sep: int) -> list[list[int]]:
-    return [row[:row.index(sep)] if sep in row else row for row in rows]
+from stages.models.decode import beam_decode, greedy_decode
+from stages.models.masking import mask_tokens, normal_token_ids, step_generator
+from stages.models.vlp import VLP, build_model, check_length, mlm_head_params, save_vl, transfer_blocks
+from stages.train.device import autocast, to_device
+from stages.train.loop import fit
 
 
 def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_ids: list[int],
@@ -139,10 +57,6 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
             out[iid] = tok.decode(t, skip_special_tokens=True).strip()
     secs = time.perf_counter() - t0
     return out, len(image_ids) / max(secs, 1e-9)
-
-
-# ----------------------------------------------------------------------------------------------
-# samples a person can look at
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -220,10 +134,6 @@ def write_sample_images(captions_json: Path, info: dict[int, dict], image_ids: l
         render_sample(im, generated[iid], references[iid][0]).save(out_dir / f"{written:02d}_{iid}.png")
         written += 1
     return written, skipped
-
-
-# ----------------------------------------------------------------------------------------------
-# the stage
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -7,8 +7,7 @@ label index and, when ``synset_words.txt`` is in the ImageNet root, wnid -> name
 on val against chance and majority-class baselines. An unreadable image is an error naming the file,
 or with ``skip_bad_images: true`` it is left out and counted (metric ``data/skipped_bad_images``).
 Decoded images are kept in RAM only when they fit ``runtime.cache_images_mb``; otherwise the loader
-workers decode them per item. Batches are uint8; normalisation and the random flip run on the device.
-"""
+workers decode them per item. Batches are uint8; normalisation and the random flip run on the device."""
 from __future__ import annotations
 
 import json
@@ -16,85 +15,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
-from stages.base import StageContext, StageError, StageResult
-from stages.checkpoint import load_into, load_weights, save_weights
 from stages.config.cnn import Config, ModelConfig  # noqa: F401 - the kind's config
-from stages.data import ImageClassDataset, class_index, load_imagefolder, normalize_images
+from stages.contract import StageContext, StageError, StageResult
+from stages.data.imagenet import ImageClassDataset, class_index, load_imagefolder, normalize_images
 from stages.metrics import topk_accuracy
-from stages.train import autocast, fit, to_device
-
-class NarrowResNet(ResNet):
-    """torchvision ResNet with chosen widths/depths (same attribute names: conv1, bn1, layer1..4, fc),
-    so torchvision's detection backbone utilities (IntermediateLayerGetter, BackboneWithFPN) work on it."""
-
-    def __init__(self, widths: list[int], blocks: list[int], num_classes: int, stem: str = "small"):
-        nn.Module.__init__(self)
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
-        if stem == "small":
-            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        else:
-            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
-        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
-        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
-        self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-def build_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """ModelConfig + class count -> an untrained classifier (ResNet-like attribute names).
-
-    >>> m = build_classifier(ModelConfig(), 10); m(torch.zeros(2, 3, 32, 32)).shape
-    torch.Size([2, 10])"""
-    if cfg.arch == "narrow_resnet":
-        if len(cfg.widths) != 4 or len(cfg.blocks) != 4:
-            raise StageError("model.widths and model.blocks must have 4 entries (one per ResNet stage)")
-        return NarrowResNet(cfg.widths, cfg.blocks, num_classes, cfg.stem)
-    return getattr(torchvision.models, cfg.arch)(num_classes=num_classes)
-
-
-def head_prefix(arch: str) -> str:
-    return "classifier." if arch in ("alexnet", "vgg16") else "fc."
-
-
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Load ``cfg.init`` (a local file or a torchvision weights name); the class head is re-initialised."""
-    if not cfg.init:
-        return
-    path = Path(cfg.init)
-    if path.exists():
-        state = load_weights(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-        source = str(path)
-    else:
-        try:
-            weights = torchvision.models.get_weight(cfg.init)
-        except (ValueError, KeyError) as e:
-            raise StageError(f"model.init={cfg.init!r} is neither an existing file nor a torchvision weights name") from e
-        state, source = weights.get_state_dict(progress=False), cfg.init
-    head = head_prefix(cfg.arch)
-    load_into(model, state, source, strict=True, ignore=(head,))
-
-
-def transfer_blocks(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """ResNets: stem, layer1..layer4 as blocks; fc as the head."""
-    if hasattr(model, "layer1"):
-        stem = [*model.conv1.parameters(), *model.bn1.parameters()]
-        blocks = [stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)]
-        return blocks, list(model.fc.parameters())
-    return [list(model.features.parameters())], list(model.classifier.parameters())
+from stages.models.resnet import build_classifier, init_weights, transfer_blocks
+from stages.train.checkpoint import save_weights
+from stages.train.device import autocast, to_device
+from stages.train.loop import fit
 
 
 def save_model(model: nn.Module, cfg: ModelConfig, classes: list[str], out: Path) -> None:

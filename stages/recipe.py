@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from stages import KINDS, kind_config
-from stages.base import Runtime, StageConfig, Strict
+from stages.contract import Runtime, StageConfig, Strict
 
 
 class RecipeError(Exception):

@@ -12,76 +12,23 @@ Writes ``outputs/model/`` (the VLP encoder as a :func:`stages.vl.save_vl` dir, p
 ``head.safetensors`` and the answer list in config.json), ``outputs/tokenizer/`` and
 ``outputs/results_val.json`` (``[{question_id, answer}]``); reports official VQA accuracy on val,
 overall and per answer type, against answering the most frequent training answer of the question's
-question_type.
-"""
+question_type."""
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
 
 import torch
 from torch import nn
 
-from stages.base import StageContext, StageError, StageResult
-from stages.checkpoint import save_weights
 from stages.config.vqa import Config  # noqa: F401 - the kind's config
-from stages.data import VQARecord, load_vqa, vqa_files
-from stages.metrics import normalize_answer, vqa_scores
-from stages.train import autocast, fit, to_device
-from stages.vl import (VLP, RegionTable, TextRegionData, build_model, check_length, encode_texts, open_regions,
-                       regions_of, save_vl, transfer_blocks)
-
-
-class VQAModel(nn.Module):
-    """VLP encoder + answer classifier on the final [CLS] state: (B, A) logits."""
-
-    def __init__(self, vlp: VLP, num_answers: int, hidden: int):
-        super().__init__()
-        h = vlp.hidden_size
-        self.vlp = vlp
-        self.head = nn.Sequential(nn.Linear(h, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, num_answers))
-
-    def forward(self, text: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
-        bi = torch.zeros(len(text), dtype=torch.bool, device=text.device)
-        return self.head(self.vlp(text, regions, bi)[:, 0])
-
-
-# ----------------------------------------------------------------------------------------------
-# answers
-
-
-def answer_vocab(records: list[VQARecord], k: int) -> list[str]:
-    """The k most frequent normalised answers over every human answer of ``records`` (0 = all);
-    ties broken alphabetically."""
-    c = Counter(normalize_answer(a) for r in records for a in r.answers)
-    ranked = sorted(c.items(), key=lambda t: (-t[1], t[0]))
-    return [a for a, _ in (ranked[:k] if k else ranked)]
-
-
-def soft_targets(answers: list[str], index: dict[str, int]) -> torch.Tensor:
-    """VQA soft score per vocabulary answer: min(#annotators who gave it / 3, 1). (A,) float.
-    Answers outside the vocabulary are dropped."""
-    t = torch.zeros(len(index))
-    for a, n in Counter(normalize_answer(a) for a in answers).items():
-        if a in index:
-            t[index[a]] = min(n / 3.0, 1.0)
-    return t
-
-
-def type_prior(records: list[VQARecord]) -> tuple[dict[str, str], str]:
-    """Most frequent normalised multiple_choice_answer per question_type, and overall."""
-    by_type: dict[str, Counter] = defaultdict(Counter)
-    for r in records:
-        by_type[r.question_type][normalize_answer(r.multiple_choice_answer)] += 1
-    overall = Counter(normalize_answer(r.multiple_choice_answer) for r in records).most_common(1)[0][0]
-    return {t: c.most_common(1)[0][0] for t, c in by_type.items()}, overall
-
-
-def vqa_data(tok, records: list[VQARecord], table: RegionTable, index: dict[str, int], max_len: int) -> TextRegionData:
-    texts = encode_texts(tok, [r.question for r in records], max_len)
-    targets = torch.stack([soft_targets(r.answers, index) for r in records])  # (N, A)
-    return TextRegionData(table, [table.row[r.image_id] for r in records], texts, tok.pad_token_id,
-                          extras={"targets": targets})
+from stages.contract import StageContext, StageError, StageResult
+from stages.data.text_regions import RegionTable, TextRegionData, open_regions, regions_of
+from stages.data.vqa import answer_vocab, load_vqa, type_prior, vqa_data, vqa_files
+from stages.metrics import vqa_scores
+from stages.models.vlp import VQAModel, build_model, check_length, save_vl, transfer_blocks
+from stages.train.checkpoint import save_weights
+from stages.train.device import autocast, to_device
+from stages.train.loop import fit
 
 
 @torch.no_grad()
@@ -94,10 +41,6 @@ def predict(ctx: StageContext, model: VQAModel, ds: TextRegionData, batch_size: 
         with autocast(ctx):
             out.append(model(batch["text"], regions_of(batch)).float().argmax(-1).cpu())
     return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# the stage
 
 
 def run(ctx: StageContext) -> StageResult:

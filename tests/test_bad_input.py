@@ -30,7 +30,8 @@ VL = {"kind": "vl", "needs": ["world", "detector", "bert"], "train": {"steps": 1
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """A small synthetic world in the real formats (ImageNet folders, VG, corpus, COCO, VQA)."""
-    from stages.world import Config, generate
+    from stages.config.world import Config
+    from stages.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("world") / "data"
     cfg = Config.model_validate({"classification": {"train": 72, "val": 36}, "scenes": {"train": 12, "val": 6},
@@ -266,8 +267,9 @@ def test_empty_caption(tmp_path, world, prefect_home):
 
 
 def _cnn_weights(path: Path, widths: list[int], classes: int = 36) -> None:
-    from stages.checkpoint import save_weights
-    from stages.cnn import ModelConfig, build_classifier
+    from stages.config.cnn import ModelConfig
+    from stages.models.resnet import build_classifier
+    from stages.train.checkpoint import save_weights
 
     save_weights(build_classifier(ModelConfig(widths=widths), classes).state_dict(), path)
 
@@ -303,7 +305,7 @@ def test_truncated_safetensors(tmp_path, world, prefect_home):
 
 
 DISK_FULL = """
-# sitecustomize: in whichever process imports stages.checkpoint (the CLI, or the stage's own process),
+# sitecustomize: in whichever process imports stages.train.checkpoint (the CLI, or the stage's own process),
 # its N-th safetensors write runs out of space halfway
 import errno, importlib.abc, importlib.util, os, sys
 
@@ -312,7 +314,7 @@ AT = int(os.environ["BATON_FAKE_ENOSPC_AT"])
 
 class _DiskFull(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
-        if name != "stages.checkpoint":
+        if name != "stages.train.checkpoint":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -356,7 +358,7 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, world, prefect_home):
     d = stage_dir(art, "cnn")
     assert (f"[Errno {errno.ENOSPC}] cannot write checkpoint step 2 into {d / 'checkpoints'}: "
             "No space left on device (kept: steps [1])") in out, out[-3000:]
-    from stages.checkpoint import CheckpointManager
+    from stages.train.checkpoint import CheckpointManager
 
     mgr = CheckpointManager(d / "checkpoints")
     assert mgr.steps() == [1]

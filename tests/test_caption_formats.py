@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from stages import data, world
-from stages.base import NullTracker, StageContext, StageError, StageResult
-from stages.regions import RegionStoreWriter
+from stages.contract import NullTracker, StageContext, StageError, StageResult
+from stages.data.regions import RegionStoreWriter
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 KARPATHY = FIX / "karpathy" / "dataset_coco.json"
@@ -216,7 +216,8 @@ def test_caption_stage_on_karpathy_trains_and_draws_samples(tmp_path):
     """world (paths.karpathy) -> caption (init: null, a tokenizer trained on the captions, random region
     features): results JSON over the Karpathy val ids; a PNG for the val image on disk, the other skipped."""
     from stages import caption
-    from stages.bert import TokenizerConfig, train_tokenizer
+    from stages.config.bert import TokenizerConfig
+    from stages.data.text import train_tokenizer
 
     real_world(tmp_path / "world", paths={"karpathy": str(KARPATHY)})
     splits, _ = data.load_karpathy(KARPATHY)

@@ -13,10 +13,10 @@ import torch
 from pydantic import ValidationError
 
 from stages import cnn, detector, vl, world
-from stages.base import NullTracker, StageContext, StageResult
-from stages.checkpoint import load_weights
-from stages.regions import RegionStore
-from stages.transfer import Transfer, build_plan
+from stages.contract import NullTracker, StageContext, StageResult
+from stages.data.regions import RegionStore
+from stages.train.checkpoint import load_weights
+from stages.train.transfer import Transfer, build_plan
 
 CNN = cnn.ModelConfig(widths=[8, 16, 16, 32])
 TINY = {"fpn_channels": 16, "representation_size": 32, "rpn_batch_size_per_image": 32,
@@ -328,7 +328,7 @@ def test_split_is_seeded_when_the_vg_folder_has_no_id_lists(upstream, tmp_path):
     res = detector.run(ctx)
     assert res.info["split"].startswith("seeded split (seed 3, val_fraction 0.25")
     assert (res.info["train_images"], res.info["val_images"]) == (39, 13)
-    from stages.data import load_vg, vg_splits
+    from stages.data.visual_genome import load_vg, vg_splits
     images, _ = load_vg(vg)
     assert vg_splits(vg, images, 3, 0.25)[0]["val"] != vg_splits(vg, images, 4, 0.25)[0]["val"]
 
@@ -338,7 +338,8 @@ def test_padded_regions_do_not_change_the_vlp_output():
     [CLS] and text positions of it) must not see them, whatever they hold."""
     from transformers import BertForMaskedLM
 
-    from stages.bert import BertSizes, build_bert_config
+    from stages.config.bert import BertSizes
+    from stages.models.bert import build_bert_config
     torch.manual_seed(0)
     model = vl.VLP(BertForMaskedLM(build_bert_config(BertSizes(), 50)), feature_dim=8, prob_dim=4,
                    special={"cls": 2, "sep": 3, "pad": 0, "mask": 4}).eval()
@@ -362,11 +363,11 @@ def test_padded_regions_do_not_change_the_vlp_output():
 
 
 def test_colour_probe_reads_colour_from_region_features(upstream, tmp_path):
-    """stages.probe: regions whose features encode the matched box's colour (one-hot + noise) give a
+    """tools.probe: regions whose features encode the matched box's colour (one-hot + noise) give a
     near-perfect probe; the same boxes with colour-free features stay near chance."""
-    from stages.data import load_vg
-    from stages.probe import attribute_probe
-    from stages.regions import RegionStoreWriter
+    from stages.data.regions import RegionStoreWriter
+    from stages.data.visual_genome import load_vg
+    from tools.probe import attribute_probe
 
     wres, wdir = upstream["world"]
     vg = wdir / wres.outputs["vg"]

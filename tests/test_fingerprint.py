@@ -47,7 +47,7 @@ def test_code_digest_ignores_comments_docstrings_formatting():
 
 def test_code_digest_follows_project_imports():
     mods = code_digest("cnn")
-    assert {"stages.cnn", "stages.train", "stages.base", "stages.data", "stages.checkpoint"} <= set(mods)
+    assert {"stages.cnn", "stages.train.loop", "stages.contract", "stages.data.imagenet", "stages.train.checkpoint"} <= set(mods)
     assert "stages.bert" not in mods
 
 

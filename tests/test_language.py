@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from stages import kind_module
-from stages.base import NullTracker, StageContext, StageResult
-from stages.regions import RegionStoreWriter
+from stages.contract import NullTracker, StageContext, StageResult
+from stages.data.regions import RegionStoreWriter
 
 WORLD_OUTPUTS = {"corpus": "outputs/corpus", "coco": "outputs/coco", "vqa": "outputs/vqa", "vg": "outputs/vg"}
 RUNTIME = {"checkpoint_every": 10, "log_every": 5}
@@ -26,7 +26,8 @@ RUNTIME = {"checkpoint_every": 10, "log_every": 5}
 
 def make_world(root: Path, scenes_train: int = 40, scenes_val: int = 12, documents: int = 80, seed: int = 0) -> Path:
     """The synthetic world's text/scene outputs under ``root/outputs`` (the world stage's layout)."""
-    from stages.world import Config, write_corpus, write_scenes
+    from stages.config.world import Config
+    from stages.data.synthetic import write_corpus, write_scenes
 
     cfg = Config(scenes={"train": scenes_train, "val": scenes_val}, corpus={"documents": documents})
     out = root / "outputs"
@@ -149,7 +150,7 @@ def test_bert_contract(world, bert_stage):
 
     from transformers import BertForMaskedLM
 
-    from stages.bert import load_tokenizer
+    from stages.data.text import load_tokenizer
     tok = load_tokenizer(out / res.outputs["tokenizer"])
     assert tok.convert_tokens_to_ids(["[PAD]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 2, 3, 4]
     model = BertForMaskedLM.from_pretrained(str(out / res.outputs["model"]))
@@ -157,8 +158,8 @@ def test_bert_contract(world, bert_stage):
 
 
 def test_tokenizer_training_is_deterministic(world):
-    from stages.bert import TokenizerConfig, train_tokenizer
-    from stages.data import read_corpus
+    from stages.config.bert import TokenizerConfig
+    from stages.data.text import read_corpus, train_tokenizer
 
     docs = read_corpus(world / "world" / "outputs" / "corpus" / "train.txt")
     a, b = train_tokenizer(docs, TokenizerConfig()), train_tokenizer(list(reversed(docs)), TokenizerConfig())
@@ -169,7 +170,7 @@ def test_tokenizer_training_is_deterministic(world):
 
 
 def test_mask_tokens_deterministic_whole_word_and_capped():
-    from stages.bert import mask_tokens, step_generator
+    from stages.models.masking import mask_tokens, step_generator
 
     ids = torch.arange(10, 50).view(2, 20)
     cand = torch.ones_like(ids, dtype=torch.bool)
@@ -197,8 +198,9 @@ def test_mask_tokens_deterministic_whole_word_and_capped():
 def tiny_vlp(attn: str = "sdpa", vocab: int = 40):
     from transformers import BertForMaskedLM
 
-    from stages.bert import BertSizes, build_bert_config
-    from stages.vl import VLP
+    from stages.config.bert import BertSizes
+    from stages.models.bert import build_bert_config
+    from stages.models.vlp import VLP
 
     torch.manual_seed(0)
     cfg = build_bert_config(BertSizes(**MICRO, dropout=0.0), vocab)
@@ -248,7 +250,7 @@ def test_s2s_mask_blocks_the_future(attn):
 
 
 def test_sdpa_and_eager_agree():
-    from stages.vl import vlp_attention
+    from stages.models.vlp import vlp_attention
 
     a, b = tiny_vlp("sdpa"), tiny_vlp("eager")
     text = torch.tensor([[10, 11, 12, 3, 0], [20, 21, 3, 0, 0]])
@@ -267,7 +269,7 @@ def test_vl_init_equals_bert(world, bert_stage):
     from transformers import BertForMaskedLM
 
     from stages import vl
-    from stages.regions import RegionStore
+    from stages.data.regions import RegionStore
 
     cfg = vl.Config(seed=0, runtime=runtime(), max_caption_len=12)
     ctx = make_ctx(world, "vl_init", cfg, ("world", "detector", "bert"))
@@ -281,7 +283,7 @@ def test_vl_init_equals_bert(world, bert_stage):
 
 
 def test_vl_contract(world, vl_stage):
-    from stages.vl import load_vl
+    from stages.models.vlp import load_vl
 
     res, tracker = vl_stage
     out = world / "vl"
@@ -302,7 +304,7 @@ def test_vl_resume_equals_unbroken_run(world, bert_stage):
     import shutil
 
     from stages import vl
-    from stages.checkpoint import load_weights
+    from stages.train.checkpoint import load_weights
 
     cfg = vl.Config(seed=3, runtime=runtime(), max_caption_len=12, train=micro_train(20), itm=True)
     stage_dir = world / "vl_resume"
@@ -361,7 +363,7 @@ def test_caption_contract(world, vl_stage):
 
 
 def test_greedy_decoding_is_batched_and_matches_beam_1():
-    from stages.caption import beam_decode, greedy_decode
+    from stages.models.decode import beam_decode, greedy_decode
 
     model = tiny_vlp()
     regions = tiny_regions(3)
@@ -380,7 +382,7 @@ def test_greedy_decoding_is_batched_and_matches_beam_1():
 
 
 def test_vqa_soft_targets():
-    from stages.vqa import answer_vocab, soft_targets
+    from stages.data.vqa import answer_vocab, soft_targets
 
     index = {"yes": 0, "no": 1, "2": 2, "red": 3}
     t = soft_targets(["yes"] * 7 + ["no"] * 2 + ["two"], index)  # "two" normalises to "2"

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BATON, ROOT, baton
 
 CONFIG = "configs/vlp-micro.yaml"

@@ -19,8 +19,13 @@ import pytest
 import torch
 
 from stages import cnn, data, detector, world
-from stages.base import NullTracker, StageContext, StageError
-from stages.regions import RegionStore, RegionStoreWriter, import_bua_tsv, read_class_vocab
+from stages.contract import NullTracker, StageContext, StageError
+from stages.data.regions import (
+    RegionStore,
+    RegionStoreWriter,
+    import_bua_tsv,
+    read_class_vocab,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -269,11 +274,11 @@ def test_bua_tsv_errors_name_the_line(tmp_path):
 
 def test_bua_tsv_cli(tmp_path):
     out = tmp_path / "regions"
-    p = subprocess.run([sys.executable, "-m", "stages.regions", "import-tsv", str(FIX / "bua" / "tiny.tsv"),
+    p = subprocess.run([sys.executable, "-m", "stages.data.regions", "import-tsv", str(FIX / "bua" / "tiny.tsv"),
                         str(FIX / "bua" / "tiny_cls.tsv"), str(out)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "shards must have the same columns" in p.stderr and not out.exists()
-    p = subprocess.run([sys.executable, "-m", "stages.regions", "import-tsv", str(FIX / "bua" / "tiny_cls.tsv"),
+    p = subprocess.run([sys.executable, "-m", "stages.data.regions", "import-tsv", str(FIX / "bua" / "tiny_cls.tsv"),
                         str(out), "--classes", str(FIX / "bua" / "objects_vocab.txt")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -287,7 +292,7 @@ def test_bua_tsv_cli(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from stages.regions import RegionStoreWriter
+    from stages.data.regions import RegionStoreWriter
     out, n, k, d, delay, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
     w = RegionStoreWriter(out, n, k, d, ["a", "b"])
     print("tmp", w.tmp, flush=True)

@@ -16,9 +16,15 @@ import torch
 from PIL import Image
 
 from stages import cnn, data, world
-from stages.base import NullTracker, StageContext, StageError, StageResult, seed_stage
-from stages.checkpoint import load_weights
-from stages.train import ResumableBatchSampler
+from stages.contract import (
+    NullTracker,
+    StageContext,
+    StageError,
+    StageResult,
+    seed_stage,
+)
+from stages.train.checkpoint import load_weights
+from stages.train.sampler import ResumableBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -153,7 +159,7 @@ def test_detector_streamed_through_workers_writes_the_same_store(tmp_path):
     """Images decoded per item in 2 workers (training and the region pass) vs in the main process:
     the same region store, bit for bit (flips are drawn in the main process)."""
     from stages import detector
-    from stages.regions import RegionStore
+    from stages.data.regions import RegionStore
 
     wres = real_world(tmp_path, vg=FIX / "vg_v14")
     stores = []
@@ -173,7 +179,7 @@ def test_detector_streamed_through_workers_writes_the_same_store(tmp_path):
 
 
 def _store(path: Path, n: int = 12, k: int = 5, d: int = 24, c: int = 3, seed: int = 0):
-    from stages.regions import RegionStore, RegionStoreWriter
+    from stages.data.regions import RegionStore, RegionStoreWriter
 
     rng = np.random.default_rng(seed)
     w = RegionStoreWriter(path, n, k, d, [f"c{i}" for i in range(c)])
@@ -196,7 +202,7 @@ def _old_table(store, image_ids):
 def test_region_table_reads_the_memmap_per_batch_equal_to_the_old_in_memory_table(tmp_path):
     import pickle
 
-    from stages.vl import RegionTable, TextRegionData
+    from stages.data.text_regions import RegionTable, TextRegionData
 
     store = _store(tmp_path / "regions")
     ids = [111, 100, 105, 103, 110, 101]  # a subset, not in store order
@@ -222,7 +228,7 @@ def test_region_table_reads_the_memmap_per_batch_equal_to_the_old_in_memory_tabl
         r = batch["row"]
         assert torch.equal(batch["feats"].float(), old["feats"][r]) and torch.equal(batch["probs"].float(), old["probs"][r])
     # what the model computes from them: identical (float16 -> float32 is exact, wherever it happens)
-    from stages.vl import VisualEmbedding
+    from stages.models.vlp import VisualEmbedding
 
     torch.manual_seed(0)
     emb = VisualEmbedding(store.feature_dim, store.prob_dim, 8)
@@ -240,8 +246,8 @@ def test_region_table_loader_throughput(tmp_path, c):
     prints the numbers. The store is written once; reads hit the page cache (warm)."""
     import time
 
-    from stages.regions import RegionStore, RegionStoreWriter
-    from stages.vl import RegionTable, TextRegionData
+    from stages.data.regions import RegionStore, RegionStoreWriter
+    from stages.data.text_regions import RegionTable, TextRegionData
 
     n, k, d, bs = 2000, 100, 2048, 64
     rng = np.random.default_rng(0)
@@ -316,9 +322,9 @@ def test_vl_from_an_imported_bua_store_via_world_paths_regions(tmp_path):
     `regions: world`. Then the failures name the key: a store without one of the images, a paths.regions
     that is not a store, and a world without paths.regions (refused when the recipe is validated)."""
     from stages.__main__ import main
-    from stages.data import coco_captions_file, load_coco_captions
+    from stages.data.captions import coco_captions_file, load_coco_captions
+    from stages.data.regions import import_bua_tsv
     from stages.recipe import RecipeError, load_recipe
-    from stages.regions import import_bua_tsv
 
     config = ROOT / "configs" / "vlp-from-features.yaml"
     r = load_recipe(config)

@@ -55,7 +55,7 @@ def test_temps_of_killed_writers_are_removed_and_weights_writes_leave_none(tmp_p
     finished files stay. save_weights confines safetensors' temp file to its own pid-tagged temp dir."""
     import torch
 
-    from stages.checkpoint import load_weights, save_weights
+    from stages.train.checkpoint import load_weights, save_weights
 
     sd = StageDir(tmp_path, "s", "f" * 64)
     model = sd.path / "outputs" / "model"

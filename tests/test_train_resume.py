@@ -1,14 +1,17 @@
 """The shared loop: resume is exact, checkpoints are atomic and verified, transfer strategies do
 what the config says, a non-finite loss stops the stage."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from stages.base import StageConfig, StageContext, StageError
-from stages.checkpoint import CheckpointManager, load_weights, save_weights
-from stages.train import ResumableBatchSampler, TrainConfig, fit
+from stages.config.train import TrainConfig
+from stages.contract import StageConfig, StageContext, StageError
+from stages.train.checkpoint import CheckpointManager, load_weights, save_weights
+from stages.train.loop import fit
+from stages.train.sampler import ResumableBatchSampler
 
 
 class Cfg(StageConfig):
@@ -44,8 +47,9 @@ class Data(torch.utils.data.Dataset):
 
 def ctx_for(path, **runtime):
     rt = {"checkpoint_every": 5, "log_every": 5, "device": "cpu"} | runtime
-    return StageContext(name="toy", config=Cfg(runtime=rt), stage_dir=path, upstream={}, upstream_dirs={},
-                        fingerprint="t")
+    cfg = Cfg(runtime=rt)
+    return StageContext(name="toy", config=cfg, stage_dir=path, upstream={}, upstream_dirs={}, fingerprint="t",
+                        checkpoints=CheckpointManager(Path(path) / "checkpoints", keep=cfg.runtime.keep_checkpoints))
 
 
 def loss_fn(crash_at=None):
@@ -106,7 +110,7 @@ def test_resumed_run_logs_the_same_loss_history_as_an_unbroken_one(tmp_path):
 def test_metrics_reach_the_tracker_before_their_checkpoint_is_written(tmp_path):
     """A kill right after checkpoint k is written must not lose the metrics logged up to k: the resumed
     run starts logging at k+1, so anything still buffered would leave a gap in the MLflow history."""
-    from stages.base import NullTracker
+    from stages.contract import NullTracker
 
     class Buffered(NullTracker):
         def __init__(self):
@@ -216,7 +220,7 @@ def test_partial_freezes_first_blocks(tmp_path):
 
 
 def test_lr_groups_follow_backbone_mult_and_layer_decay():
-    from stages.transfer import Transfer, build_plan
+    from stages.train.transfer import Transfer, build_plan
 
     model = Toy()
     blocks, head = model.blocks()

@@ -12,8 +12,10 @@ import torch
 from pydantic import ValidationError
 
 from stages import data
-from stages.base import StageContext, StageError
-from stages.world import PLURALS, Config, run
+from stages.config.world import Config
+from stages.contract import StageContext, StageError
+from stages.data.synthetic import PLURALS
+from stages.world import run
 
 SMALL = dict(classification={"train": 60, "val": 20}, scenes={"train": 12, "val": 6}, corpus={"documents": 20},
              captions_per_image=5, questions_per_image=4)
@@ -21,13 +23,8 @@ SMALL = dict(classification={"train": 60, "val": 20}, scenes={"train": 12, "val"
 
 def make_ctx(stage_dir: Path, **cfg) -> StageContext:
     config = Config(**{"seed": 0, **SMALL, **cfg})
-    kw = {}
-    try:
-        import stages.checkpoint  # noqa: F401
-    except ImportError:  # the checkpoint module is not needed by `world`
-        kw["checkpoints"] = object()
     return StageContext(name="world", config=config, stage_dir=stage_dir, upstream={}, upstream_dirs={},
-                        fingerprint="test", **kw)
+                        fingerprint="test")
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.base import StageConfig, Strict
 from stages.config.train import TrainConfig
-
+from stages.contract import StageConfig, Strict
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -5,9 +5,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages.base import Strict
 from stages.config.train import TrainConfig
 from stages.config.vl import EncoderStageConfig
+from stages.contract import Strict
 
 
 class DecodeConfig(Strict):

@@ -5,9 +5,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from stages.base import StageConfig, Strict
 from stages.config.train import TrainConfig
-
+from stages.contract import StageConfig, Strict
 
 TORCHVISION_ARCHS = ("alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
 

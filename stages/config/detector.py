@@ -5,10 +5,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.base import StageConfig, StageError, Strict
 from stages.config.cnn import ModelConfig as BackboneConfig
 from stages.config.train import TrainConfig
-
+from stages.contract import StageConfig, StageError, Strict
 
 # torchvision's _resnet_fpn_extractor semantics: trainable_layers=n unfreezes the last n of these
 TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")

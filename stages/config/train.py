@@ -1,11 +1,11 @@
-"""Configs of the shared training loop (:mod:`stages.train`) and the transfer strategies (:mod:`stages.transfer`)."""
+"""Configs of the shared training loop (:mod:`stages.train`) and the transfer strategies (:mod:`stages.train.transfer`)."""
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.base import Strict
+from stages.contract import Strict
 
 
 class Transfer(Strict):

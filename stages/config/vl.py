@@ -5,9 +5,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.base import StageConfig
 from stages.config.bert import BertSizes
 from stages.config.train import TrainConfig
+from stages.contract import StageConfig
 
 
 class EncoderStageConfig(StageConfig):

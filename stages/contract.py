@@ -1,12 +1,10 @@
 """The stage contract (DESIGN.md "The stage contract").
 
-A stage kind is one module in ``stages/`` that exposes a pydantic config model (subclass of
-:class:`StageConfig`) and ``run(ctx: StageContext) -> StageResult``. Nothing here imports
-Prefect or MLflow: tracking goes through the :class:`Tracker` interface.
-"""
+A stage kind is one module exposing a pydantic config model (subclass of :class:`StageConfig`) and
+``run(ctx: StageContext) -> StageResult``. Nothing here imports Prefect or MLflow: tracking goes
+through the :class:`Tracker` interface."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -127,16 +125,10 @@ class StageContext:
     fingerprint: str
     tracker: Any = field(default_factory=NullTracker)
     device: Any = None  # torch.device, resolved by resolve_device
-    checkpoints: Any = None  # stages.checkpoint.CheckpointManager
+    checkpoints: Any = None  # stages.train.checkpoint.CheckpointManager: made by the training loop when unset
 
     def __post_init__(self) -> None:
         self.stage_dir = Path(self.stage_dir)
-        if self.checkpoints is None:
-            from stages.checkpoint import CheckpointManager
-
-            self.checkpoints = CheckpointManager(
-                self.stage_dir / "checkpoints", keep=self.config.runtime.keep_checkpoints
-            )
         if self.device is None:
             self.device = resolve_device(self.config.runtime)
 
@@ -196,26 +188,3 @@ def seed_stage(config: StageConfig) -> None:
     if config.runtime.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file, fsync, rename: readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,7 +1,7 @@
 """Linear probe: how much attribute (e.g. colour) information the stored region features carry.
 
-    python -m stages.probe --regions DET/outputs/regions --vg WORLD/outputs/vg            # colours
-    python -m stages.probe --regions ... --vg ... --values small,large                     # sizes
+    python tools/probe.py --regions DET/outputs/regions --vg WORLD/outputs/vg            # colours
+    python tools/probe.py --regions ... --vg ... --values small,large                     # sizes
 
 Each ground-truth box of the Visual Genome folder that has exactly one attribute among ``values``
 (default: the synthetic world's colours) is matched to the stored region of its image with the
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from stages.base import StageError
-from stages.data import VGImage, load_vg, vg_splits
-from stages.regions import RegionStore
+from stages.contract import StageError
+from stages.data.regions import RegionStore
+from stages.data.visual_genome import VGImage, load_vg, vg_splits
 
 
 def matched_examples(store: RegionStore, images: list[VGImage], values: list[str],
@@ -103,9 +103,9 @@ def attribute_probe(regions_dir: Path, vg_dir: Path, values: list[str], seed: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.world import COLOUR_NAMES
+    from stages.data.synthetic import COLOUR_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m stages.probe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python tools/probe.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regions", type=Path, required=True, help="a region store folder (detector outputs/regions)")
     p.add_argument("--vg", type=Path, required=True, help="the Visual Genome folder it was detected on")

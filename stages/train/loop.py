@@ -5,8 +5,7 @@ A stage reads top to bottom: build data and model, then ``fit(...)``, then evalu
 autocast (bf16 on CUDA), channels_last, gradient accumulation, periodic full-state checkpoints,
 resume from the newest valid checkpoint (model, optimizer, scheduler, RNG states, step and the
 data position, so an epoch is never replayed), a stop on a non-finite loss, metrics through the
-tracker, and progress lines with rate and ETA.
-"""
+tracker, and progress lines with rate and ETA."""
 from __future__ import annotations
 
 import logging
@@ -17,69 +16,14 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from stages.base import StageContext, StageError
-from stages.checkpoint import load_weights, rng_state, set_rng_state
 from stages.config.train import TrainConfig  # noqa: F401 - its config, re-exported
-from stages.transfer import TransferPlan, build_plan
+from stages.contract import StageContext, StageError
+from stages.train.checkpoint import CheckpointManager, load_weights, rng_state, set_rng_state
+from stages.train.device import autocast, grad_scaler, to_device
+from stages.train.sampler import ResumableBatchSampler
+from stages.train.transfer import TransferPlan, build_plan
 
 log = logging.getLogger("baton")
-
-
-class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Endless seeded shuffling, step by step, starting at any step in O(1).
-
-    Epoch e is ``randperm(n, seed + e)``; step b takes batch ``b % per_epoch`` of epoch
-    ``b // per_epoch`` and yields it as ``accum`` micro-batches. Resuming at step k never replays the
-    epoch it stopped in, and the examples of a step do not depend on ``accum`` (so an OOM retry with
-    smaller micro-batches sees the same data)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, total: int | None = None,
-                 accum: int = 1):
-        if n < batch_size:
-            raise StageError(f"dataset has {n} examples, fewer than one batch of {batch_size}")
-        self.n, self.bs, self.seed, self.start, self.total, self.accum = n, batch_size, seed, start, total, accum
-        self.per_epoch = n // batch_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        b = self.start
-        epoch, perm = -1, None
-        micro = -(-self.bs // self.accum)
-        while self.total is None or b < self.total:
-            e, i = divmod(b, self.per_epoch)
-            if e != epoch:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + e)
-                perm, epoch = torch.randperm(self.n, generator=g).tolist(), e
-            batch = perm[i * self.bs:(i + 1) * self.bs]
-            for j in range(0, self.bs, micro):
-                yield batch[j:j + micro]
-            b += 1
-
-    def __len__(self) -> int:
-        return ((self.total - self.start) * self.accum) if self.total is not None else 1 << 62
-
-
-def to_device(x: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(x, torch.Tensor):
-        x = x.to(device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 and x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: to_device(v, device, channels_last) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device, channels_last) for v in x)
-    return x
-
-
-def autocast(ctx: StageContext):
-    prec = ctx.config.runtime.precision
-    enabled = prec in ("bf16", "fp16") and ctx.device.type == "cuda"
-    return torch.autocast(ctx.device.type, dtype=torch.float16 if prec == "fp16" else torch.bfloat16, enabled=enabled)
-
-
-def grad_scaler(ctx: StageContext) -> torch.amp.GradScaler:
-    """fp16: dynamic loss scaling (a step whose gradients overflow is skipped and the scale halves).
-    On CPU the math stays fp32 (no autocast) but the scaler still runs, so its state is checkpointed
-    and resumed the same way everywhere."""
-    return torch.amp.GradScaler(ctx.device.type, enabled=ctx.config.runtime.precision == "fp16")
 
 
 def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
@@ -166,7 +110,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     """Train ``model`` for ``cfg.steps`` optimizer steps on ``dataset``.
 
     ``loss_fn(model, batch, step) -> (loss, logs)`` computes one micro-batch's loss. ``blocks`` and
-    ``head`` (see stages.transfer) define the transfer strategy; without them every parameter is
+    ``head`` (see stages.train.transfer) define the transfer strategy; without them every parameter is
     one 'head' group. ``evaluate(model) -> {metric: value}`` is the stage's validation pass, run every
     ``cfg.eval_every`` steps; with ``cfg.keep_best`` the checkpoint with the best ``best_metric``
     (name, "max" | "min") is kept and its weights are in ``model`` on return. Otherwise returns when the
@@ -181,6 +125,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     if cfg.batch_size % cfg.grad_accum:
         raise StageError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
     accum = cfg.grad_accum
+    if ctx.checkpoints is None:
+        ctx.checkpoints = CheckpointManager(ctx.stage_dir / "checkpoints", keep=rt.keep_checkpoints)
     model.to(ctx.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -9,11 +9,9 @@ A checkpoint is a directory ``checkpoints/<step:08d>/`` holding
 It is written to ``.tmp-<step>-<pid>/``, fsynced, then renamed into place, so a kill during
 the write leaves either the previous checkpoint or the new one, never a half one. ``latest()``
 verifies the manifest and falls back to the previous checkpoint (with a warning) when the newest
-is corrupt.
-"""
+is corrupt."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,24 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stages.base import StageError, fsync_dir
+from stages.contract import StageError
+from stages.fsio import _fsync_file, fsync_dir, sha256_file
 
 log = logging.getLogger("baton")
 
+
 MODEL_FILE, STATE_FILE, MANIFEST, BEST = "model.safetensors", "state.pt", "manifest.json", "best.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

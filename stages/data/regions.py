@@ -14,7 +14,7 @@ has an index is complete; a writer killed at any point leaves either no store or
 Precomputed bottom-up-attention features (the TSV dumps of ``generate_tsv.py``) are imported with
 :func:`import_bua_tsv`, or from the shell:
 
-    python -m stages.regions import-tsv trainval_36.tsv.0 trainval_36.tsv.1 /data/regions/coco_bua36 \\
+    python -m stages.data.regions import-tsv trainval_36.tsv.0 trainval_36.tsv.1 /data/regions/coco_bua36 \\
         --classes objects_vocab.txt
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.base import StageError, fsync_dir
+from stages.contract import StageError
+from stages.fsio import fsync_dir
 
 FORMAT = 1
 GEOMETRY_DIM = 6
@@ -387,7 +388,7 @@ def import_bua_tsv(tsv_path: Path | str | list, out_dir: Path, classes: list[str
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m stages.regions", description="Region-feature store tools.")
+    ap = argparse.ArgumentParser(prog="python -m stages.data.regions", description="Region-feature store tools.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import-tsv", help="bottom-up-attention TSV file(s) -> a RegionStore directory")
     imp.add_argument("tsv", nargs="+", type=Path, help="TSV file(s) (shards are concatenated in order)")

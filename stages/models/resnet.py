@@ -1,0 +1,83 @@
+"""Classification backbones: torchvision's ResNets / VGG / AlexNet and a narrow ResNet for CPU, with their transfer blocks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from stages.config.cnn import ModelConfig
+from stages.contract import StageError
+from stages.train.checkpoint import load_into, load_weights
+
+
+class NarrowResNet(ResNet):
+    """torchvision ResNet with chosen widths/depths (same attribute names: conv1, bn1, layer1..4, fc),
+    so torchvision's detection backbone utilities (IntermediateLayerGetter, BackboneWithFPN) work on it."""
+
+    def __init__(self, widths: list[int], blocks: list[int], num_classes: int, stem: str = "small"):
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        if stem == "small":
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def build_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """ModelConfig + class count -> an untrained classifier (ResNet-like attribute names).
+
+    >>> m = build_classifier(ModelConfig(), 10); m(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])"""
+    if cfg.arch == "narrow_resnet":
+        if len(cfg.widths) != 4 or len(cfg.blocks) != 4:
+            raise StageError("model.widths and model.blocks must have 4 entries (one per ResNet stage)")
+        return NarrowResNet(cfg.widths, cfg.blocks, num_classes, cfg.stem)
+    return getattr(torchvision.models, cfg.arch)(num_classes=num_classes)
+
+
+def head_prefix(arch: str) -> str:
+    return "classifier." if arch in ("alexnet", "vgg16") else "fc."
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Load ``cfg.init`` (a local file or a torchvision weights name); the class head is re-initialised."""
+    if not cfg.init:
+        return
+    path = Path(cfg.init)
+    if path.exists():
+        state = load_weights(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        source = str(path)
+    else:
+        try:
+            weights = torchvision.models.get_weight(cfg.init)
+        except (ValueError, KeyError) as e:
+            raise StageError(f"model.init={cfg.init!r} is neither an existing file nor a torchvision weights name") from e
+        state, source = weights.get_state_dict(progress=False), cfg.init
+    head = head_prefix(cfg.arch)
+    load_into(model, state, source, strict=True, ignore=(head,))
+
+
+def transfer_blocks(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
+    """ResNets: stem, layer1..layer4 as blocks; fc as the head."""
+    if hasattr(model, "layer1"):
+        stem = [*model.conv1.parameters(), *model.bn1.parameters()]
+        blocks = [stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)]
+        return blocks, list(model.fc.parameters())
+    return [list(model.features.parameters())], list(model.classifier.parameters())

@@ -11,8 +11,9 @@ import pydantic
 import pytest
 from PIL import Image
 
-from stages import data, world
+from stages import world
 from stages.contract import NullTracker, StageContext, StageError, StageResult
+from stages.data import captions, synthetic
 from stages.data.regions import RegionStoreWriter
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -37,7 +38,7 @@ def real_world(stage_dir: Path, **cfg) -> StageResult:
     return res
 
 
-def ids(images: list[data.CaptionImage]) -> list[int]:
+def ids(images: list[captions.CaptionImage]) -> list[int]:
     return [im.image_id for im in images]
 
 
@@ -45,7 +46,7 @@ def ids(images: list[data.CaptionImage]) -> list[int]:
 
 
 def test_karpathy_split_json_and_its_quirks():
-    splits, stats = data.load_karpathy(KARPATHY)
+    splits, stats = captions.load_karpathy(KARPATHY)
     assert ids(splits["train"]) == [9, 42, 5]  # restval (42) joins train; 5: no cocoid, so its imgid
     assert ids(splits["val"]) == [73, 74] and ids(splits["test"]) == [133]
     assert stats == {"id_from_cocoid": 5, "id_from_imgid": 1, "restval": 1}
@@ -55,9 +56,9 @@ def test_karpathy_split_json_and_its_quirks():
     assert first.file_name == "COCO_train2014_000000000009.jpg"
     assert Path(first.file_path) == FIX / "karpathy" / "train2014" / "COCO_train2014_000000000009.jpg"
     assert Path(first.file_path).is_file()
-    dropped, _ = data.load_karpathy(KARPATHY, restval="drop")
+    dropped, _ = captions.load_karpathy(KARPATHY, restval="drop")
     assert ids(dropped["train"]) == [9, 5]
-    moved, _ = data.load_karpathy(KARPATHY, image_root=Path("/data/coco"))
+    moved, _ = captions.load_karpathy(KARPATHY, image_root=Path("/data/coco"))
     assert moved["val"][0].file_path == "/data/coco/val2014/COCO_val2014_000000000073.jpg"
 
 
@@ -79,35 +80,35 @@ def _karpathy_variant(tmp_path: Path, edit) -> Path:
 ])
 def test_karpathy_bad_records_name_file_and_record(tmp_path, edit, message):
     with pytest.raises(StageError, match=r"dataset_coco\.json: " + message):
-        data.load_karpathy(_karpathy_variant(tmp_path, edit))
+        captions.load_karpathy(_karpathy_variant(tmp_path, edit))
 
 
 def test_karpathy_empty_caption_fixture():
     with pytest.raises(StageError, match=r"karpathy_bad/dataset_coco\.json: images\[1\] \(cocoid 42\) "
                                          r"sentences\[1\]: empty caption"):
-        data.load_karpathy(FIX / "karpathy_bad" / "dataset_coco.json")
+        captions.load_karpathy(FIX / "karpathy_bad" / "dataset_coco.json")
 
 
 # ---------------------------------------------------------------------------------------------- CC TSV
 
 
 def test_cc_tsv_header_ids_quotes_and_urls():
-    train = data.load_cc_tsv(CC / "train.tsv")
+    train = captions.load_cc_tsv(CC / "train.tsv")
     assert ids(train) == [2, 3, 4, 5]  # line numbers; line 1 is the header
     assert train[0].captions == ['a "red" square on grey'] and train[2].captions == ["actor's star on a grey background"]
     assert Path(train[0].file_path) == CC / "images" / "0001.jpg" and train[0].file_name == "0001.jpg"
     assert train[2].file_path == "https://example.invalid/cc/0003.jpg"
-    val = data.load_cc_tsv(CC / "val.tsv", data.CC_VAL_ID_BASE)  # no header: line 1 is data
+    val = captions.load_cc_tsv(CC / "val.tsv", captions.CC_VAL_ID_BASE)  # no header: line 1 is data
     assert ids(val) == [1_000_000_001, 1_000_000_002]
 
 
 def test_cc_tsv_only_an_exact_first_line_header_is_skipped(tmp_path):
     p = tmp_path / "x.tsv"
     p.write_text("caption\turl\ncaption\turl\n\na dog\tdog.jpg\n")  # line 2 is data, blank line 3 skipped
-    assert [(im.image_id, im.captions[0], im.file_name) for im in data.load_cc_tsv(p)] == \
+    assert [(im.image_id, im.captions[0], im.file_name) for im in captions.load_cc_tsv(p)] == \
         [(2, "caption", "url"), (4, "a dog", "dog.jpg")]
     p.write_text("a dog\turl\n")  # not a header: the caption cell is not a header word
-    assert ids(data.load_cc_tsv(p)) == [1]
+    assert ids(captions.load_cc_tsv(p)) == [1]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -121,12 +122,12 @@ def test_cc_tsv_malformed_rows_name_the_line(tmp_path, text, message):
     p = tmp_path / "bad.tsv"
     p.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(StageError, match=r"bad\.tsv: " + message):
-        data.load_cc_tsv(p)
+        captions.load_cc_tsv(p)
 
 
 def test_cc_empty_caption_fixture():
     with pytest.raises(StageError, match=r"cc/bad\.tsv: line 3: empty caption"):
-        data.load_cc_tsv(CC / "bad.tsv")
+        captions.load_cc_tsv(CC / "bad.tsv")
 
 
 # ---------------------------------------------------------------------------------------------- world stage
@@ -139,13 +140,13 @@ def test_world_converts_karpathy_to_the_coco_layout(tmp_path):
     coco = tmp_path / "world" / res.outputs["coco"]
     caps, info = {}, {}
     for split in ("train", "val", "test"):
-        caps[split], info[split] = data.load_coco_captions(data.coco_captions_file(coco, split))
+        caps[split], info[split] = captions.load_coco_captions(captions.coco_captions_file(coco, split))
     assert sorted(caps["train"]) == [5, 9, 42] and sorted(caps["val"]) == [73, 74] and sorted(caps["test"]) == [133]
     assert caps["val"][73] == ["a yellow star above a purple cross", "A star and a cross."]
-    val_json = data.coco_captions_file(coco, "val")
-    assert data.caption_image_path(val_json, info["val"][73], "val") == \
+    val_json = captions.coco_captions_file(coco, "val")
+    assert captions.caption_image_path(val_json, info["val"][73], "val") == \
         FIX / "karpathy" / "val2014" / "COCO_val2014_000000000073.jpg"
-    assert data.caption_image_path(val_json, info["val"][74], "val") is None  # not on disk
+    assert captions.caption_image_path(val_json, info["val"][74], "val") is None  # not on disk
     dropped = real_world(tmp_path / "world2", paths={"karpathy": str(KARPATHY)}, karpathy_restval="drop")
     assert dropped.metrics["images_train"] == 2
 
@@ -153,12 +154,12 @@ def test_world_converts_karpathy_to_the_coco_layout(tmp_path):
 def test_world_converts_cc(tmp_path):
     res = real_world(tmp_path / "world", paths={"cc_train": str(CC / "train.tsv"), "cc_val": str(CC / "val.tsv")})
     coco = tmp_path / "world" / res.outputs["coco"]
-    train, _ = data.load_coco_captions(data.coco_captions_file(coco, "train"))
-    val, info = data.load_coco_captions(data.coco_captions_file(coco, "val"))
+    train, _ = captions.load_coco_captions(captions.coco_captions_file(coco, "train"))
+    val, info = captions.load_coco_captions(captions.coco_captions_file(coco, "val"))
     assert sorted(train) == [2, 3, 4, 5] and sorted(val) == [1_000_000_001, 1_000_000_002]
-    val_json = data.coco_captions_file(coco, "val")
-    assert data.caption_image_path(val_json, info[1_000_000_001], "val") == CC / "images" / "0101.jpg"
-    assert data.caption_image_path(val_json, info[1_000_000_002], "val") is None  # a URL
+    val_json = captions.coco_captions_file(coco, "val")
+    assert captions.caption_image_path(val_json, info[1_000_000_001], "val") == CC / "images" / "0101.jpg"
+    assert captions.caption_image_path(val_json, info[1_000_000_002], "val") is None  # a URL
 
 
 def test_world_bad_caption_file_leaves_nothing_half_written(tmp_path):
@@ -192,9 +193,9 @@ def test_sample_images_of_the_synthetic_world(tmp_path):
     from stages.caption import write_sample_images
 
     cfg = world.Config(scenes={"train": 2, "val": 5, "image_size": 48})
-    world.write_scenes(tmp_path, cfg, 0)
-    val_json = data.coco_captions_file(tmp_path / "coco", "val")
-    caps, info = data.load_coco_captions(val_json)
+    synthetic.write_scenes(tmp_path, cfg, 0)
+    val_json = captions.coco_captions_file(tmp_path / "coco", "val")
+    caps, info = captions.load_coco_captions(val_json)
     val_ids = sorted(caps)
     generated = {i: caps[i][-1] for i in val_ids}
     written, skipped = write_sample_images(val_json, info, val_ids, generated, caps, tmp_path / "samples", 3)
@@ -220,7 +221,7 @@ def test_caption_stage_on_karpathy_trains_and_draws_samples(tmp_path):
     from stages.data.text import train_tokenizer
 
     real_world(tmp_path / "world", paths={"karpathy": str(KARPATHY)})
-    splits, _ = data.load_karpathy(KARPATHY)
+    splits, _ = captions.load_karpathy(KARPATHY)
     all_ims = [im for s in splits.values() for im in s]
     tok = train_tokenizer([c for im in all_ims for c in im.captions], TokenizerConfig(vocab_size=120))
     tok.save_pretrained(tmp_path / "bert" / "outputs" / "tokenizer")

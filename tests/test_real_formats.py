@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import cnn, data, detector, world
+from stages import cnn, detector, world
 from stages.contract import NullTracker, StageContext, StageError
+from stages.data import imagenet, visual_genome
 from stages.data.regions import (
     RegionStore,
     RegionStoreWriter,
@@ -62,26 +63,26 @@ def test_fixtures_are_small_and_complete():
 
 
 def test_imagenet_layout_and_its_odd_files_load():
-    paths, labels, classes = data.load_imagefolder(FIX / "imagenet" / "train")
+    paths, labels, classes = imagenet.load_imagefolder(FIX / "imagenet" / "train")
     assert classes == ["n01440764", "n01443537"] and labels == [0, 0, 1, 1]
-    ds = data.ImageClassDataset(paths, labels, image_size=16, train=False)  # CMYK JPEG, PNG named .JPEG
+    ds = imagenet.ImageClassDataset(paths, labels, image_size=16, train=False)  # CMYK JPEG, PNG named .JPEG
     assert ds.images.shape == (4, 3, 16, 16) and not ds.skipped
-    vpaths, vlabels, vclasses = data.load_imagefolder(FIX / "imagenet" / "val")
+    vpaths, vlabels, vclasses = imagenet.load_imagefolder(FIX / "imagenet" / "val")
     assert vclasses == classes
-    x, y = data.ImageClassDataset(vpaths, vlabels, image_size=16, train=False)[0]  # greyscale
+    x, y = imagenet.ImageClassDataset(vpaths, vlabels, image_size=16, train=False)[0]  # greyscale
     assert x.shape == (3, 16, 16) and y == 0
-    assert data.read_synset_words(FIX / "imagenet") == {"n01440764": "tench, Tinca tinca",
+    assert imagenet.read_synset_words(FIX / "imagenet") == {"n01440764": "tench, Tinca tinca",
                                                        "n01443537": "goldfish, Carassius auratus"}
-    assert data.class_index(classes, FIX / "imagenet")["wnid_to_index"] == {"n01440764": 0, "n01443537": 1}
-    assert data.class_index(classes, FIX)["names"] == {}  # no synset_words.txt there
+    assert imagenet.class_index(classes, FIX / "imagenet")["wnid_to_index"] == {"n01440764": 0, "n01443537": 1}
+    assert imagenet.class_index(classes, FIX)["names"] == {}  # no synset_words.txt there
 
 
 def test_unreadable_image_error_names_the_file_or_is_skipped_and_counted():
     bad = FIX / "imagenet_bad" / "train" / "n01440764" / "n01440764_2.JPEG"
-    paths, labels, _ = data.load_imagefolder(FIX / "imagenet_bad" / "train")
+    paths, labels, _ = imagenet.load_imagefolder(FIX / "imagenet_bad" / "train")
     with pytest.raises(StageError, match=re.escape(str(bad))):
-        data.ImageClassDataset(paths, labels, image_size=16, train=False)
-    ds = data.ImageClassDataset(paths, labels, image_size=16, train=False, skip_bad=True)
+        imagenet.ImageClassDataset(paths, labels, image_size=16, train=False)
+    ds = imagenet.ImageClassDataset(paths, labels, image_size=16, train=False, skip_bad=True)
     assert len(ds) == 3 and ds.images.shape[0] == 3 and bad not in ds.paths
     assert [p for p, _ in ds.skipped] == [bad] and str(bad) in ds.skipped[0][1]
     assert ds.labels == [0, 1, 1]  # labels follow the kept files
@@ -108,7 +109,7 @@ def test_cnn_stage_skip_bad_images_and_class_index(tmp_path):
 
 def test_vg_v14_quirks():
     vg = FIX / "vg_v14"
-    images, stats = data.load_vg(vg)
+    images, stats = visual_genome.load_vg(vg)
     assert [im.image_id for im in images] == [1, 2, 2417890]
     # images are found where the real download unpacks them: the folder named in each url
     assert [im.path for im in images] == [vg / "VG_100K" / "1.jpg", vg / "VG_100K" / "2.jpg",
@@ -130,48 +131,48 @@ def test_vg_v14_quirks():
         assert (im.boxes[:, 0] >= 0).all() and (im.boxes[:, 2] <= im.width).all() and (im.boxes[:, 3] <= im.height).all()
         assert ((im.boxes[:, 2] > im.boxes[:, 0]) & (im.boxes[:, 3] > im.boxes[:, 1])).all()
 
-    objects, attributes, vstats = data.vg_vocabularies(images, num_objects=3, num_attributes=1)
+    objects, attributes, vstats = visual_genome.vg_vocabularies(images, num_objects=3, num_attributes=1)
     assert objects == ["man", "window", "tree"] and attributes == ["standing"]
     assert vstats["boxes"] == 10 and vstats["boxes_unknown_name"] == 2  # shirt, zebra crossing
     assert vstats["attributes"] == 4 and vstats["attributes_unknown"] == 2
-    all_objects, _, s = data.vg_vocabularies(images, 0, 0)
+    all_objects, _, s = visual_genome.vg_vocabularies(images, 0, 0)
     assert len(all_objects) == 5 and s["boxes_unknown_name"] == 0
 
-    splits, how = data.vg_splits(vg, images, seed=0)
+    splits, how = visual_genome.vg_splits(vg, images, seed=0)
     assert splits == {"train": [0, 2], "val": [1]} and "id lists" in how
 
 
 def test_vg_v10_keys_no_attributes_and_seeded_split(tmp_path):
     vg = FIX / "vg_v10"
-    images, stats = data.load_vg(vg)
+    images, stats = visual_genome.load_vg(vg)
     assert [im.image_id for im in images] == [10, 11]
     assert images[0].path == vg / "VG_100K" / "10.jpg" and images[0].path.is_file()
     assert images[0].names == ["dog", "ball"] and images[1].names == ["dog"]
     np.testing.assert_array_equal(images[0].boxes[1], [12, 12, 16, 16])
     assert stats["dropped_degenerate"] == 1 and stats["clipped"] == 1 and stats["with_attributes"] == 0
     assert all(a == [] for im in images for a in im.attributes)
-    splits, how = data.vg_splits(vg, images, seed=0)  # no id lists
+    splits, how = visual_genome.vg_splits(vg, images, seed=0)  # no id lists
     assert sorted(splits["train"] + splits["val"]) == [0, 1] and len(splits["val"]) == 1 and "seeded" in how
 
-    many = [data.VGImage(i, Path(f"{i}.jpg"), 4, 4, np.zeros((0, 4), np.float32), []) for i in range(200)]
-    a, _ = data.vg_splits(tmp_path, many, seed=3, val_fraction=0.1)
-    b, _ = data.vg_splits(tmp_path, many, seed=3, val_fraction=0.1)
-    c, _ = data.vg_splits(tmp_path, many, seed=4, val_fraction=0.1)
+    many = [visual_genome.VGImage(i, Path(f"{i}.jpg"), 4, 4, np.zeros((0, 4), np.float32), []) for i in range(200)]
+    a, _ = visual_genome.vg_splits(tmp_path, many, seed=3, val_fraction=0.1)
+    b, _ = visual_genome.vg_splits(tmp_path, many, seed=3, val_fraction=0.1)
+    c, _ = visual_genome.vg_splits(tmp_path, many, seed=4, val_fraction=0.1)
     assert a == b and a != c and len(a["val"]) == 20 and not set(a["train"]) & set(a["val"])
     assert sorted(a["train"] + a["val"]) == list(range(200))
 
 
 def test_vg_split_from_one_list_and_list_errors(tmp_path):
-    images = [data.VGImage(i, Path(f"{i}.jpg"), 4, 4, np.zeros((0, 4), np.float32), []) for i in (5, 6, 7)]
+    images = [visual_genome.VGImage(i, Path(f"{i}.jpg"), 4, 4, np.zeros((0, 4), np.float32), []) for i in (5, 6, 7)]
     (tmp_path / "val_ids.txt").write_text("6\n")
-    splits, _ = data.vg_splits(tmp_path, images, seed=0)
+    splits, _ = visual_genome.vg_splits(tmp_path, images, seed=0)
     assert splits == {"train": [0, 2], "val": [1]}
     (tmp_path / "train_ids.txt").write_text("5\n6\n")
     with pytest.raises(StageError, match=r"in both, e\.g\. 6"):
-        data.vg_splits(tmp_path, images, seed=0)
+        visual_genome.vg_splits(tmp_path, images, seed=0)
     (tmp_path / "train_ids.txt").write_text("5\n99\n")
     with pytest.raises(StageError, match=r"train_ids\.txt.*not in image_data\.json.*99"):
-        data.vg_splits(tmp_path, images, seed=0)
+        visual_genome.vg_splits(tmp_path, images, seed=0)
 
 
 def test_detector_runs_on_the_vg_fixture(tmp_path):

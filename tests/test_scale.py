@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import cnn, data, world
+from stages import cnn, world
 from stages.contract import (
     NullTracker,
     StageContext,
@@ -23,6 +23,8 @@ from stages.contract import (
     StageResult,
     seed_stage,
 )
+from stages.data import common, synthetic
+from stages.data import imagenet as imagenet_data
 from stages.train.checkpoint import load_weights
 from stages.train.sampler import ResumableBatchSampler
 
@@ -65,9 +67,9 @@ def imagenet(tmp_path_factory) -> Path:
 
 
 def test_decode_uses_jpeg_draft_and_cached_equals_streamed(imagenet):
-    paths, labels, _ = data.load_imagefolder(imagenet / "train")
-    cached = data.ImageClassDataset(paths, labels, 16, train=True, cache=None, cache_mb=1.0, raw=True)
-    streamed = data.ImageClassDataset(paths, labels, 16, train=True, cache=None, cache_mb=0.001, raw=True)
+    paths, labels, _ = imagenet_data.load_imagefolder(imagenet / "train")
+    cached = imagenet_data.ImageClassDataset(paths, labels, 16, train=True, cache=None, cache_mb=1.0, raw=True)
+    streamed = imagenet_data.ImageClassDataset(paths, labels, 16, train=True, cache=None, cache_mb=0.001, raw=True)
     assert cached.cached and not streamed.cached and streamed.images is None
     assert cached.decoded_mb == pytest.approx(18 * 3 * 16 * 16 / 2 ** 20)
     with Image.open(paths[1]) as im:  # a JPEG: draft mode reads it at half scale (24x20) before the resize
@@ -84,8 +86,8 @@ def test_decode_uses_jpeg_draft_and_cached_equals_streamed(imagenet):
             assert xa.dtype == torch.uint8 and torch.equal(xa, xb) and torch.equal(ya, yb), name
     # normalisation + flips on the batch = the per-item path of a non-raw dataset
     x = torch.stack([cached[i][0] for i in range(4)])
-    out = data.normalize_images(x, torch.tensor([True, False, True, False]))
-    per_item = data.ImageClassDataset(paths[:4], labels[:4], 16, train=False, cache=False)
+    out = imagenet_data.normalize_images(x, torch.tensor([True, False, True, False]))
+    per_item = imagenet_data.ImageClassDataset(paths[:4], labels[:4], 16, train=False, cache=False)
     assert out.dtype == torch.float32 and torch.allclose(out[1], per_item[1][0], atol=1e-6)
     assert torch.allclose(out[0], per_item[0][0].flip(-1), atol=1e-6)
 
@@ -129,13 +131,14 @@ def test_cnn_cached_and_streamed_train_the_same_weights_and_resume_exactly(tmp_p
 
 def test_detector_decodes_lazily_and_checks_sizes_up_front(tmp_path):
     from stages import detector
+    from stages.data import visual_genome
 
-    images, _ = data.load_vg(FIX / "vg_v14")
+    images, _ = visual_genome.load_vg(FIX / "vg_v14")
     pixels = detector.decode_images(images)
-    assert isinstance(pixels, detector.VGPixels) and len(pixels) == len(images)
+    assert isinstance(pixels, visual_genome.VGPixels) and len(pixels) == len(images)
     x = pixels[1]
     assert x.dtype == torch.uint8 and x.shape == (3, images[1].height, images[1].width)
-    assert torch.equal(x, torch.from_numpy(np.array(data.open_rgb(images[1].path))).permute(2, 0, 1))
+    assert torch.equal(x, torch.from_numpy(np.array(common.open_rgb(images[1].path))).permute(2, 0, 1))
     sub = pixels.subset([2, 0])
     assert [im.image_id for im in sub.images] == [images[2].image_id, images[0].image_id]
     bad = [images[0].__class__(**{**images[0].__dict__, "width": images[0].width + 1})]
@@ -290,8 +293,8 @@ def _text_world(root: Path) -> Path:
     cfg = world.Config(scenes={"train": 12, "val": 4}, corpus={"documents": 30})
     out = root / "outputs"
     out.mkdir(parents=True)
-    world.write_scenes(out, cfg, 0)
-    world.write_corpus(out, cfg, 0)
+    synthetic.write_scenes(out, cfg, 0)
+    synthetic.write_corpus(out, cfg, 0)
     return out
 
 
@@ -394,7 +397,7 @@ def test_decode_throughput(tmp_path):
             return np.array(im.convert("RGB").resize((s, s), Image.BILINEAR))
 
     for s in (224, 64):
-        for name, fn in (("full decode + resize", full), ("decode_resized (draft)", data.decode_resized)):
+        for name, fn in (("full decode + resize", full), ("decode_resized (draft)", imagenet_data.decode_resized)):
             fn(path, s)
             t0, n = time.perf_counter(), 60
             for _ in range(n):

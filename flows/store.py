@@ -40,6 +40,8 @@ class StageDir:
     def __init__(self, root: Path, stage: str, fingerprint: str):
         self.stage, self.fingerprint = stage, fingerprint
         self.path = Path(root) / "stages" / stage / fingerprint[:16]
+        if self.path.resolve().parent.parent != (Path(root) / "stages").resolve():  # recipe.STAGE_NAME keeps it so
+            raise ValueError(f"stage name {stage!r} leaves the artifact store {Path(root) / 'stages'}")
 
     def result(self) -> StageResult | None:
         f = self.path / "result.json"

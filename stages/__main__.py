@@ -3,6 +3,8 @@
     python -m stages configs/vlp-tiny.yaml cnn --out /tmp/cnn --upstream world=artifacts/stages/world/<fp16>
     python -m stages configs/vlp-tiny.yaml cnn --out /tmp/cnn --upstream world=... stages.cnn.runtime.device=cuda
 
+Overrides (``dotted.key=value``) may come anywhere on the line; ``--out`` is created when missing.
+
 Upstream stages are given as directories holding a ``result.json``. Metrics go to stdout; the stage
 writes its checkpoints and outputs under ``--out`` (rerunning resumes from the newest checkpoint).
 """
@@ -20,15 +22,30 @@ from stages.fsio import write_json_atomic
 from stages.recipe import RecipeError, load_recipe
 
 
-def main(argv: list[str] | None = None) -> int:
+def _upstream(value: str) -> tuple[str, Path]:
+    """``--upstream NAME=DIR``: a completed stage's directory (it holds result.json)."""
+    name, sep, d = value.partition("=")
+    if not sep or not name or not d:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=DIR (e.g. world=artifacts/stages/world/<fp16>)")
+    if not (Path(d) / "result.json").is_file():
+        raise argparse.ArgumentTypeError(f"{value!r}: {Path(d) / 'result.json'} not found (not a completed stage)")
+    return name, Path(d)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stages", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("stage")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
-    p.add_argument("--out", required=True, type=Path, help="stage directory")
-    p.add_argument("--upstream", action="append", default=[], help="NAME=DIR of a completed upstream stage")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value (anywhere on the line)")
+    p.add_argument("--out", required=True, type=Path, help="stage directory (created if missing)")
+    p.add_argument("--upstream", action="append", default=[], type=_upstream,
+                   help="NAME=DIR of a completed upstream stage (repeat for each)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("baton").setLevel(logging.INFO)
     try:
@@ -36,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage not in recipe.stages:
             raise RecipeError(f"{args.config}: no stage {args.stage!r} (stages: {', '.join(recipe.stages)})")
         cfg = recipe.stages[args.stage]
-        dirs = dict(u.split("=", 1) for u in args.upstream)
+        dirs = dict(args.upstream)
         missing = [n for n in cfg.needs if n not in dirs]
         if missing:
             raise RecipeError(f"stage {args.stage!r} needs {missing}: pass --upstream NAME=DIR for each")
-        ups = {n: StageResult.model_validate_json((Path(d) / "result.json").read_text()) for n, d in dirs.items()}
-        ctx = StageContext(name=args.stage, config=cfg, stage_dir=args.out, upstream=ups,
-                           upstream_dirs={n: Path(d) for n, d in dirs.items()}, fingerprint="standalone",
-                           tracker=NullTracker())
+        ups = {n: StageResult.model_validate_json((d / "result.json").read_text()) for n, d in dirs.items()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(name=args.stage, config=cfg, stage_dir=args.out, upstream=ups, upstream_dirs=dirs,
+                           fingerprint="standalone", tracker=NullTracker())
         seed_stage(cfg)
         res = kind_module(cfg.kind).run(ctx)
         write_json_atomic(args.out / "result.json", res.model_dump(mode="json"))

@@ -46,7 +46,7 @@ class StageConfig(Strict):
 
     kind: str
     needs: list[str] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="torch.manual_seed's range")
     runtime: Runtime = Field(default_factory=Runtime)
 
     def upstream_refs(self) -> dict[str, str]:

@@ -34,7 +34,7 @@ __all__ = [
 
 # ======================================================================================
 # VQA: a transcription of the official evaluation (GT-Vision-Lab/VQA,
-# PythonEvaluationTools/vqaEvaluation/vqaEval.py, master).
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py, master = commit a013f00, 2021).
 # ======================================================================================
 
 # fmt: off
@@ -121,41 +121,46 @@ def normalize_answer(ans: str) -> str:
     return _process_digit_article(_process_punctuation(_clean_whitespace(str(ans))))
 
 
-def _official_gt_answers(gt_answers: Sequence[str]) -> list[str]:
-    """The official tool's own treatment of the human answers (it assumes they come already
-    normalised, as in the VQA v2 annotation files): whitespace clean-up, then
-    ``processPunctuation`` only, and only when the answers are not all identical."""
+def _official_pair(pred: str, gt_answers: Sequence[str]) -> tuple[str, list[str]]:
+    """Master's treatment of one question (``evaluate`` at GT-Vision-Lab/VQA a013f00): newline/tab
+    clean-up and strip on both sides; then, only when the human answers are not all identical, both
+    sides get ``processPunctuation`` + ``processDigitArticle``. When all ten agree the raw strings are
+    compared (``'two'`` vs ten ``'2'`` scores 0)."""
+    res = _clean_whitespace(str(pred))
     answers = [_clean_whitespace(str(a)) for a in gt_answers]
     if len(set(answers)) > 1:
-        answers = [_process_punctuation(a) for a in answers]
-    return answers
+        answers = [_process_digit_article(_process_punctuation(a)) for a in answers]
+        res = _process_digit_article(_process_punctuation(res))
+    return res, answers
 
 
 def vqa_accuracy(pred: str, gt_answers: Sequence[str], *, official_gt_processing: bool = False) -> float:
-    """Official VQA accuracy of one predicted answer, as a fraction in [0, 1].
+    """VQA accuracy of one predicted answer, as a fraction in [0, 1].
 
     In: ``pred`` (the model's answer), ``gt_answers`` (the human answers, normally 10).
     Out: the mean over the leave-one-out subsets (each human answer left out in turn) of
     ``min(#matches among the remaining answers / 3, 1)``. With 10 answers of which k match:
     k=0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >=4 -> 1.0.
 
-    The prediction is always normalised with :func:`normalize_answer`. By default the human
-    answers are normalised the same way (our answers may be raw text). With
-    ``official_gt_processing=True`` they get the official tool's literal treatment instead
-    (punctuation only, and only when they are not all identical), which matches the official
-    numbers bit for bit on annotation files whose answers are pre-normalised (VQA v2); on
-    raw answers it is harsh (no lower-casing, and "yes!" becomes "yes " with a trailing
-    space that never matches).
+    ``official_gt_processing=True`` reproduces the official tool at master (GT-Vision-Lab/VQA,
+    ``vqaEval.py`` after commit a013f00 "Fixed processing answers bug", 2021; what current papers
+    report), checked against a literal transcription on random cases (tests/test_metrics.py): when
+    the human answers are all identical, the stripped raw strings are compared (``'yes.'`` vs ten
+    ``'yes'`` scores 0); otherwise both sides are normalised. The 2016 revision (prediction always
+    normalised, human answers punctuation-only) is not reproduced.
+
+    The default normalises both sides with :func:`normalize_answer` always (baton's answers may be raw
+    text). It equals master whenever the prediction and the human answers are already normalised, as
+    the VQA v2 annotations, the synthetic world and baton's answer vocabulary are.
 
     Raises ValueError when ``gt_answers`` is empty.
     """
     if len(gt_answers) == 0:
         raise ValueError("vqa_accuracy: gt_answers is empty")
-    res = normalize_answer(pred)
     if official_gt_processing:
-        gts = _official_gt_answers(gt_answers)
+        res, gts = _official_pair(pred, gt_answers)
     else:
-        gts = [normalize_answer(a) for a in gt_answers]
+        res, gts = normalize_answer(pred), [normalize_answer(a) for a in gt_answers]
     n_match = sum(1 for a in gts if a == res)
     total = 0.0
     for a in gts:

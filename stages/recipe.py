@@ -14,6 +14,7 @@ Pure python + pydantic: no Prefect, no MLflow, so ``python -m stages`` and GPU m
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ class RecipeError(Exception):
     """A recipe that cannot run: the message names the file and the key."""
 
 
+STAGE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a plain identifier: a path segment that stays put, a dotted-key segment
+
+
 class RecipeSettings(Strict):
-    recipe: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int = 0
+    recipe: str = Field(..., pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="default seed of every stage (torch.manual_seed's range)")
     runtime: dict[str, Any] = Field(default_factory=dict)
     max_concurrency: int = Field(2, ge=1, description="stages that may run at once")
     retries: int = Field(0, ge=0, description="Prefect task retries for transient (non-config, non-data) errors")
@@ -96,14 +100,56 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise RecipeError(f"override {override!r}: value is not valid YAML: {e}") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice anywhere in the document (plain PyYAML keeps
+    the last one silently), naming the line and the dotted key."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_unique_keys(node, "", set())
+        return node
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, line: int, key: str, first: int):
+        super().__init__(f"line {line}: {key}: duplicate key (first at line {first}); each key may appear once")
+
+
+def _check_unique_keys(node: yaml.Node | None, prefix: str, seen_nodes: set[int]) -> None:
+    if node is None or id(node) in seen_nodes:  # an alias points at a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{prefix}[{i}]", seen_nodes)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            line = key_node.start_mark.line + 1
+            if key in first and key != "<<":
+                raise DuplicateKeyError(line, dotted, first[key])
+            first.setdefault(key, line)
+            _check_unique_keys(value_node, dotted, seen_nodes)
+
+
 def load_raw(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at line {line}): "
+                          "save the recipe as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # UniqueKeyLoader is a SafeLoader
+    except DuplicateKeyError as e:
+        raise RecipeError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -131,6 +177,9 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
     configs: dict[str, StageConfig] = {}
     for name, block in settings.stages.items():
         prefix = f"stages.{name}"
+        if not re.match(STAGE_NAME, str(name)):
+            raise RecipeError(f"{path}: {prefix}: a stage name is a plain identifier (letters, digits, _; not starting "
+                              f"with a digit), got {name!r}: it names the stage's directory and its override keys")
         if not isinstance(block, dict):
             raise RecipeError(f"{path}: {prefix}: a stage is a mapping (got {type(block).__name__})")
         block = dict(block)

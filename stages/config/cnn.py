@@ -3,19 +3,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt, model_validator
 
 from stages.config.train import TrainConfig
 from stages.contract import StageConfig, Strict
 
 TORCHVISION_ARCHS = ("alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
 
+MIN_IMAGE_SIZE = {"alexnet": 63, "vgg16": 32}  # smallest input whose feature map survives the last max-pool
+
 
 class ModelConfig(Strict):
     arch: Literal["narrow_resnet", "alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101",
                   "resnext50_32x4d"] = "narrow_resnet"
-    widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="narrow_resnet channels per stage")
-    blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], description="narrow_resnet BasicBlocks per stage")
+    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=4, max_length=4,
+                                      description="narrow_resnet channels per stage (4 stages)")
+    blocks: list[PositiveInt] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=4, max_length=4,
+                                      description="narrow_resnet BasicBlocks per stage (4 stages)")
     stem: Literal["imagenet", "small"] = Field("small", description="small = 3x3 stride-1 stem, no max-pool (tiny images)")
     init: str | None = Field(None, description="local state-dict file (.safetensors/.pt) or torchvision weights name")
 
@@ -24,11 +28,20 @@ class Config(StageConfig):
     kind: Literal["cnn"] = "cnn"
     data: str = Field("world", description="stage providing the `imagenet` output")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    image_size: int = 32
+    image_size: int = Field(32, ge=8, le=4096, description="side of the square training image (alexnet needs "
+                                                           ">= 63, vgg16 >= 32)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=300, batch_size=64, lr=2e-3))
-    eval_batch_size: int = 256
+    eval_batch_size: int = Field(256, ge=1)
     skip_bad_images: bool = Field(False, description="leave unreadable images out (counted in metric "
                                                      "data/skipped_bad_images) instead of stopping on the first")
+
+    @model_validator(mode="after")
+    def _check(self):
+        need = MIN_IMAGE_SIZE.get(self.model.arch, 8)
+        if self.image_size < need:
+            raise ValueError(f"image_size={self.image_size} is too small for model.arch={self.model.arch!r} "
+                             f"(its pooling needs >= {need})")
+        return self
 
     def upstream_refs(self) -> dict[str, str]:
         return {"data": self.data}

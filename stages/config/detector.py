@@ -1,9 +1,9 @@
 """Config of stage kind `detector` (:mod:`stages.detector`)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from stages.config.cnn import ModelConfig as BackboneConfig
 from stages.config.train import TrainConfig
@@ -32,14 +32,15 @@ class ModelConfig(Strict):
                                                                   "5 = all)")
     backbone: BackboneConfig | None = Field(None, description="backbone architecture when backbone_from is null "
                                                               "(null = the cnn stage's default narrow_resnet)")
-    returned_layers: list[int] = Field(default_factory=lambda: [2, 3, 4],
+    returned_layers: list[Annotated[int, Field(ge=1, le=4)]] = Field(default_factory=lambda: [2, 3, 4],
                                        description="ResNet stages feeding the FPN (+ a max-pooled extra level); "
                                                    "unused by vgg16/alexnet")
     fpn_channels: int = Field(64, ge=1, description="FPN width (ResNet); unused by vgg16/alexnet")
-    anchor_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32, 64],
+    anchor_sizes: list[PositiveInt] = Field(default_factory=lambda: [8, 16, 32, 64],
                                     description="anchor side in pixels: one per FPN level (returned_layers + pool) "
                                                 "for ResNets; all on the one feature map for vgg16/alexnet")
-    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    aspect_ratios: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1,
+                                               description="anchor height / width")
     min_size: int = Field(64, ge=1, description="GeneralizedRCNNTransform resize: shorter side")
     max_size: int = Field(64, ge=1, description="GeneralizedRCNNTransform resize: longer side cap")
     representation_size: int = Field(128, ge=1, description="box-head (TwoMLPHead) width = region feature dim")

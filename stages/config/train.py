@@ -32,7 +32,7 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd momentum")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
@@ -45,6 +45,8 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check_best(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
         if self.keep_best and self.eval_every is None:
             raise ValueError("train.keep_best needs train.eval_every (steps between the validation passes that "
                              "pick the best checkpoint)")

@@ -363,8 +363,8 @@ def import_bua_tsv(tsv_path: Path | str | list, out_dir: Path, classes: list[str
                     w, h = float(r["image_w"]), float(r["image_h"])
                 except ValueError:
                     raise StageError(f"{where}: image_w/image_h are not numbers") from None
-                if w <= 0 or h <= 0:
-                    raise StageError(f"{where}: non-positive image size {w}x{h}")
+                if not (0 < w < float("inf") and 0 < h < float("inf")):  # NaN fails too
+                    raise StageError(f"{where}: image size {w}x{h} is not a positive number")
                 n = int(r["num_boxes"])
                 boxes = _decode(r["boxes"], n, "boxes", where, 4)  # (n, 4) pixels
                 feats = _decode(r["features"], n, "features", where, dim)  # (n, D)

@@ -83,10 +83,9 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None, bad_boxes: str = "drop"
         w, h = sizes[iid]
         olist = _list(_get(rec, "objects", p_obj, where), "objects", p_obj, where)
         merged_away: set[int] = set()
-        for o in olist:
+        for j, o in enumerate(olist):
             if isinstance(o, dict):
-                for m in o.get("merged_object_ids") or []:
-                    merged_away.add(int(m))
+                merged_away.update(_merged_ids(o, p_obj, f"record {i} (image_id {iid}) object {j}"))
         kept: list[tuple[int, list[float], str]] = []
         for j, o in enumerate(olist):
             ow = f"record {i} (image_id {iid}) object {j}"
@@ -123,8 +122,8 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None, bad_boxes: str = "drop"
                 stats["clipped"] += 1
             kept.append((oid, cb, name))
             alias[oid] = oid
-            for m in o.get("merged_object_ids") or []:
-                alias[int(m)] = oid
+            for m in _merged_ids(o, p_obj, ow):
+                alias[m] = oid
         per_image[iid] = kept
 
     # attributes.json (optional)
@@ -239,6 +238,12 @@ def vg_splits(vg_dir: Path, images: list[VGImage], seed: int, val_fraction: floa
         if not chosen[split]:
             raise StageError(f"{vg_dir}: the {split} split is empty ({how})")
     return {"train": chosen["train"], "val": chosen["val"]}, how
+
+
+def _merged_ids(obj: dict, path: Path, where: str) -> list[int]:
+    """An object's ``merged_object_ids`` (v1.2+: the duplicates merged into it), each an integer."""
+    ids = _list(obj.get("merged_object_ids") or [], "merged_object_ids", path, where)
+    return [_int(m, "merged_object_ids", path, where) for m in ids]
 
 
 def read_id_list(path: Path) -> list[int]:

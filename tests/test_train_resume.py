@@ -255,6 +255,53 @@ def test_oom_retry_halves_micro_batch_same_effective_batch(tmp_path, caplog):
     assert torch.load(tmp_path / "oom" / "checkpoints" / "00000012" / "state.pt", weights_only=True)["grad_accum"] == 2
 
 
+
+def test_resume_says_when_the_checkpoint_disagrees_with_the_config(tmp_path, caplog):
+    """After an OOM retry the checkpoint holds a larger grad_accum than the config: the resumed run keeps the
+    checkpoint's (the micro-batch that fit) and says so in a warning naming the checkpoint, the key and both
+    values."""
+    def oom_above_8(crash_at=None):
+        def f(model, batch, step):
+            if step == crash_at:
+                raise KeyboardInterrupt("simulated kill")
+            x, y = batch
+            if x.shape[0] > 8:
+                raise torch.OutOfMemoryError("simulated CUDA OOM")
+            return nn.functional.cross_entropy(model(x), y), {}
+        return f
+
+    cfg = TrainConfig(steps=12, batch_size=16, lr=0.05)
+    model = Toy()
+    with pytest.raises(KeyboardInterrupt):
+        fit(ctx_for(tmp_path / "oom"), model, Data(), None, oom_above_8(crash_at=8), cfg, *model.blocks())
+    model = Toy()
+    with caplog.at_level(logging.WARNING, logger="baton"):
+        fit(ctx_for(tmp_path / "oom"), model, Data(), None, oom_above_8(), cfg, *model.blocks())
+    said = [r.getMessage() for r in caplog.records if "resuming from checkpoint" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert str(tmp_path / "oom" / "checkpoints" / "00000005") in said[0]
+    assert "grad_accum is 2 there, train.grad_accum is 1 in the config: continuing with 2" in said[0]
+    assert "out of memory" not in caplog.text.split("resuming from checkpoint")[1]  # no second retry needed
+    ref, _, _ = train(tmp_path / "ref", grad_accum=2)
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_train_state_reads_old_checkpoints_and_names_each_disagreement():
+    """state.pt of older versions: an always-empty "extra", no log_window, no grad_accum (= the config's)."""
+    from stages.train.state import TrainState, rng_state
+
+    old = {"optimizer": {}, "scheduler": {}, "rng": rng_state(), "extra": {}, "step": 5, "scaler": {"scale": 2.0}}
+    cfg = TrainConfig(grad_accum=4)
+    st = TrainState.from_dict(old, cfg)
+    assert (st.step, st.grad_accum, st.log_window, st.best) == (5, 4, (0.0, 0), None)
+    assert "extra" not in st.to_dict() and st.to_dict()["log_window"] == [0.0, 0]
+    said = st.disagreements(cfg, precision="fp32")
+    assert said == [("it holds fp16 loss-scaler state, runtime.precision is 'fp32' in the config: the scaler state "
+                     "is not used")]
+    assert st.disagreements(cfg, precision="fp16") == []
+
+
 # ----------------------------------------------------------------------------------------------
 # validation during training, keep-best
 

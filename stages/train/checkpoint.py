@@ -2,8 +2,8 @@
 
 A checkpoint is a directory ``checkpoints/<step:08d>/`` holding
   model.safetensors   the model's state dict (safetensors: no pickle)
-  state.pt            optimizer, scheduler, RNG states, step, data position, extras
-                      (plain tensors/containers only: loads with ``torch.load(weights_only=True)``)
+  state.pt            the rest of the training state (stages.train.state.TrainState: optimizer, scheduler,
+                      RNG states, step, ...; plain tensors/containers: loads with ``torch.load(weights_only=True)``)
   best.json           (keep_best only) the best checkpoint's step as of this one: kept from pruning
   manifest.json       sizes + sha256 of the two files, written last
 It is written to ``.tmp-<step>-<pid>/``, fsynced, then renamed into place, so a kill during
@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -99,28 +97,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(loadable, strict=False)
     return [k for k in own if k not in loadable]
-
-
-def rng_state() -> dict[str, Any]:
-    st = np.random.get_state()
-    out = {
-        "python": random.getstate(),
-        "numpy": {"name": st[0], "keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]),
-                  "has_gauss": int(st[3]), "gauss": float(st[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The resumable sampler: the batches of step k are a function of (seed, k) alone."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

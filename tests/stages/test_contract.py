@@ -20,6 +20,8 @@ from stages.train.checkpoint import CheckpointManager, load_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "vlp-micro.yaml"
+# one thread: on a small shared CPU, torch's intra-op threads spin against each other (>10x the CPU time)
+OVERRIDES = ["runtime.threads=1"]
 TRAINING = [k for k in KINDS if k != "world"]
 
 
@@ -59,7 +61,7 @@ def run_stage(ctx: StageContext) -> StageResult:
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> Micro:
     root = tmp_path_factory.mktemp("micro")
-    m = Micro(load_recipe(RECIPE), {})
+    m = Micro(load_recipe(RECIPE, OVERRIDES), {})
     for name in m.recipe.stages:  # topological order
         ctx = context(m, name, root / name)
         m.ran[name] = Ran(ctx, run_stage(ctx))

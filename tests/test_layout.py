@@ -118,6 +118,11 @@ def test_stages_never_import_prefect_ray_mlflow_or_flows():
     assert not bad, "stages/ is plain PyTorch (DESIGN.md Layers):\n  " + "\n  ".join(bad)
 
 
+def test_the_shipped_packages_never_import_tools():
+    bad = _offenders(lambda i: _top(i) == "tools")
+    assert not bad, "tools/ is not in the wheel (DESIGN.md Layers):\n  " + "\n  ".join(bad)
+
+
 def test_a_stage_recipe_never_imports_another_stage_recipe():
     modules = set(source_files())
     bad = _offenders(lambda i: i.source in RECIPES and resolve(i.target, modules) in RECIPES - {i.source})

@@ -143,7 +143,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_the_unbroken_run
     result = run_stage(ctx)
     assert result.info["resumed_from"] == at
     assert min(step for step, _ in train_losses(ctx.tracker)) > at, "the resumed run trained the first steps again"
-    assert train_losses(ctx.tracker) == [(s, v) for s, v in train_losses(unbroken.ctx.tracker) if s > at]
+    assert train_losses(ctx.tracker) == [(s, v) for s, v in train_losses(unbroken.ctx.tracker) if s > at], \
+        f"{kind}: the resumed run's train/loss history differs from the unbroken run's after step {at}"
     want, got = weights(unbroken.ctx.stage_dir, unbroken.result), weights(stage_dir, result)
     assert got.keys() == want.keys()
     differ = [k for k in want if not torch.equal(got[k], want[k])]

@@ -31,3 +31,6 @@ class Config(EncoderStageConfig):
     sample_images: int = Field(8, ge=0, description="val images drawn with their generated and first reference "
                                                     "caption to outputs/samples/*.png (images not on disk are "
                                                     "skipped and counted)")
+
+    def declared_outputs(self) -> set[str]:
+        return {"model", "tokenizer", "captions", "samples", "sample_images"}

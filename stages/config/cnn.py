@@ -45,3 +45,6 @@ class Config(StageConfig):
 
     def upstream_refs(self) -> dict[str, str]:
         return {"data": self.data}
+
+    def declared_outputs(self) -> set[str]:
+        return {"model", "classes"}

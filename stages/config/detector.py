@@ -122,6 +122,9 @@ class Config(StageConfig):
             refs["backbone_from"] = self.backbone_from
         return refs
 
+    def declared_outputs(self) -> set[str]:
+        return {"model", "regions"}
+
 
 def check_anchors(cfg: ModelConfig, arch: str) -> None:
     """A ResNet's FPN needs one anchor size per level (returned_layers + the max-pooled one)."""

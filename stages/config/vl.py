@@ -54,6 +54,9 @@ class Config(EncoderStageConfig):
                              "(each example uses one of the two masks)")
         return self
 
+    def declared_outputs(self) -> set[str]:
+        return {"model", "tokenizer"}
+
 
 def check_init_fields(cfg) -> None:
     """``init`` / ``tokenizer_from`` / ``model`` of the vl, caption and vqa configs: one source of truth."""

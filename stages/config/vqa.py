@@ -17,3 +17,6 @@ class Config(EncoderStageConfig):
     head_hidden: int = Field(0, ge=0, description="classifier MLP width; 0 = 2 x hidden_size")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_steps=30))
     eval_batch_size: int = Field(256, ge=1)
+
+    def declared_outputs(self) -> set[str]:
+        return {"model", "tokenizer", "results"}

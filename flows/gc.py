@@ -1,0 +1,153 @@
+"""``baton gc``: free the disk of stage dirs nothing needs.
+
+Two kinds of garbage:
+  - a stage dir whose fingerprint no given recipe plans (an old config, old code, an old upstream);
+  - ``checkpoints/`` of a complete stage (resume state; ``result.json`` and ``outputs/`` are what readers use).
+Never removed: a dir a given recipe references (its checkpoints may go once it is complete), a dir with
+activity within ``keep_days`` (its MLflow run started or ended then, or its files changed then), a dir
+whose ``.lock`` a process holds. Removal renames to a store temp name first, so a reader sees the whole
+dir or none of it; a killed gc leaves only a temp name that the next gc (or the stage's own next run)
+deletes.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.lineage import Node, attach_mlflow, scan_store
+from flows.store import TEMP_NAME
+from stages.recipe import Recipe
+
+log = logging.getLogger("baton")
+
+
+@dataclass
+class Garbage:
+    path: Path
+    what: str  # "stage dir" | "checkpoints" | "temp"
+    bytes: int
+    why: str
+
+
+def du(path: Path) -> int:
+    """Bytes of the files under ``path`` (symlinks not followed)."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+    return total
+
+
+def referenced(recipes: list[Recipe]) -> set[tuple[str, str]]:
+    """{(stage, fingerprint[:16])} that the recipes plan now."""
+    from flows.fingerprint import plan_fingerprints
+
+    return {(name, fp[:16]) for r in recipes for name, (fp, _) in plan_fingerprints(r.stages).items()}
+
+
+def last_activity(node: Node) -> float:
+    """Newest of the node's MLflow run start/end and its bookkeeping files' mtimes (epoch seconds)."""
+    times = [(node.path / f).stat().st_mtime for f in ("config.json", "result.json", "run.json", ".lock")
+             if (node.path / f).exists()]
+    times.append(node.path.stat().st_mtime)
+    if node.mlflow is not None:
+        times += [t / 1000 for t in (node.mlflow.start_ms, node.mlflow.end_ms) if t]
+    return max(times)
+
+
+def _pid_alive(name: str) -> bool:
+    pid = int(name.rsplit("-", 1)[-1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftover_temps(artifacts: Path) -> list[Garbage]:
+    """Stage-level temp names of a killed gc (``<fp16>.old-<pid>``) whose process is gone."""
+    root = Path(artifacts) / "stages"
+    dirs = [d for s in (root.iterdir() if root.is_dir() else []) if s.is_dir() for d in s.iterdir()]
+    return [Garbage(d, "temp", du(d), "left by an interrupted gc") for d in dirs
+            if TEMP_NAME.search(d.name) and d.name.rsplit("-", 1)[-1].isdigit() and not _pid_alive(d.name)]
+
+
+def _checkpoints_in_use(node: Node) -> bool:
+    """A result output inside checkpoints/ keeps them (none of baton's stages does this today)."""
+    res = (node.path / "result.json").read_text()
+    return '"checkpoints/' in res
+
+
+def find_garbage(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0, mlflow: bool = True,
+                 now: float | None = None) -> list[Garbage]:
+    """What gc would remove (locks are checked again when removing)."""
+    artifacts = Path(artifacts)
+    keep = referenced(recipes)
+    nodes = scan_store(artifacts)
+    if mlflow:
+        attach_mlflow(nodes, artifacts)
+    cutoff = (now or time.time()) - keep_days * 86400
+    out = _leftover_temps(artifacts)
+    for n in nodes:
+        if last_activity(n) >= cutoff or is_locked(n.path):
+            continue
+        if (n.stage, n.path.name) not in keep:
+            out.append(Garbage(n.path, "stage dir", du(n.path), f"no recipe plans {n.stage}@{n.path.name}"))
+        elif n.state == "complete" and (n.path / "checkpoints").is_dir() and not _checkpoints_in_use(n):
+            out.append(Garbage(n.path / "checkpoints", "checkpoints", du(n.path / "checkpoints"),
+                               f"{n.stage} is complete"))
+    return out
+
+
+def is_locked(stage_dir: Path) -> bool:
+    """True when a process holds the stage's ``.lock`` (flows.store.StageDir.lock)."""
+    lock = stage_dir / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def _remove(g: Garbage) -> bool:
+    """Rename ``g.path`` to a temp name and delete it, holding the stage's lock. False when it is held."""
+    stage_dir = g.path if g.what != "checkpoints" else g.path.parent
+    fd = None
+    if g.what != "temp" and (stage_dir / ".lock").exists():
+        fd = os.open(stage_dir / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            log.info("gc: %s is locked by a running process; kept", stage_dir)
+            return False
+    try:
+        tmp = g.path.with_name(f"{g.path.name}.old-{os.getpid()}") if g.what != "temp" else g.path
+        if tmp != g.path:
+            os.rename(g.path, tmp)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    shutil.rmtree(tmp)
+    return True
+
+
+def collect(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0, dry_run: bool = False,
+            mlflow: bool = True) -> tuple[list[Garbage], int]:
+    """Find the garbage and (unless ``dry_run``) remove it. Returns (what was (or would be) removed, bytes)."""
+    garbage = find_garbage(artifacts, recipes, keep_days, mlflow)
+    if dry_run:
+        return garbage, sum(g.bytes for g in garbage)
+    done = [g for g in garbage if _remove(g)]
+    return done, sum(g.bytes for g in done)

@@ -1,0 +1,98 @@
+"""flows.gc: nothing referenced, recent or locked is ever removed; the rest goes, atomically."""
+import os
+import threading
+
+import pytest
+from fakestore import fake_recipe_store, fake_stage
+
+from flows.gc import collect, du, find_garbage
+from flows.store import StageDir
+from stages.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def micro(root):
+    return load_recipe(root / "configs" / "vlp-micro.yaml")
+
+
+def _paths(garbage):
+    return {(g.what, g.path) for g in garbage}
+
+
+def test_old_unreferenced_dir_goes_and_frees_its_bytes(tmp_path, micro):
+    old = fake_stage(tmp_path, "world", "a" * 64, {}, checkpoint_steps=(5,), age_days=30)
+    size = du(old.path)
+    assert size > 1000
+    removed, freed = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert _paths(removed) == {("stage dir", old.path)} and freed == size
+    assert not old.path.exists() and os.listdir(old.path.parent) == []  # no temp name left behind
+
+
+def test_referenced_dir_is_kept_but_its_finished_checkpoints_go(tmp_path, micro):
+    dirs = fake_recipe_store(tmp_path, micro, ["world", "cnn"], age_days=30, checkpoint_steps=(5, 10))
+    removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert _paths(removed) == {("checkpoints", d.path / "checkpoints") for d in dirs.values()}
+    for d in dirs.values():
+        assert d.result() is not None and not (d.path / "checkpoints").exists()
+
+
+def test_referenced_incomplete_stage_keeps_its_checkpoints(tmp_path, micro):
+    dirs = fake_recipe_store(tmp_path, micro, ["cnn"], age_days=30, complete=False, checkpoint_steps=(5,))
+    assert find_garbage(tmp_path, [micro], keep_days=7, mlflow=False) == []
+    assert (dirs["cnn"].path / "checkpoints" / "00000005").is_dir()
+
+
+def test_recent_unreferenced_dir_is_kept(tmp_path, micro):
+    recent = fake_stage(tmp_path, "world", "a" * 64, {}, checkpoint_steps=(5,), age_days=2)
+    old = fake_stage(tmp_path, "world", "b" * 64, {}, age_days=9)
+    removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert _paths(removed) == {("stage dir", old.path)}
+    assert (recent.path / "checkpoints").is_dir()
+    removed, _ = collect(tmp_path, [micro], keep_days=1, mlflow=False)
+    assert _paths(removed) == {("stage dir", recent.path)}
+
+
+def test_locked_dir_is_kept_and_gc_does_not_wait_for_it(tmp_path, micro):
+    sd = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold():
+        with StageDir(tmp_path, "world", "a" * 64).lock():
+            locked.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert locked.wait(10)
+        assert find_garbage(tmp_path, [micro], keep_days=0, mlflow=False) == []
+    finally:
+        release.set()
+        t.join(10)
+    removed, _ = collect(tmp_path, [micro], keep_days=0, mlflow=False)
+    assert _paths(removed) == {("stage dir", sd.path)}
+
+
+def test_dir_locked_between_listing_and_removal_is_kept(tmp_path, micro, monkeypatch):
+    sd = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    import flows.gc
+
+    monkeypatch.setattr(flows.gc, "is_locked", lambda p: False)  # listed as unlocked...
+    with sd.lock():  # ...then a run takes it
+        removed, freed = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert removed == [] and freed == 0 and (sd.path / "result.json").exists()
+
+
+def test_dry_run_lists_and_removes_nothing(tmp_path, micro):
+    old = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    listed, would_free = collect(tmp_path, [micro], keep_days=7, dry_run=True, mlflow=False)
+    assert _paths(listed) == {("stage dir", old.path)} and would_free == du(old.path) > 0
+    assert (old.path / "result.json").exists()
+
+
+def test_leftover_of_a_killed_gc_is_removed(tmp_path, micro):
+    sd = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    dead = sd.path.with_name(sd.path.name + ".old-999999999")  # no such pid
+    sd.path.rename(dead)
+    removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert _paths(removed) == {("temp", dead)} and not dead.exists()

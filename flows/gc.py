@@ -151,3 +151,36 @@ def collect(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0, dry_
         return garbage, sum(g.bytes for g in garbage)
     done = [g for g in garbage if _remove(g)]
     return done, sum(g.bytes for g in done)
+
+
+def recipes_for_gc(paths: list[str | Path], configs_dir: Path = Path("configs")) -> list[Recipe]:
+    """The recipes whose stage dirs gc keeps: ``paths``, or every ``*.yaml`` in ``configs_dir``. A file that
+    does not load stops gc (skipping it would delete the dirs it references)."""
+    from stages.recipe import RecipeError, load_recipe
+
+    if not paths:
+        paths = sorted(configs_dir.glob("*.yaml"))
+        if not paths:
+            raise RecipeError(f"gc: no recipes given and none in {configs_dir}/: name the recipes whose stages to keep")
+    out = []
+    for p in paths:
+        try:
+            out.append(load_recipe(p))
+        except RecipeError as e:
+            raise RecipeError(f"gc: {e}\n(gc keeps what the recipes reference, so it stops rather than skip {p})") \
+                from None
+    return out
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def render_garbage(garbage: list[Garbage], freed: int, dry_run: bool) -> str:
+    lines = [f"  {_human(g.bytes):>10}  {g.what:<11} {g.path}  ({g.why})" for g in garbage]
+    verb = "would free" if dry_run else "freed"
+    return "\n".join(lines + [f"gc: {len(garbage)} item(s), {verb} {_human(freed)} ({freed} bytes)"])

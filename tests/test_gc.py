@@ -1,5 +1,6 @@
 """flows.gc: nothing referenced, recent or locked is ever removed; the rest goes, atomically."""
 import os
+import shutil
 import threading
 
 import pytest
@@ -96,3 +97,24 @@ def test_leftover_of_a_killed_gc_is_removed(tmp_path, micro):
     sd.path.rename(dead)
     removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
     assert _paths(removed) == {("temp", dead)} and not dead.exists()
+
+
+def test_a_recipe_that_does_not_load_stops_gc(tmp_path, root):
+    from flows.gc import recipes_for_gc
+    from stages.recipe import RecipeError
+
+    (tmp_path / "bad.yaml").write_text("recipe: bad\nstages: {a: {kind: nosuchkind}}\n")
+    shutil.copy(root / "configs" / "vlp-micro.yaml", tmp_path / "micro.yaml")
+    with pytest.raises(RecipeError, match="stops rather than skip"):
+        recipes_for_gc([], configs_dir=tmp_path)
+    (tmp_path / "bad.yaml").unlink()
+    assert [r.name for r in recipes_for_gc([], configs_dir=tmp_path)] == ["vlp-micro"]
+
+
+def test_report_names_bytes(tmp_path, micro):
+    from flows.gc import render_garbage
+
+    fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    listed, would_free = collect(tmp_path, [micro], keep_days=7, dry_run=True, mlflow=False)
+    text = render_garbage(listed, would_free, dry_run=True)
+    assert 0 < would_free < 1024 and f"would free {would_free} B ({would_free} bytes)" in text and "no recipe plans world@" in text

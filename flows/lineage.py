@@ -119,11 +119,15 @@ def plan_dag(recipe: Recipe, artifacts: Path) -> Dag:
 def _client(artifacts: Path):
     if not (Path(artifacts) / "mlflow.db").exists():
         return None
+    import fcntl
+
     from mlflow import MlflowClient
 
     from flows.tracking import tracking_uri
 
-    return MlflowClient(tracking_uri=tracking_uri(artifacts))
+    with open(Path(artifacts) / ".mlflow-init.lock", "w") as lock:  # not while a run migrates the db (Tracking)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=tracking_uri(artifacts))
 
 
 def attach_mlflow(nodes: list[Node], artifacts: Path, client=None) -> None:

@@ -246,8 +246,8 @@ def render_dot(dag: Dag) -> str:
     return "\n".join(lines + ["}"])
 
 
-def _fmt_metrics(metrics: dict[str, float], limit: int = 4) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit])
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
 def render_chain(chain: list[Node]) -> str:

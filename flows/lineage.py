@@ -74,13 +74,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def read_node(path: Path) -> Node:
-    """The node of a stage dir, from its files alone (no MLflow). A dir without config.json is 'missing'."""
+    """The node of a stage dir, from its files alone (no MLflow). A dir that is not there is 'missing'."""
     path = Path(path)
     cfg = _read_json(path / "config.json") or {}
     inputs = cfg.get("fingerprint_inputs", {})
     stage, fp = cfg.get("stage", path.parent.name), cfg.get("fingerprint", path.name)
     sd = StageDir(path.parents[2], stage, fp)
-    state = sd.status() if cfg else "missing"
+    state = sd.status() if path.is_dir() else "missing"
     res = _read_json(path / "result.json") or {}
     run = _read_json(path / "run.json") or {}
     return Node(stage=stage, kind=inputs.get("kind", cfg.get("resolved", {}).get("kind", "?")), fingerprint=fp,
@@ -109,8 +109,9 @@ def plan_dag(recipe: Recipe, artifacts: Path) -> Dag:
     nodes = {}
     for name, (fp, payload) in plan_fingerprints(recipe.stages).items():
         node = read_node(stage_path(artifacts, name, fp))
-        if node.state == "missing":  # not started: the plan, not the dir, knows kind and upstream
-            node.state = StageDir(artifacts, name, fp).status()
+        if node.state == "missing":
+            node.state = "not started"
+        # the plan knows kind and upstream even when the dir (or its config.json) is not there yet
         node.stage, node.kind, node.fingerprint, node.upstream = name, payload["kind"], fp, dict(payload["upstream"])
         nodes[name] = node
     return Dag(recipe=recipe.name, nodes=nodes)

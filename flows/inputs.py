@@ -83,11 +83,11 @@ def _content_digest(p: Path, cache: _HashCache) -> str:
 
 
 def tree_digest(p: Path) -> str:
-    """A dataset folder: every file's relative name, size, mtime_ns and ctime_ns."""
+    """A dataset folder: every file's relative name, size, mtime_ns, ctime_ns and inode."""
     h = hashlib.sha256()
     for f in _files(p):
         st = f.stat()
-        h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
+        h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode())
     return h.hexdigest()
 
 

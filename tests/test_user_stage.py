@@ -89,3 +89,43 @@ def test_relative_dataset_path_in_a_tracked_world_stage(tmp_path):
     assert p.returncode == 0, (p.stderr + p.stdout)[-3000:]
     (run,) = mlflow_runs(art, "world")
     assert run.data.params["paths.imagenet"] == str((recipe.parent / "data" / "imagenet").resolve())
+
+
+def test_the_code_digest_follows_the_users_modules(tmp_path, monkeypatch):
+    """The user kind's digest covers its module and the user modules it imports (my_project.heads): an
+    edit of heads.py changes the stage's fingerprint, not the built-in stages'."""
+    from flows import fingerprint
+    from stages.recipe import load_recipe
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    recipe = project(tmp_path, {"world": {"kind": "world"}, "bert": {"kind": "bert", "needs": ["world"]},
+                                "probe": {"kind": "my_project.stages.probe", "needs": ["bert"], "upstream": "bert"}},
+                     python_path=["src"])
+    r = load_recipe(recipe)
+    assert str(recipe.parent / "src") in sys.path and r.raw["python_path"] == [str(recipe.parent / "src")]
+    assert {"my_project.stages.probe", "my_project.heads", "stages.train.loop"} <= set(
+        fingerprint.code_digest("my_project.stages.probe"))
+    before = {n: fp for n, (fp, _) in fingerprint.plan_fingerprints(r.stages).items()}
+    heads = recipe.parent / "src" / "my_project" / "heads.py"
+    heads.write_text(heads.read_text().replace("nn.Linear(dim, 1)", "nn.Linear(dim, 1, bias=False)"))
+    fingerprint._module_digest.cache_clear()
+    after = {n: fp for n, (fp, _) in fingerprint.plan_fingerprints(r.stages).items()}
+    assert {n for n in before if before[n] != after[n]} == {"probe"}
+
+
+def test_a_kind_from_an_entry_point(tmp_path, monkeypatch):
+    """`kind: probe` names an entry point of group baton.stages whose value is the module."""
+    from importlib.metadata import EntryPoint
+
+    import stages
+    from stages.recipe import load_recipe
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    ep = EntryPoint("probe", "my_project.stages.probe", "baton.stages")
+    monkeypatch.setattr(stages, "entry_points", lambda group, name: [ep] if (group, name) == ("baton.stages",
+                                                                                              "probe") else [])
+    recipe = project(tmp_path, {"world": {"kind": "world"}, "bert": {"kind": "bert", "needs": ["world"]},
+                                "p": {"kind": "probe", "needs": ["bert"], "upstream": "bert"}}, python_path=["src"])
+    assert type(load_recipe(recipe).stages["p"]).__module__ == "my_project.stages.probe"

@@ -21,7 +21,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "user_stage"
 
 def run_baton(args: list[str], cwd: Path, art: Path, **env: str) -> subprocess.CompletedProcess:
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)} | env
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, check=False,
                           text=True, timeout=900)
 
 

@@ -101,7 +101,10 @@ def _name_digest(inp: ExternalInput) -> dict[str, Any]:
             return {"name": inp.value, "url": "unknown name"}
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(inp.value, "config.json")
+    try:
+        hit = try_to_load_from_cache(inp.value, "config.json")
+    except ValueError:  # not a valid hub id either (huggingface_hub's HFValidationError)
+        return {"name": inp.value, "revision": "invalid id"}
     commit = Path(hit).parent.name if isinstance(hit, str) else "not cached"
     return {"name": inp.value, "revision": commit}
 

@@ -166,3 +166,28 @@ def test_relative_paths_are_relative_to_the_recipe_folder(tmp_path, monkeypatch)
     _, payload = plan_fingerprints(r.stages)["world"]
     assert payload["data"]["paths.corpus"] not in ("missing", data_digest(elsewhere / "data" / "corpus"))
     assert load_recipe(recipe, raw=r.raw).stages == r.stages, "resolving again changes nothing"
+
+
+def _digest_many(files: list[str]) -> list[str]:
+    return [data_digest(f, "weights") for f in files]
+
+
+def test_the_digest_cache_survives_concurrent_processes(tmp_path):
+    """Processes hashing at once never leave a torn cache file; every digest stays right."""
+    import hashlib
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flows.inputs import cache_file
+
+    files = []
+    for i in range(24):
+        f = tmp_path / f"w{i}.bin"
+        f.write_bytes(bytes([i]) * 4096)
+        files.append(str(f))
+    with ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(_digest_many, [files[i::4] for i in range(4)]))
+    want = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
+    assert sorted(d for r in results for d in r) == sorted(want.values())
+    cached = json.loads(cache_file().read_text())
+    assert cached and all(v[4] == want[k] for k, v in cached.items())

@@ -368,7 +368,7 @@ def build_flow():
         snapshot = art / "tmp" / f"recipe-{os.getpid()}-{time.time_ns()}.json"
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         snapshot.write_text(json.dumps({  # what a stage process needs, already resolved: it imports only its kind
-            "recipe": recipe.name, "fingerprints": fps,
+            "recipe": recipe.name, "fingerprints": fps, "python_path": recipe.python_path,
             "stages": {n: c.model_dump(mode="json", exclude_unset=True) for n, c in recipe.stages.items()}}))
         threads = _threads_per_stage(recipe, wanted)
         slots = threading.Semaphore(recipe.max_concurrency)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from types import SimpleNamespace
 
-from stages import kind_module
+from stages import kind_module, use_python_path
 from stages.contract import StageError
 from stages.recipe import RecipeError
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         snap = json.loads(args.snapshot.read_text())
         block = snap["stages"][args.stage]
+        use_python_path(snap.get("python_path", []))  # the recipe's rule, as in the flow's process
         cfg = kind_module(block["kind"]).Config.model_validate(block)
         if cfg.runtime.threads is None and args.threads:
             cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": args.threads})})

@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from stages.config.bert import SPECIAL_TOKENS, BertSizes, Config, TokenizerConfig  # noqa: F401 - the kind's config
 from stages.contract import StageContext, StageError, StageResult
 from stages.data.text import load_tokenizer, pack_documents, read_corpus, special_ids, train_tokenizer, unigram_logprobs
-from stages.models.bert import build_bert_config
+from stages.models.bert import build_bert_config, transfer_blocks
 from stages.models.masking import EVAL_MASK_SEED, mask_tokens, normal_token_ids, step_generator
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
@@ -93,11 +93,9 @@ def run(ctx: StageContext) -> StageResult:
         acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean().detach()
         return out.loss, {"masked_acc": acc}
 
-    emb = model.bert.embeddings
-    blocks = [list(emb.parameters())] + [list(layer.parameters()) for layer in model.bert.encoder.layer]
-    head = [p for p in model.cls.parameters() if p is not emb.word_embeddings.weight]
+    tb = transfer_blocks(model)
     dataset = torch.utils.data.TensorDataset(train_ids, train_ws)
-    res = fit(ctx, model, dataset, None, loss_fn, cfg.train, blocks, head,
+    res = fit(ctx, model, dataset, None, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
               evaluate=lambda m: {"val/perplexity": masked_lm_eval(ctx, m, val_ids, val_ws, cfg, tok, unigram)[0]},
               best_metric=("val/perplexity", "min"))
 

@@ -34,7 +34,7 @@ from stages.data.text_regions import RegionTable, caption_data, open_regions, re
 from stages.metrics import caption_scores
 from stages.models.decode import beam_decode, greedy_decode
 from stages.models.masking import mask_tokens, normal_token_ids, step_generator
-from stages.models.vlp import VLP, build_model, check_length, mlm_head_params, save_vl, transfer_blocks
+from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
 
@@ -162,16 +162,15 @@ def run(ctx: StageContext) -> StageResult:
         return nn.functional.cross_entropy(logits, labels[sel]), \
             {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
 
-    blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
-    head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
+    tb = transfer_blocks(model, built.visual_pretrained)
 
     def evaluate(m: VLP) -> dict[str, float]:
         gen, _ = decode_images(ctx, m, tok, val_table, val_ids, cfg.decode)
         scores = caption_scores({i: c if c.strip() else "unk" for i, c in gen.items()}, val_caps)
         return {f"val/{k}": v for k, v in scores.items()}
 
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head, evaluate=evaluate,
-              best_metric=("val/CIDEr", "max"))
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
+              evaluate=evaluate, best_metric=("val/CIDEr", "max"))
 
     generated, caps_per_s = decode_images(ctx, model, tok, val_table, val_ids, cfg.decode)
     empty = [i for i, c in generated.items() if not c.strip()]

@@ -77,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
 
     model = build_classifier(cfg.model, len(classes))
     init_weights(model, cfg.model)
-    blocks, head = transfer_blocks(model)
+    tb = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
                             "model.params": sum(p.numel() for p in model.parameters()),
                             "data.skipped_bad_images": skipped, "data.train_cached": train_ds.cached,
@@ -93,7 +93,7 @@ def run(ctx: StageContext) -> StageResult:
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
 
-    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head,
+    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
               evaluate=lambda m: {f"val/{k}": v for k, v in topk_accuracy(
                   *evaluate(ctx, m, val_ds, cfg.eval_batch_size), (1, 5)).items()},
               best_metric=("val/top1", "max"))

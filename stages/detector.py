@@ -129,7 +129,7 @@ def run(ctx: StageContext) -> StageResult:
 
     body, backbone_cfg, pretrained, source = backbone_body(cfg, ctx)
     model = build_detector(cfg.model, body, len(classes), pretrained, backbone_cfg.arch, len(attributes))
-    blocks, head = transfer_blocks(model)
+    tb = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.attributes": len(attributes),
                             "data.train": len(train_ds), "data.val": len(val_ds), "data.split": split_how,
                             "data.objects": vg_stats["objects"], "data.boxes_clipped": vg_stats["clipped"],
@@ -142,7 +142,7 @@ def run(ctx: StageContext) -> StageResult:
         losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
         return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
-    res = fit(ctx, model, train_ds, collate, loss_fn, cfg.train, blocks, head)
+    res = fit(ctx, model, train_ds, collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head)
 
     # one inference pass over every scene image, streamed: each image's top-K regions go straight into the
     # region store (published atomically at the end); val images' detections are kept for mAP

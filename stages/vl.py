@@ -29,7 +29,7 @@ from stages.contract import StageContext, StageResult
 from stages.data.text import special_ids, unigram_logprobs
 from stages.data.text_regions import caption_data, open_regions, regions_of
 from stages.models.masking import mask_tokens, normal_token_ids, step_generator
-from stages.models.vlp import VLP, build_model, check_length, mlm_head_params, save_vl, transfer_blocks
+from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.evaluate import held_out_mlm
 from stages.train.loop import fit
 
@@ -78,10 +78,8 @@ def run(ctx: StageContext) -> StageResult:
             logs["itm_acc"] = (itm_logits.argmax(-1) == swap.long()).float().mean().detach()
         return loss, logs
 
-    blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
-    head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
-    head += list(model.itm.parameters()) if model.itm is not None else []
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head,
+    tb = transfer_blocks(model, built.visual_pretrained, train_itm=True)
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
               evaluate=lambda m: {"val/mlm_ppl": held_out_mlm(ctx, m, val_ds, cfg, tok, s2s=False)["ppl"]},
               best_metric=("val/mlm_ppl", "min"))
 

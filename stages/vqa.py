@@ -71,16 +71,15 @@ def run(ctx: StageContext) -> StageResult:
         score = t.gather(1, logits.argmax(-1, keepdim=True)).mean().detach()
         return loss, {"soft_acc": score}
 
-    blocks = transfer_blocks(model.vlp, visual_in_backbone=built.origin == "vl")
-    head = list(model.head.parameters()) + ([] if built.origin == "vl" else list(model.vlp.visual.parameters()))
+    tb = transfer_blocks(model, built.visual_pretrained)
 
     def evaluate(m: VQAModel) -> dict[str, float]:
         pred = predict(ctx, m, val_ds, cfg.eval_batch_size)
         return {f"val/{k}": v for k, v in vqa_scores({r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)},
                                                      val_recs).items()}
 
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head, evaluate=evaluate,
-              best_metric=("val/vqa_acc", "max"))
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
+              evaluate=evaluate, best_metric=("val/vqa_acc", "max"))
 
     pred = predict(ctx, model, val_ds, cfg.eval_batch_size)
     preds = {r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)}

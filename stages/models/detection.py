@@ -27,6 +27,7 @@ from stages.config.detector import (
 from stages.contract import StageError
 from stages.models.resnet import build_classifier
 from stages.train.checkpoint import load_into, load_weights, save_weights
+from stages.train.transfer import TransferBlocks
 
 
 def _freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -195,21 +196,21 @@ def build_detector(cfg: ModelConfig, body: nn.Module, num_classes: int, pretrain
     return model
 
 
-def transfer_blocks(model: FasterRCNN) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """Backbone body stem, layer1..layer4 (VGG16 / AlexNet: its 5 stages) as blocks (only their
-    trainable_layers-unfrozen tensors, so a transfer plan never unfreezes what trainable_layers froze);
-    FPN + RPN + RoI heads (incl. the attribute head) as the head."""
+def transfer_blocks(model: FasterRCNN) -> TransferBlocks:
+    """A detector from :func:`build_detector` -> blocks: the backbone body's stem, layer1..layer4 (VGG16 /
+    AlexNet: its 5 stages), each only its ``trainable_layers``-unfrozen tensors, so a transfer plan never
+    unfreezes what trainable_layers froze. Head: FPN (ResNets) + RPN + RoI heads (incl. the attribute head)."""
     body = model.backbone.body  # IntermediateLayerGetter: layers past the last returned one are gone
 
     def live(*modules: nn.Module) -> list[nn.Parameter]:
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+    head = [*model.rpn.parameters(), *model.roi_heads.parameters()]
     if isinstance(model.backbone, SingleMapBackbone):
-        return [live(stage) for stage in body], [*model.rpn.parameters(), *model.roi_heads.parameters()]
+        return TransferBlocks([live(stage) for stage in body], head)
     blocks = [live(body.conv1, body.bn1)]
     blocks += [live(getattr(body, f"layer{i}")) if hasattr(body, f"layer{i}") else [] for i in range(1, 5)]
-    head = [*model.backbone.fpn.parameters(), *model.rpn.parameters(), *model.roi_heads.parameters()]
-    return blocks, head
+    return TransferBlocks(blocks, [*model.backbone.fpn.parameters(), *head])
 
 
 def save_model(model: FasterRCNN, cfg: ModelConfig, backbone: BackboneConfig, pretrained: bool, classes: list[str],

@@ -11,6 +11,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from stages.config.cnn import ModelConfig
 from stages.contract import StageError
 from stages.train.checkpoint import load_into, load_weights
+from stages.train.transfer import TransferBlocks
 
 
 class NarrowResNet(ResNet):
@@ -52,8 +53,10 @@ def build_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return getattr(torchvision.models, cfg.arch)(num_classes=num_classes)
 
 
-def head_prefix(arch: str) -> str:
-    return "classifier." if arch in ("alexnet", "vgg16") else "fc."
+def head_name(model: nn.Module) -> str:
+    """The class head's attribute: ``fc`` (ResNet family) or ``classifier`` (VGG16 / AlexNet). The one rule
+    for what :func:`init_weights` re-initialises and what :func:`transfer_blocks` calls the head."""
+    return "fc" if hasattr(model, "layer1") else "classifier"
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
@@ -70,14 +73,14 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         except (ValueError, KeyError) as e:
             raise StageError(f"model.init={cfg.init!r} is neither an existing file nor a torchvision weights name") from e
         state, source = weights.get_state_dict(progress=False), cfg.init
-    head = head_prefix(cfg.arch)
-    load_into(model, state, source, strict=True, ignore=(head,))
+    load_into(model, state, source, strict=True, ignore=(head_name(model) + ".",))
 
 
-def transfer_blocks(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """ResNets: stem, layer1..layer4 as blocks; fc as the head."""
+def transfer_blocks(model: nn.Module) -> TransferBlocks:
+    """A classifier from :func:`build_classifier` -> blocks: ResNets stem (conv1 + bn1), layer1..layer4;
+    VGG16 / AlexNet their conv ``features`` as one block. Head: the class head (:func:`head_name`)."""
+    head = list(getattr(model, head_name(model)).parameters())
     if hasattr(model, "layer1"):
         stem = [*model.conv1.parameters(), *model.bn1.parameters()]
-        blocks = [stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)]
-        return blocks, list(model.fc.parameters())
-    return [list(model.features.parameters())], list(model.classifier.parameters())
+        return TransferBlocks([stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)], head)
+    return TransferBlocks([list(model.features.parameters())], head)

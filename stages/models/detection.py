@@ -1,4 +1,5 @@
-"""Faster R-CNN over a classification backbone (FPN for ResNets, one stride-16 map for VGG16/AlexNet), with an optional attribute head (bottom-up attention)."""
+"""Faster R-CNN over a classification backbone (FPN for ResNets, one stride-16 map for VGG16/AlexNet), with
+an optional attribute head (bottom-up attention), and its transfer blocks."""
 from __future__ import annotations
 
 import json
@@ -146,32 +147,9 @@ def build_detector(cfg: ModelConfig, body: nn.Module, num_classes: int, pretrain
     if not 0 <= cfg.trainable_layers <= 5:
         raise StageError(f"model.trainable_layers={cfg.trainable_layers} must be in 0..5")
     if arch in SINGLE_MAP_ARCHS:
-        if not isinstance(getattr(body, "features", None), nn.Sequential):
-            raise StageError(f"backbone arch {arch!r} needs a classifier with conv `features`; got {type(body).__name__}")
-        backbone = SingleMapBackbone(body.features, arch)
-        for i, stage in enumerate(backbone.body):
-            stage.requires_grad_(i >= 5 - cfg.trainable_layers)
-        anchors = AnchorGenerator(sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.aspect_ratios),))
-        roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
-        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
+        backbone, anchors, roi_pool, box_head = _single_map_parts(cfg, body, arch)
     else:
-        if not hasattr(body, "layer4"):
-            raise StageError(f"the detector's FPN needs a ResNet-family backbone (conv1, bn1, layer1..4) or one of "
-                             f"{', '.join(SINGLE_MAP_ARCHS)}; got {type(body).__name__} (arch {arch!r})")
-        check_anchors(cfg, arch if arch in RESNET_ARCHS else "narrow_resnet")
-        if pretrained:
-            _freeze_batchnorm(body)
-        train_prefixes = TRAINABLE_ORDER[:cfg.trainable_layers] + (("bn1",) if cfg.trainable_layers == 5 else ())
-        for name, p in body.named_parameters():
-            p.requires_grad_(name.startswith(train_prefixes))
-        return_layers = {f"layer{k}": str(i) for i, k in enumerate(cfg.returned_layers)}
-        in_channels = [_stage_channels(body, k) for k in cfg.returned_layers]
-        backbone = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels)  # + LastLevelMaxPool ("pool")
-        levels = len(cfg.returned_layers) + 1
-        anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),
-                                  aspect_ratios=(tuple(cfg.aspect_ratios),) * levels)
-        roi_pool = MultiScaleRoIAlign(featmap_names=list(return_layers.values()), output_size=7, sampling_ratio=2)
-        box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)
+        backbone, anchors, roi_pool, box_head = _fpn_parts(cfg, body, arch, pretrained)
     predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
     n_pre, n_post = cfg.rpn_pre_nms_top_n, cfg.rpn_post_nms_top_n
     model = FasterRCNN(backbone, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
@@ -194,6 +172,41 @@ def build_detector(cfg: ModelConfig, body: nn.Module, num_classes: int, pretrain
         raise StageError("model.attributes.enabled but there are no attributes (num_attributes=0): "
                          "the train split's attributes.json has none")
     return model
+
+
+def _single_map_parts(cfg: ModelConfig, body: nn.Module, arch: str) -> tuple:
+    """VGG16 / AlexNet classifier -> (SingleMapBackbone with its first 5 - trainable_layers stages frozen,
+    one-level anchors, RoI pool on map "0", box head)."""
+    if not isinstance(getattr(body, "features", None), nn.Sequential):
+        raise StageError(f"backbone arch {arch!r} needs a classifier with conv `features`; got {type(body).__name__}")
+    backbone = SingleMapBackbone(body.features, arch)
+    for i, stage in enumerate(backbone.body):
+        stage.requires_grad_(i >= 5 - cfg.trainable_layers)
+    anchors = AnchorGenerator(sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.aspect_ratios),))
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    return backbone, anchors, roi_pool, TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
+
+
+def _fpn_parts(cfg: ModelConfig, body: nn.Module, arch: str, pretrained: bool) -> tuple:
+    """ResNet-family classifier -> (BackboneWithFPN over ``cfg.returned_layers``, trainable_layers applied,
+    FrozenBatchNorm2d when ``pretrained``; one anchor size per level; RoI pool over the levels; box head)."""
+    if not hasattr(body, "layer4"):
+        raise StageError(f"the detector's FPN needs a ResNet-family backbone (conv1, bn1, layer1..4) or one of "
+                         f"{', '.join(SINGLE_MAP_ARCHS)}; got {type(body).__name__} (arch {arch!r})")
+    check_anchors(cfg, arch if arch in RESNET_ARCHS else "narrow_resnet")
+    if pretrained:
+        _freeze_batchnorm(body)
+    train_prefixes = TRAINABLE_ORDER[:cfg.trainable_layers] + (("bn1",) if cfg.trainable_layers == 5 else ())
+    for name, p in body.named_parameters():
+        p.requires_grad_(name.startswith(train_prefixes))
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(cfg.returned_layers)}
+    in_channels = [_stage_channels(body, k) for k in cfg.returned_layers]
+    backbone = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels)  # + LastLevelMaxPool ("pool")
+    levels = len(cfg.returned_layers) + 1
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),
+                              aspect_ratios=(tuple(cfg.aspect_ratios),) * levels)
+    roi_pool = MultiScaleRoIAlign(featmap_names=list(return_layers.values()), output_size=7, sampling_ratio=2)
+    return backbone, anchors, roi_pool, TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)
 
 
 def transfer_blocks(model: FasterRCNN) -> TransferBlocks:

@@ -190,9 +190,10 @@ def test_real_paths_are_the_world_external_inputs():
 def test_sample_images_of_the_synthetic_world(tmp_path):
     """The synthetic world's COCO JSON points at its images (file_path): N PNGs, larger than the image."""
     from stages.caption import write_sample_images
+    from stages.data.synthetic import write_scenes
 
     cfg = world.Config(scenes={"train": 2, "val": 5, "image_size": 48})
-    world.write_scenes(tmp_path, cfg, 0)
+    write_scenes(tmp_path, cfg, 0)
     val_json = data.coco_captions_file(tmp_path / "coco", "val")
     caps, info = data.load_coco_captions(val_json)
     val_ids = sorted(caps)

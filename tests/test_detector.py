@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from stages import cnn, detector, vl, world
 from stages.contract import NullTracker, StageContext, StageResult
 from stages.data.regions import RegionStore
+from stages.models import detection
 from stages.train.checkpoint import load_weights
 from stages.train.transfer import Transfer, build_plan
 
@@ -104,7 +105,7 @@ def test_run_writes_model_regions_and_learns(upstream, tmp_path):
     assert sum(store.num_boxes) > 0 and res.info["regions_per_image_mean"] == pytest.approx(np.mean(counts))
 
     # the saved model rebuilds on its own, with the trained weights
-    model, loaded_classes = detector.load_model(out / "model")
+    model, loaded_classes = detection.load_model(out / "model")
     assert loaded_classes == classes
     saved = load_weights(out / "model" / "model.safetensors")
     for key in ("roi_heads.box_predictor.cls_score.weight", "roi_heads.attribute_predictor.weight"):
@@ -196,7 +197,7 @@ def test_anchor_count_of_an_fpn_is_checked_when_the_backbone_is_known():
     ([0.9, 0.8, 0.7], 2, 2, 0.0, 2),          # fixed K (min_k = k)
 ])
 def test_num_regions_min_max_k_and_threshold(scores, k, min_k, thresh, n):
-    assert detector.num_regions(torch.tensor(scores), k, min_k, thresh) == n
+    assert detection.num_regions(torch.tensor(scores), k, min_k, thresh) == n
 
 
 def _toy_targets(num_attributes: int, with_attributes: bool = True):
@@ -211,7 +212,7 @@ def test_attribute_head_trains_the_box_head_features():
     torch.manual_seed(0)
     cfg = detector.ModelConfig(**TINY, trainable_layers=0, attributes={"enabled": True, "loss_weight": 1.0})
     model = detector.build_detector(cfg, cnn.build_classifier(CNN, 2), 3, False, num_attributes=4).train()
-    assert isinstance(model.roi_heads, detector.AttributeRoIHeads)
+    assert isinstance(model.roi_heads, detection.AttributeRoIHeads)
     xs = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
     losses = model(xs, _toy_targets(4))
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_attributes"}
@@ -270,7 +271,7 @@ def test_vgg16_and_alexnet_single_map_detectors_train_and_detect(arch, stage_con
                                attributes={"enabled": True})
     model = detector.build_detector(cfg, _narrow_features(arch), 3, False, arch, num_attributes=4)
     bb = model.backbone
-    assert isinstance(bb, detector.SingleMapBackbone) and bb.out_channels == 32
+    assert isinstance(bb, detection.SingleMapBackbone) and bb.out_channels == 32
     assert [sum(isinstance(m, torch.nn.Conv2d) for m in st) for st in bb.body] == stage_convs
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in list(bb.body[-1])[-1:])  # last pool dropped
     assert bb(torch.zeros(1, 3, 64, 64))["0"].shape[-1] == (4 if arch == "vgg16" else 3)
@@ -310,7 +311,7 @@ def test_full_size_torchvision_vgg16_and_alexnet_keep_the_cnn_weights_and_reload
     assert model.backbone.out_channels == (512 if arch == "vgg16" else 256)
     assert torch.equal(model.backbone.body[0][0].weight, first_conv)
     detector.save_model(model, cfg, bcfg, True, ["x", "y"], tmp_path / "det")
-    loaded, classes = detector.load_model(tmp_path / "det")
+    loaded, classes = detection.load_model(tmp_path / "det")
     assert classes == ["x", "y"] and len(detector.detect(loaded, [torch.rand(3, 64, 64)], k=3)) == 1
 
 

@@ -52,8 +52,7 @@ from stages.data.visual_genome import (
 )
 from stages.metrics import detection_map
 from stages.models.detection import build_detector, detect, save_model, transfer_blocks
-from stages.models.resnet import build_classifier, init_weights
-from stages.train.checkpoint import load_into, load_weights
+from stages.models.resnet import build_classifier, init_weights, load_classifier
 from stages.train.device import autocast
 from stages.train.loop import fit
 
@@ -69,13 +68,7 @@ def backbone_body(cfg: Config, ctx: StageContext | None = None) -> tuple[nn.Modu
         init_weights(body, bcfg)
         return body, bcfg, bool(bcfg.init), bcfg.init or "random init"
     model_dir = ctx.input(cfg.backbone_from, "model")
-    meta_file = model_dir / "config.json"
-    if not meta_file.is_file():
-        raise StageError(f"backbone_from={cfg.backbone_from!r}: {meta_file} not found")
-    meta = json.loads(meta_file.read_text())
-    bcfg = BackboneConfig(**meta["model"])
-    body = build_classifier(bcfg, len(meta["classes"]))
-    load_into(body, load_weights(model_dir / "model.safetensors"), str(model_dir / "model.safetensors"))
+    body, bcfg = load_classifier(model_dir, f"backbone_from={cfg.backbone_from!r}")
     return body, bcfg, True, str(model_dir)
 
 

@@ -228,6 +228,8 @@ def transfer_blocks(model: FasterRCNN) -> TransferBlocks:
 
 def save_model(model: FasterRCNN, cfg: ModelConfig, backbone: BackboneConfig, pretrained: bool, classes: list[str],
                out: Path, attributes: list[str] | None = None) -> None:
+    """``out/model.safetensors`` + ``out/config.json`` (detector and backbone configs, whether the body's
+    BatchNorm is frozen, class names 1..C, attribute names): what :func:`load_model` rebuilds from."""
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(), "backbone": backbone.model_dump(),

@@ -1,4 +1,5 @@
-"""The unified VLP transformer (Zhou et al. 2020): BERT over [CLS] regions [SEP] text [SEP] under bidirectional or seq2seq masks, and how a vl/caption/vqa stage builds it from its init stage."""
+"""The unified VLP transformer (Zhou et al. 2020): BERT over [CLS] regions [SEP] text [SEP] under bidirectional
+or seq2seq masks; how a vl/caption/vqa stage builds it from its init stage, and its transfer blocks."""
 from __future__ import annotations
 
 import json
@@ -128,6 +129,7 @@ class VLP(nn.Module):
 
 
 def special_of(tok) -> dict[str, int]:
+    """A tokenizer -> the ids of its special tokens by role (cls, sep, pad, mask, unk)."""
     return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id, "mask": tok.mask_token_id,
             "unk": tok.unk_token_id}
 
@@ -166,6 +168,8 @@ def load_vl(model_dir: Path) -> VLP:
 
 @dataclass
 class Built:
+    """What :func:`build_model` returns: the model, its tokenizer and where its weights came from."""
+
     model: VLP
     tokenizer: object
     origin: Literal["scratch", "bert", "vl"]  # where the weights came from

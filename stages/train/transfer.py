@@ -5,9 +5,11 @@ Every model family in ``stages.models`` exposes ``transfer_blocks(model, ...) ->
 side first: embeddings, stage 1, ...), ``head`` the task head's parameters, which train in every phase.
 That function is the one place that says which parameters form the head of its family; a stage recipe
 calls it and passes ``blocks=``/``head=`` to ``fit``. The order of blocks and of the parameters within
-each is part of the checkpoint format (optimizer state is matched by position). The strategy turns that into optimizer param groups (each with its
-LR multiplier) and a per-step plan (which blocks train at step s, and each group's LR factor), so a
-resumed run reproduces the same phases from the step number alone.
+each is part of the checkpoint format (optimizer state is matched by position).
+
+The strategy turns that into optimizer param groups (each with its LR multiplier) and a per-step plan
+(which blocks train at step s, and each group's LR factor), so a resumed run reproduces the same phases
+from the step number alone.
 
   finetune      everything trains; backbone LR x backbone_lr_mult; optional layer_decay
   linear_probe  only the head trains

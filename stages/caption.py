@@ -149,6 +149,7 @@ class ValCaptions:
 
 
 def val_captions(ctx: StageContext, cfg: Config, store) -> ValCaptions:
+    """The ``coco`` output of ``data``'s val captions + the region store -> :class:`ValCaptions`."""
     val_json = coco_captions_file(ctx.input(cfg.data, "coco"), "val")
     refs, info = load_coco_captions(val_json)
     ids = sorted(refs)

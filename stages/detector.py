@@ -172,6 +172,7 @@ def evaluate_map(ctx: StageContext, data: VGData, val_preds: list[dict]) -> tupl
 
 
 def loss_fn(m: FasterRCNN, batch, step: int):
+    """Faster R-CNN's own training losses, summed; each is logged."""
     xs, targets = prepare_batch(*batch, train=True)
     losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
     return sum(losses.values()), {k: v.detach() for k, v in losses.items()}

@@ -53,6 +53,7 @@ def loss_fn(m: VQAModel, batch, step: int):
 
 
 def val_scores(preds: dict[int, str], val_recs: list) -> dict[str, float]:
+    """{question_id: answer} -> official VQA accuracy as ``val/<name>`` (overall and per answer type)."""
     return {f"val/{k}": v for k, v in vqa_scores(preds, val_recs).items()}
 
 

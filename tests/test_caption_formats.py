@@ -11,7 +11,8 @@ import pydantic
 import pytest
 from PIL import Image
 
-from stages import data, world
+from stages import world
+from stages.data import captions as data
 from stages.contract import NullTracker, StageContext, StageError, StageResult
 from stages.data.regions import RegionStoreWriter
 

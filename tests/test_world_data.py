@@ -1,4 +1,4 @@
-"""Stage 0 `world` (synthetic generator) and the dataset loaders in stages/data.py."""
+"""Stage 0 `world` (synthetic generator) and the dataset loaders in stages/data/."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from stages import data
 from stages.config.world import Config
 from stages.contract import StageContext, StageError
+from stages.data.captions import coco_captions_file, load_coco_captions
+from stages.data.imagenet import ImageClassDataset, load_imagefolder
+from stages.data.text import read_corpus
+from stages.data.visual_genome import build_vocab, load_vg, read_id_list
+from stages.data.vqa import load_vqa, vqa_files
 from stages.data.synthetic import PLURALS
 from stages.world import run
 
@@ -83,26 +87,26 @@ def test_rerun_replaces_stale_outputs(tmp_path):
 
 def test_imagenet_loads(world):
     root = out(world, "imagenet")
-    paths, labels, classes = data.load_imagefolder(root / "train")
+    paths, labels, classes = load_imagefolder(root / "train")
     assert len(paths) == 60 and len(classes) == 36 and classes[0] == "n00000001"
-    vpaths, vlabels, vclasses = data.load_imagefolder(root / "val")
+    vpaths, vlabels, vclasses = load_imagefolder(root / "val")
     assert len(vpaths) == 20 and vclasses == classes
     words = (root / "synset_words.txt").read_text().splitlines()
     assert len(words) == 36 and re.fullmatch(r"n\d{8} \w+ \w+", words[0])
-    ds = data.ImageClassDataset(paths, labels, image_size=32, train=True)
+    ds = ImageClassDataset(paths, labels, image_size=32, train=True)
     assert ds.images.shape == (60, 3, 32, 32) and ds.images.dtype == torch.uint8
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == labels[0]
     assert -3 < float(x.min()) and float(x.max()) < 3
-    nc = data.ImageClassDataset(paths[:4], labels[:4], image_size=16, train=False, cache=False)
+    nc = ImageClassDataset(paths[:4], labels[:4], image_size=16, train=False, cache=False)
     assert nc[1][0].shape == (3, 16, 16)
-    ev = data.ImageClassDataset(paths[:4], labels[:4], image_size=32, train=False)
+    ev = ImageClassDataset(paths[:4], labels[:4], image_size=32, train=False)
     assert torch.equal(ev[2][0], ev[2][0])
 
 
 def test_vg_loads_and_boxes_inside(world):
     vg = out(world, "vg")
-    images, stats = data.load_vg(vg)
+    images, stats = load_vg(vg)
     assert stats["images"] == 18 == len(images)
     assert stats["dropped_degenerate"] == 0 and stats["clipped"] == 0
     assert stats["objects"] == sum(len(im.names) for im in images) > 0
@@ -115,26 +119,26 @@ def test_vg_loads_and_boxes_inside(world):
         assert (b[:, 2] <= im.width).all() and (b[:, 3] <= im.height).all()
         assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
         assert all(len(a) == 2 for a in im.attributes)
-    train, val = data.read_id_list(vg / "train_ids.txt"), data.read_id_list(vg / "val_ids.txt")
+    train, val = read_id_list(vg / "train_ids.txt"), read_id_list(vg / "val_ids.txt")
     assert len(train) == 12 and len(val) == 6 and not set(train) & set(val)
-    vocab = data.build_vocab([im.names for im in images], 100)
+    vocab = build_vocab([im.names for im in images], 100)
     assert set(vocab) <= {"circle", "square", "triangle", "diamond", "cross", "star"}
 
 
 def test_captions_and_vqa_load_and_are_true(world):
-    images, _ = data.load_vg(out(world, "vg"))
+    images, _ = load_vg(out(world, "vg"))
     scene = {im.image_id: list(zip(im.names, [a[0] for a in im.attributes])) for im in images}
     coco, vqa_dir = out(world, "coco"), out(world, "vqa")
     ids = set()
     for split, n in (("train", 12), ("val", 6)):
-        caps, info = data.load_coco_captions(data.coco_captions_file(coco, split))
+        caps, info = load_coco_captions(coco_captions_file(coco, split))
         assert len(caps) == n and all(len(c) == 5 and all(s.strip() for s in c) for c in caps.values())
         for iid, inf in info.items():
             assert inf["file_name"] == f"{iid}.jpg" and iid in scene
             for c in caps[iid]:  # every (colour, shape) mentioned is in the scene
                 for colour, shape in re.findall(r"(red|green|blue|yellow|purple|orange) (\w+)", c):
                     assert (shape, colour) in scene[iid], (c, scene[iid])
-        recs = data.load_vqa(*data.vqa_files(vqa_dir, split))
+        recs = load_vqa(*vqa_files(vqa_dir, split))
         assert len(recs) == 4 * n
         assert {r.answer_type for r in recs} <= {"yes/no", "number", "other"}
         for r in recs:
@@ -152,15 +156,15 @@ def test_captions_and_vqa_load_and_are_true(world):
             if truth is not None:  # annotators are noisy, but mostly right
                 assert Counter(r.answers)[truth] >= 3, (r, objs)
     assert ids == set(scene)
-    all_recs = data.load_vqa(*data.vqa_files(vqa_dir, "train"))
+    all_recs = load_vqa(*vqa_files(vqa_dir, "train"))
     assert {r.question_type for r in all_recs} >= {"is there a", "how many"}
 
 
 def test_corpus_loads(world):
     corpus = out(world, "corpus")
-    assert len(data.read_corpus(corpus / "train.txt")) == 20
-    assert len(data.read_corpus(corpus / "val.txt")) == 2
-    docs = data.read_corpus(corpus)
+    assert len(read_corpus(corpus / "train.txt")) == 20
+    assert len(read_corpus(corpus / "val.txt")) == 2
+    docs = read_corpus(corpus)
     assert len(docs) == 22 and all("\n" not in d and d.endswith(" .") for d in docs)
 
 
@@ -197,7 +201,7 @@ def _vg(tmp_path, image_data, objects, attributes=None) -> Path:
 def test_vg_missing_image_id(tmp_path):
     d = _vg(tmp_path, [{"image_id": 1, "width": 10, "height": 10}, {"width": 10, "height": 10}], [])
     with pytest.raises(StageError, match=r"image_data\.json.*record 1.*'image_id'"):
-        data.load_vg(d)
+        load_vg(d)
 
 
 def test_vg_clip_drop_v10_and_no_attributes(tmp_path):
@@ -208,7 +212,7 @@ def test_vg_clip_drop_v10_and_no_attributes(tmp_path):
                 {"object_id": 3, "x": 25, "y": 1, "w": 4, "h": 4, "names": ["ghost"]},  # outside: zero area
                 {"object_id": 4, "x": 1, "y": 1, "w": 4, "h": 4, "names": ["Cup"]},
             ]}])
-    images, stats = data.load_vg(d)
+    images, stats = load_vg(d)
     im = images[0]
     assert im.image_id == 7 and im.path == d / "images" / "7.jpg"
     assert im.names == ["red ball", "cup"] and im.attributes == [[], []]
@@ -222,7 +226,7 @@ def test_vg_attributes_and_merged(tmp_path):
                                           "merged_object_ids": [6]},
                                          {"object_id": 6, "x": 0, "y": 0, "w": 5, "h": 5, "names": ["dog"]}]}],
             [{"image_id": 1, "attributes": [{"object_id": 6, "attributes": ["Brown "]}]}])
-    images, stats = data.load_vg(d, image_dir=tmp_path / "imgs")
+    images, stats = load_vg(d, image_dir=tmp_path / "imgs")
     assert images[0].names == ["dog"] and images[0].attributes == [["brown"]]
     assert images[0].path == tmp_path / "imgs" / "1.jpg" and stats["merged"] == 1
 
@@ -231,7 +235,7 @@ def test_vg_object_missing_key(tmp_path):
     d = _vg(tmp_path, [{"image_id": 1, "width": 20, "height": 20}],
             [{"image_id": 1, "objects": [{"object_id": 5, "x": 0, "y": 0, "w": 5, "names": ["dog"]}]}])
     with pytest.raises(StageError, match=r"objects\.json.*object_id 5.*'h'"):
-        data.load_vg(d)
+        load_vg(d)
 
 
 def test_corrupt_image(tmp_path):
@@ -239,28 +243,28 @@ def test_corrupt_image(tmp_path):
     root.mkdir(parents=True)
     bad = root / "n00000001_0.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    paths, labels, _ = data.load_imagefolder(tmp_path / "train")
+    paths, labels, _ = load_imagefolder(tmp_path / "train")
     with pytest.raises(StageError, match=re.escape(str(bad))):
-        data.ImageClassDataset(paths, labels, image_size=32, train=False)
+        ImageClassDataset(paths, labels, image_size=32, train=False)
 
 
 def test_imagefolder_missing_or_empty(tmp_path):
     with pytest.raises(StageError, match="nope"):
-        data.load_imagefolder(tmp_path / "nope")
+        load_imagefolder(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="empty"):
-        data.load_imagefolder(tmp_path / "empty")
+        load_imagefolder(tmp_path / "empty")
 
 
 def test_empty_corpus(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("\n   \n\n")
     with pytest.raises(StageError, match=r"empty corpus"):
-        data.read_corpus(tmp_path / "c")
+        read_corpus(tmp_path / "c")
     with pytest.raises(StageError, match="missing"):
-        data.read_corpus(tmp_path / "missing")
+        read_corpus(tmp_path / "missing")
     (tmp_path / "c" / "b.txt").write_text("one\ntwo\n\n\nthree\n")
-    assert data.read_corpus(tmp_path / "c") == ["one two", "three"]
+    assert read_corpus(tmp_path / "c") == ["one two", "three"]
 
 
 def _coco(tmp_path, anns, images=None) -> Path:
@@ -273,13 +277,13 @@ def _coco(tmp_path, anns, images=None) -> Path:
 def test_coco_errors(tmp_path):
     p = _coco(tmp_path, [{"id": 11, "image_id": 1, "caption": "a dog"}, {"id": 12, "image_id": 1, "caption": "  "}])
     with pytest.raises(StageError, match=r"captions\.json.*annotation id 12.*empty caption"):
-        data.load_coco_captions(p)
+        load_coco_captions(p)
     p = _coco(tmp_path, [{"id": 11, "image_id": 1}])
     with pytest.raises(StageError, match=r"captions\.json.*annotations\[0\].*'caption'"):
-        data.load_coco_captions(p)
+        load_coco_captions(p)
     p = _coco(tmp_path, [], images=[{"id": 1, "width": 4, "height": 4}])
     with pytest.raises(StageError, match=r"captions\.json.*images\[0\].*'file_name'"):
-        data.load_coco_captions(p)
+        load_coco_captions(p)
 
 
 def test_vqa_missing_answers(tmp_path):
@@ -290,16 +294,16 @@ def test_vqa_missing_answers(tmp_path):
            "multiple_choice_answer": "yes"}
     a.write_text(json.dumps({"annotations": [ann]}))
     with pytest.raises(StageError, match=r"a\.json.*question_id 10.*'answers'"):
-        data.load_vqa(q, a)
+        load_vqa(q, a)
     a.write_text(json.dumps({"annotations": [{**ann, "answers": [{"answer": "yes", "answer_confidence": "yes",
                                                                     "answer_id": 1}]}]}))
-    (r,) = data.load_vqa(q, a)
+    (r,) = load_vqa(q, a)
     assert r.question_id == 10 and r.answers == ["yes"] and r.answer_type == "yes/no"
 
 
 def test_vocab_and_id_list(tmp_path):
-    assert data.build_vocab([["b", "a"], ["b", "c", "a"], ["d"]], 3) == ["a", "b", "c"]
+    assert build_vocab([["b", "a"], ["b", "c", "a"], ["d"]], 3) == ["a", "b", "c"]
     p = tmp_path / "ids.txt"
     p.write_text("1\n\n2\nx\n")
     with pytest.raises(StageError, match=r"ids\.txt.*line 4"):
-        data.read_id_list(p)
+        read_id_list(p)

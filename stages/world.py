@@ -118,6 +118,7 @@ def run(ctx: StageContext) -> StageResult:
     ctx.tracker.log_params({k: v for k, v in counts.items() if k in (
         "classes", "classification_train", "classification_val", "scenes_train", "scenes_val", "corpus_train")})
     info = {"source": "synthetic", "classes": counts["classes"], "shapes": list(SHAPES), "colours": list(COLOUR_NAMES),
-            "sizes": list(SIZES), "relations": list(RELATIONS), "classification_image_size": cfg.classification.image_size,
+            "sizes": list(SIZES), "relations": list(RELATIONS),
+            "classification_image_size": cfg.classification.image_size,
             "scene_image_size": cfg.scenes.image_size, "seconds": round(seconds, 2)}
     return ctx.result(outputs=dict(OUTPUTS), metrics={k: float(v) for k, v in counts.items()}, info=info)

@@ -441,7 +441,7 @@ def test_vlp_base_recipe_validates_with_the_paper_sizes():
     s = r.stages
     assert list(s) == ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]
     fps = plan_fingerprints(s)
-    assert len({fp for fp, _ in fps.values()}) == len(s)
+    assert len({sp.fingerprint for sp in fps.values()}) == len(s)
 
     assert s["world"].source == "real"
     assert {k for k, v in s["world"].paths.model_dump().items() if v} == {"imagenet", "vg", "corpus", "coco", "vqa"}

@@ -15,8 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import re
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -24,17 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.contract import StageResult
-from stages.fsio import write_json_atomic
+from stages.fsio import is_temp_name, remove_path, temp_owner, write_json_atomic
 
 log = logging.getLogger("baton")
-
-# temp names of the atomic writers: ``.result.json.tmp-<pid>`` (write_json_atomic), ``.tmp-<step>-<pid>``
-# (checkpoints), ``outputs.tmp-<pid>`` (world), ``regions.tmp-<pid>`` / ``regions.old-<pid>`` (region store),
-# ``.x.tmp-<pid>`` (save_weights)
-# our atomic writers' temp names (pid-tagged), and the Rust tempfile crate's (.tmpXXXXXX), which safetensors
-# and tokenizers write through when transformers' save_pretrained saves into outputs/
-TEMP_NAME = re.compile(r"(^|\.)(tmp|old)-(\d+-)?\d+$|^\.tmp[A-Za-z0-9]{6}$")
-
 
 class StageDir:
     def __init__(self, root: Path, stage: str, fingerprint: str):
@@ -78,16 +68,13 @@ class StageDir:
         removed = []
         dirs = [self.path, self.path / "checkpoints", self.path / "outputs"]
         if (self.path / "outputs").is_dir():
-            dirs += [d for d in (self.path / "outputs").iterdir() if d.is_dir() and not TEMP_NAME.search(d.name)]
+            dirs += [d for d in (self.path / "outputs").iterdir() if d.is_dir() and not is_temp_name(d.name)]
         for d in dirs:
             if not d.is_dir():
                 continue
             for p in d.iterdir():
-                if TEMP_NAME.search(p.name) and not p.name.endswith(f"-{os.getpid()}"):
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+                if is_temp_name(p.name) and temp_owner(p.name) != os.getpid():
+                    remove_path(p)
                     removed.append(p)
         if removed:
             log.info("[%s] removed %d temp file(s) left by an interrupted run: %s", self.stage, len(removed),

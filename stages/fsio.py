@@ -17,25 +17,34 @@ from typing import Any
 # ``x.old-<pid>``) and renames it into place. Recognised as well: names earlier versions wrote
 # (``.x.tmp-<pid>``, checkpoints' ``.tmp-<step>-<pid>``) and the Rust tempfile crate's ``.tmpXXXXXX``,
 # which safetensors and tokenizers write through (its owner is unknown: None).
-_TEMP_NAME = re.compile(r"(?:^|\.)(?:tmp|old)-(?:\d+-)?(?P<pid>\d+)$|^\.tmp[A-Za-z0-9]{6}$")
+_TEMP_NAME = re.compile(r"\.?(?P<target>.+)\.(?:tmp|old)-(?P<pid>\d+)"  # x.tmp-<pid>, x.old-<pid>, .x.tmp-<pid>
+                        r"|\.tmp-(?P<step>\d+)-(?P<step_pid>\d+)"  # checkpoints, as written before
+                        r"|\.tmp[A-Za-z0-9]{6}")  # Rust tempfile (safetensors, tokenizers)
 
 
-def temp_path(path: Path, tag: str = "tmp") -> Path:
-    """The name this process writes ``path`` into before renaming it into place (``tag="old"``: where it
-    moves a replaced ``path`` aside). Works for files and directories."""
+def temp_path(path: Path, tag: str = "tmp", pid: int | None = None) -> Path:
+    """The name process ``pid`` (default: this one) writes ``path`` into before renaming it into place
+    (``tag="old"``: where it moves a replaced ``path`` aside). Works for files and directories."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{tag}-{os.getpid()}")
+    return path.with_name(f"{path.name}.{tag}-{os.getpid() if pid is None else pid}")
 
 
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` (a file or directory name, no folders) is a writer's temp name."""
-    return _TEMP_NAME.search(name) is not None
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def temp_owner(name: str) -> int | None:
     """The pid of the process that writes temp name ``name``; None if unknown or not a temp name."""
-    m = _TEMP_NAME.search(name)
-    return int(m.group("pid")) if m and m.group("pid") else None
+    m = _TEMP_NAME.fullmatch(name)
+    pid = m and (m.group("pid") or m.group("step_pid"))
+    return int(pid) if pid else None
+
+
+def temp_target(name: str) -> str | None:
+    """The name temp name ``name`` will be renamed to (``x`` for ``x.tmp-<pid>``); None if unknown."""
+    m = _TEMP_NAME.fullmatch(name)
+    return (m.group("target") or m.group("step")) if m else None
 
 
 def temps_of(path: Path) -> list[Path]:
@@ -45,7 +54,7 @@ def temps_of(path: Path) -> list[Path]:
         entries = list(path.parent.iterdir())
     except OSError:
         return []
-    return [p for p in entries if p.name.startswith(f"{path.name}.") and is_temp_name(p.name)]
+    return [p for p in entries if temp_target(p.name) == path.name]
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,9 +19,11 @@ Exit status (:data:`EXIT_OK`, :data:`EXIT_BAD_INPUT`, :data:`EXIT_CACHED`, anyth
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -83,8 +85,8 @@ def prewarm_workers(kinds: list[str]) -> None:
 
     from stages import KINDS
 
-    mods = ["flows.worker", "flows.execute", "flows.tracking", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-            *(KINDS[k] for k in kinds if k in KINDS)]
+    mods = ["flows.worker", "flows.execute", "flows.tracking", "mlflow", "mlflow.tracking",
+            "mlflow.store.tracking.sqlalchemy_store", *(KINDS[k] for k in kinds if k in KINDS)]
     sig = _code_signature()
     with _workers_lock:
         running = forkserver._forkserver._forkserver_pid is not None
@@ -114,10 +116,6 @@ def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, th
     """Run one stage in its own process (flows.worker), forwarding its log lines. Returns (exit code, last lines).
     The process is forked from the fork server (``prewarm_workers``), or with ``BATON_WORKER_START=spawn`` a
     fresh ``python -m flows.worker``. Either way its stdout and stderr (fds 1 and 2) come through a pipe."""
-    import collections
-    import subprocess
-    import sys
-
     argv = [name, "--snapshot", str(snapshot), "--artifacts", str(artifacts),
             "--threads", str(threads)] + (["--parent-run-id", parent_id] if parent_id else [])
     env = os.environ | {"PYTHONUNBUFFERED": "1"}

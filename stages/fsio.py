@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# THE temp-name rule. A writer of ``x`` writes ``x.tmp-<pid>`` (a replaced ``x`` is moved aside to
-# ``x.old-<pid>``) and renames it into place. Recognised as well: names earlier versions wrote
-# (``.x.tmp-<pid>``, checkpoints' ``.tmp-<step>-<pid>``) and the Rust tempfile crate's ``.tmpXXXXXX``,
+# THE temp-name rule. A writer of ``x`` writes ``.x.tmp-<pid>`` (a replaced ``x`` is moved aside to
+# ``.x.old-<pid>``) and renames it into place: hidden, so a reader's glob (``checkpoints/0*``) never
+# sees a half-written entry. Recognised as well: names earlier versions wrote (``x.tmp-<pid>``,
+# ``x.old-<pid>``, checkpoints' ``.tmp-<step>-<pid>``) and the Rust tempfile crate's ``.tmpXXXXXX``,
 # which safetensors and tokenizers write through (its owner is unknown: None).
 _TEMP_NAME = re.compile(r"\.?(?P<target>.+)\.(?:tmp|old)-(?P<pid>\d+)"  # x.tmp-<pid>, x.old-<pid>, .x.tmp-<pid>
                         r"|\.tmp-(?P<step>\d+)-(?P<step_pid>\d+)"  # checkpoints, as written before
@@ -26,7 +27,7 @@ def temp_path(path: Path, tag: str = "tmp", pid: int | None = None) -> Path:
     """The name process ``pid`` (default: this one) writes ``path`` into before renaming it into place
     (``tag="old"``: where it moves a replaced ``path`` aside). Works for files and directories."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{tag}-{os.getpid() if pid is None else pid}")
+    return path.with_name(f".{path.name}.{tag}-{os.getpid() if pid is None else pid}")
 
 
 def is_temp_name(name: str) -> bool:
@@ -48,7 +49,7 @@ def temp_target(name: str) -> str | None:
 
 
 def temps_of(path: Path) -> list[Path]:
-    """Temp names of ``path`` next to it (``x.tmp-<pid>``, ``x.old-<pid>``), any writer's."""
+    """Temp names of ``path`` next to it (``.x.tmp-<pid>``, ``.x.old-<pid>``), any writer's."""
     path = Path(path)
     try:
         entries = list(path.parent.iterdir())

@@ -27,7 +27,7 @@ from stages.fsio import fsync_dir, temp_path, temps_of
 
 def _publish(stage_dir: Path, write) -> Any:
     """Run ``write(tmp_outputs_dir)`` then rename the folder to ``stage_dir/outputs`` (nothing
-    half-written survives a failure or a kill: a stale ``outputs.tmp-*`` is removed next time)."""
+    half-written survives a failure or a kill: a stale temp dir (stages.fsio.temps_of) is removed next time)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / "outputs"
     for stale in temps_of(final):

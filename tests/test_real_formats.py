@@ -26,6 +26,7 @@ from stages.data.regions import (
     import_bua_tsv,
     read_class_vocab,
 )
+from stages.fsio import temp_path, temps_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -269,7 +270,7 @@ def test_bua_tsv_errors_name_the_line(tmp_path):
         import_bua_tsv(short, tmp_path / "out")
     with pytest.raises(StageError, match="not found"):
         import_bua_tsv(tmp_path / "nope.tsv", tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not (tmp_path / "out").exists() and not temps_of(tmp_path / "out")
 
 
 def test_bua_tsv_cli(tmp_path):
@@ -317,7 +318,7 @@ def test_sigkill_mid_write_never_leaves_a_complete_looking_store(tmp_path):
     proc = _writer(out, 2000, 0.01)  # ~20 s if left alone
     assert proc.stdout.readline().startswith("tmp ")
     assert proc.stdout.readline().strip() == "writing"
-    tmp = out.with_name(f"regions.tmp-{proc.pid}")
+    tmp = temp_path(out, pid=proc.pid)
     assert tmp.is_dir()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -332,7 +333,7 @@ def test_sigkill_mid_write_never_leaves_a_complete_looking_store(tmp_path):
     assert not tmp.exists()
     w.add(7, np.ones((2, 4)), np.ones((2, 6)), np.ones((2, 1)))
     w.close()
-    assert RegionStore(out).image_ids == [7] and not list(tmp_path.glob("regions.*-*"))
+    assert RegionStore(out).image_ids == [7] and not temps_of(out)
 
 
 def test_sigkill_at_any_moment_leaves_the_previous_store_or_the_new_one(tmp_path):

@@ -91,6 +91,8 @@ def test_one_temp_name_rule_for_every_writer_and_the_names_already_on_disk(tmp_p
     for name in ("result.json", "00000004", "outputs", "model.safetensors", "tmp", "regions", "run.json"):
         assert not is_temp_name(name) and temp_owner(name) is None, name
     (tmp_path / "regions").mkdir()
-    for name in ("regions.tmp-1", "regions.old-2", "regionsX.tmp-3", "other.tmp-4"):
+    for name in (".regions.tmp-5", "regions.tmp-1", "regions.old-2", "regionsX.tmp-3", "other.tmp-4"):
         (tmp_path / name).mkdir()
-    assert sorted(p.name for p in temps_of(tmp_path / "regions")) == ["regions.old-2", "regions.tmp-1"]
+    assert sorted(p.name for p in temps_of(tmp_path / "regions")) == [".regions.tmp-5", "regions.old-2",
+                                                                       "regions.tmp-1"]
+    assert temp_path(tmp_path / "regions").name.startswith(".")  # hidden: a reader's glob never sees it

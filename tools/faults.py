@@ -11,11 +11,11 @@
    than N kills aimed at it. Each kill aims at one phase of the stage, chosen in rotation (seeded delays):
      startup     a random moment before anything is written
      train       a random moment between checkpoints (after 0-2 new ones)
-     checkpoint  while ``checkpoints/<step>.tmp-<pid>/`` exists (a checkpoint write)
-     regions     while ``outputs/regions.tmp-<pid>/`` exists (the region-feature store write)
-     outputs     as soon as this run writes into ``outputs/`` (world: ``outputs.tmp-<pid>/``)
+     checkpoint  while ``checkpoints/.<step>.tmp-<pid>/`` exists (a checkpoint write)
+     regions     while ``outputs/.regions.tmp-<pid>/`` exists (the region-feature store write)
+     outputs     as soon as this run writes into ``outputs/`` (world: ``.outputs.tmp-<pid>/``)
      eval        a random moment after the last checkpoint (evaluation, outputs, MLflow model)
-     result      while ``result.json.tmp-<pid>`` exists (the final result write)
+     result      while ``.result.json.tmp-<pid>`` exists (the final result write)
    After the kill the stage directory says what was really hit (the phase recorded in the report).
    A stage that completes before it has had its N kills (a kill that came too late for a millisecond
    window lets it finish) is reopened: its directory is removed and it runs again from scratch.
@@ -155,6 +155,11 @@ def in_run(pid: int | None, run_pid: int) -> bool:
         return False
 
 
+def _in_outputs(t: Path) -> bool:
+    """Temp entry ``t`` (relative to the stage dir) belongs to an outputs write (world: all of outputs/)."""
+    return t.parts[0] == "outputs" or temp_target(t.name) == "outputs"
+
+
 def classify(w: Watch, pid: int, active_ns: int, log_text: str) -> str:
     """What the kill interrupted, from what the stage directory shows afterwards (``pid``: the writer)."""
     if w.complete():
@@ -167,7 +172,7 @@ def classify(w: Watch, pid: int, active_ns: int, log_text: str) -> str:
         return "checkpoint-write"
     if "regions" in targets:
         return "regions-write"
-    if any(str(t).startswith("outputs") for t in temps) or w.outputs_touched_since(active_ns):
+    if any(_in_outputs(t) for t in temps) or w.outputs_touched_since(active_ns):
         return "outputs-write"
     if temps:  # config.json / run.json of the stage start
         return "startup"
@@ -258,7 +263,7 @@ class Timeline:
         a = self.active or 0.0
         done = self.done or a
         ts = [self.checkpoints[s] for s in sorted(self.checkpoints)]
-        if not ts:  # world: the generation into outputs.tmp-<pid> is the window
+        if not ts:  # world: the generation into .outputs.tmp-<pid> is the window
             first = self.outputs_tmp or a
             end = self.outputs_tmp_end or done
             return {"startup": max(first - a, 0.001), "interval": max(end - first, 0.001),
@@ -573,7 +578,7 @@ class Shot:
             # the generation's speed varies with load
             return self.then_pause(r, self.rng.uniform(0, 0.5 * self.win["interval"]), {})
         return self.wait(lambda: self.w.outputs_touched_since(self.run_ns) or
-                         any(str(t).startswith("outputs") for t in self.w.temps(self.wp)), poll=0.0005), {}
+                         any(_in_outputs(t) for t in self.w.temps(self.wp)), poll=0.0005), {}
 
     def eval(self) -> tuple[Any, dict]:
         return self.then_pause(self.wait(self.final_done), self.rng.uniform(0, 0.7 * self.win["post"]), {})

@@ -7,7 +7,7 @@ to the i-th image of ``index.json``):
     probs.npy      (N*K, C+1)   class probabilities (column 0 = background)
     index.json     {"image_ids": [...], "num_boxes": [...], "k": K, "feature_dim": D,
                     "num_classes": C, "classes": [...], "format": 1}
-Rows past ``num_boxes[i]`` are zero padding. The store is written into ``<dir>.tmp-<pid>`` and
+Rows past ``num_boxes[i]`` are zero padding. The store is written into ``.<dir>.tmp-<pid>`` and
 renamed into place after everything is fsynced, and ``index.json`` is written last, so a store that
 has an index is complete; a writer killed at any point leaves either no store or the previous one.
 

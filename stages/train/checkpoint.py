@@ -6,7 +6,7 @@ A checkpoint is a directory ``checkpoints/<step:08d>/`` holding
                       (plain tensors/containers only: loads with ``torch.load(weights_only=True)``)
   best.json           (keep_best only) the best checkpoint's step as of this one: kept from pruning
   manifest.json       sizes + sha256 of the two files, written last
-It is written to a temp name (``<step>.tmp-<pid>/``, stages.fsio.temp_path), fsynced, then renamed into
+It is written to a temp name (``.<step>.tmp-<pid>/``, stages.fsio.temp_path), fsynced, then renamed into
 place, so a kill during the write leaves either the previous checkpoint or the new one, never a half one. ``latest()``
 verifies the manifest and falls back to the previous checkpoint (with a warning) when the newest
 is corrupt."""

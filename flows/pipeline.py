@@ -214,8 +214,8 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     if started and started[0] is not None:
         raise started[0]
 
-    # Threads only wait on stage processes (flows.worker); every stage can have one, and `slots` in the
-    # flow caps how many stage processes run at once (recipe.max_concurrency).
+    # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's
+    # slots cap how many stage processes run at once (recipe.max_concurrency).
     flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
     return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track)

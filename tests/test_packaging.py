@@ -1,7 +1,7 @@
 """The wheel ships the product (flows/, stages/ and every subpackage) and never tools/ or tests/."""
-import tomllib
 from pathlib import Path
 
+import tomllib
 from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parents[1]

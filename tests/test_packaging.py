@@ -1,8 +1,10 @@
 """The wheel ships the product (flows/, stages/ and every subpackage) and never tools/ or tests/."""
 from pathlib import Path
 
-import tomllib
+import pytest
 from setuptools import find_packages
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.lineage import Node, attach_mlflow, scan_store
-from flows.store import TEMP_NAME
+from flows.store import stage_paths
+from stages.fsio import is_temp_name, pid_alive, temp_owner, temp_path
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
@@ -48,7 +49,7 @@ def referenced(recipes: list[Recipe]) -> set[tuple[str, str]]:
     """{(stage, fingerprint[:16])} that the recipes plan now."""
     from flows.fingerprint import plan_fingerprints
 
-    return {(name, fp[:16]) for r in recipes for name, (fp, _) in plan_fingerprints(r.stages).items()}
+    return {(name, plan.fingerprint[:16]) for r in recipes for name, plan in plan_fingerprints(r.stages).items()}
 
 
 def last_activity(node: Node) -> float:
@@ -61,23 +62,10 @@ def last_activity(node: Node) -> float:
     return max(times)
 
 
-def _pid_alive(name: str) -> bool:
-    pid = int(name.rsplit("-", 1)[-1])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _leftover_temps(artifacts: Path) -> list[Garbage]:
-    """Stage-level temp names of a killed gc (``<fp16>.old-<pid>``) whose process is gone."""
-    root = Path(artifacts) / "stages"
-    dirs = [d for s in (root.iterdir() if root.is_dir() else []) if s.is_dir() for d in s.iterdir()]
-    return [Garbage(d, "temp", du(d), "left by an interrupted gc") for d in dirs
-            if TEMP_NAME.search(d.name) and d.name.rsplit("-", 1)[-1].isdigit() and not _pid_alive(d.name)]
+    """Stage dirs a killed gc renamed to a temp name (``.<fp16>.old-<pid>``) and did not delete."""
+    return [Garbage(d, "temp", du(d), "left by an interrupted gc") for dirs in stage_paths(artifacts).values()
+            for d in dirs if is_temp_name(d.name) and temp_owner(d.name) and not pid_alive(temp_owner(d.name))]
 
 
 def _checkpoints_in_use(node: Node) -> bool:
@@ -133,7 +121,7 @@ def _remove(g: Garbage) -> bool:
             log.info("gc: %s is locked by a running process; kept", stage_dir)
             return False
     try:
-        tmp = g.path.with_name(f"{g.path.name}.old-{os.getpid()}") if g.what != "temp" else g.path
+        tmp = temp_path(g.path, "old") if g.what != "temp" else g.path
         if tmp != g.path:
             os.rename(g.path, tmp)
     finally:

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.store import TEMP_NAME, StageDir
+from flows.store import StageDir, stage_paths
+from stages.fsio import is_temp_name
 from stages.recipe import Recipe, RecipeError
 
 log = logging.getLogger("baton")
@@ -95,11 +96,7 @@ def stage_path(artifacts: Path, stage: str, fingerprint: str) -> Path:
 
 def scan_store(artifacts: Path) -> list[Node]:
     """Every stage dir under ``artifacts/stages`` (temp names of interrupted renames left out)."""
-    root = Path(artifacts) / "stages"
-    if not root.is_dir():
-        return []
-    return [read_node(d) for s in sorted(root.iterdir()) if s.is_dir()
-            for d in sorted(s.iterdir()) if d.is_dir() and not TEMP_NAME.search(d.name)]
+    return [read_node(d) for dirs in stage_paths(artifacts).values() for d in dirs if not is_temp_name(d.name)]
 
 
 def plan_dag(recipe: Recipe, artifacts: Path) -> Dag:
@@ -107,12 +104,13 @@ def plan_dag(recipe: Recipe, artifacts: Path) -> Dag:
     from flows.fingerprint import plan_fingerprints
 
     nodes = {}
-    for name, (fp, payload) in plan_fingerprints(recipe.stages).items():
+    for name, plan in plan_fingerprints(recipe.stages).items():
+        fp = plan.fingerprint
         node = read_node(stage_path(artifacts, name, fp))
         if node.state == "missing":
             node.state = "not started"
         # the plan knows kind and upstream even when the dir (or its config.json) is not there yet
-        node.stage, node.kind, node.fingerprint, node.upstream = name, payload["kind"], fp, dict(payload["upstream"])
+        node.stage, node.kind, node.fingerprint, node.upstream = name, plan.kind, fp, dict(plan.payload["upstream"])
         nodes[name] = node
     return Dag(recipe=recipe.name, nodes=nodes)
 

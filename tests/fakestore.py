@@ -50,6 +50,6 @@ def fake_recipe_store(art: Path, recipe: Recipe, upto: list[str], age_days: floa
                       **kw) -> dict[str, StageDir]:
     """The recipe's planned stage dirs for the stages in ``upto``, complete unless ``kw`` says otherwise."""
     fps = plan_fingerprints(recipe.stages)
-    return {name: fake_stage(art, name, fp, dict(payload["upstream"]), kind=payload["kind"],
+    return {name: fake_stage(art, name, p.fingerprint, dict(p.payload["upstream"]), kind=p.kind,
                              age_days=age_days, **({"run_id": f"run-{name}", "model_id": f"m-{name}"} | kw))
-            for name, (fp, payload) in fps.items() if name in upto}
+            for name, p in fps.items() if name in upto}

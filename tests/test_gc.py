@@ -93,7 +93,7 @@ def test_dry_run_lists_and_removes_nothing(tmp_path, micro):
 
 def test_leftover_of_a_killed_gc_is_removed(tmp_path, micro):
     sd = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
-    dead = sd.path.with_name(sd.path.name + ".old-999999999")  # no such pid
+    dead = sd.path.with_name(f".{sd.path.name}.old-999999999")  # no such pid
     sd.path.rename(dead)
     removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
     assert _paths(removed) == {("temp", dead)} and not dead.exists()

@@ -84,6 +84,6 @@ def test_unknown_ref_says_what_it_tried(tmp_path):
 
 def test_scan_skips_temp_names_of_interrupted_removals(tmp_path):
     sd = fake_stage(tmp_path, "a", "a" * 64, {})
-    sd.path.rename(sd.path.with_name(sd.path.name + ".old-123"))
+    sd.path.rename(sd.path.with_name(f".{sd.path.name}.old-123"))
     fake_stage(tmp_path, "a", "c" * 64, {})
     assert [n.fingerprint for n in scan_store(tmp_path)] == ["c" * 64]

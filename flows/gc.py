@@ -52,11 +52,15 @@ def referenced(recipes: list[Recipe]) -> set[tuple[str, str]]:
     return {(name, plan.fingerprint[:16]) for r in recipes for name, plan in plan_fingerprints(r.stages).items()}
 
 
+def _files_activity(path: Path, lock: bool = True) -> float:
+    """Newest mtime of the stage's bookkeeping files (a run that takes the lock writes .lock), or 0."""
+    names = ("config.json", "result.json", "run.json") + ((".lock",) if lock else ())
+    return max([(path / f).stat().st_mtime for f in names if (path / f).exists()], default=0.0)
+
+
 def last_activity(node: Node) -> float:
-    """Newest of the node's MLflow run start/end and its bookkeeping files' mtimes (epoch seconds)."""
-    times = [(node.path / f).stat().st_mtime for f in ("config.json", "result.json", "run.json", ".lock")
-             if (node.path / f).exists()]
-    times.append(node.path.stat().st_mtime)
+    """Newest of the node's MLflow run start/end and its files' mtimes (epoch seconds)."""
+    times = [_files_activity(node.path), node.path.stat().st_mtime]
     if node.mlflow is not None:
         times += [t / 1000 for t in (node.mlflow.start_ms, node.mlflow.end_ms) if t]
     return max(times)
@@ -108,25 +112,28 @@ def is_locked(stage_dir: Path) -> bool:
     return False
 
 
-def _remove(g: Garbage) -> bool:
-    """Rename ``g.path`` to a temp name and delete it, holding the stage's lock. False when it is held."""
-    stage_dir = g.path if g.what != "checkpoints" else g.path.parent
-    fd = None
-    if g.what != "temp" and (stage_dir / ".lock").exists():
-        fd = os.open(stage_dir / ".lock", os.O_RDWR)
+def _remove(g: Garbage, cutoff: float) -> bool:
+    """Rename ``g.path`` to a temp name and delete it, holding the stage's lock. False when the lock is held,
+    or when a run took and released it since ``find_garbage`` looked (its files are newer than ``cutoff``)."""
+    if g.what == "temp":
+        shutil.rmtree(g.path)
+        return True
+    stage_dir = g.path if g.what == "stage dir" else g.path.parent
+    had_lock = (stage_dir / ".lock").exists()
+    fd = os.open(stage_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
             log.info("gc: %s is locked by a running process; kept", stage_dir)
             return False
-    try:
-        tmp = temp_path(g.path, "old") if g.what != "temp" else g.path
-        if tmp != g.path:
-            os.rename(g.path, tmp)
+        if _files_activity(stage_dir, lock=had_lock) >= cutoff:
+            log.info("gc: %s was used just now; kept", stage_dir)
+            return False
+        tmp = temp_path(g.path, "old")
+        os.rename(g.path, tmp)  # readers see the whole dir or none of it
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
     shutil.rmtree(tmp)
     return True
 
@@ -134,10 +141,11 @@ def _remove(g: Garbage) -> bool:
 def collect(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0, dry_run: bool = False,
             mlflow: bool = True) -> tuple[list[Garbage], int]:
     """Find the garbage and (unless ``dry_run``) remove it. Returns (what was (or would be) removed, bytes)."""
-    garbage = find_garbage(artifacts, recipes, keep_days, mlflow)
+    now = time.time()
+    garbage = find_garbage(artifacts, recipes, keep_days, mlflow, now=now)
     if dry_run:
         return garbage, sum(g.bytes for g in garbage)
-    done = [g for g in garbage if _remove(g)]
+    done = [g for g in garbage if _remove(g, now - keep_days * 86400)]
     return done, sum(g.bytes for g in done)
 
 

@@ -2,6 +2,7 @@
 import os
 import shutil
 import threading
+import time
 
 import pytest
 from fakestore import fake_recipe_store, fake_stage
@@ -118,3 +119,53 @@ def test_report_names_bytes(tmp_path, micro):
     listed, would_free = collect(tmp_path, [micro], keep_days=7, dry_run=True, mlflow=False)
     text = render_garbage(listed, would_free, dry_run=True)
     assert 0 < would_free < 1024 and f"would free {would_free} B ({would_free} bytes)" in text and "no recipe plans world@" in text
+
+
+def test_dir_used_between_listing_and_removal_is_kept(tmp_path, micro, monkeypatch):
+    import flows.gc
+
+    sd = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    listing = flows.gc.find_garbage
+
+    def listing_then_a_run(*args, **kwargs):
+        out = listing(*args, **kwargs)
+        with StageDir(tmp_path, "world", "a" * 64).lock():  # a run takes the lock and lets go of it
+            pass
+        return out
+
+    monkeypatch.setattr(flows.gc, "find_garbage", listing_then_a_run)
+    removed, freed = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert removed == [] and freed == 0 and (sd.path / "result.json").exists()
+
+
+def _opened(path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path) for fd in os.listdir("/proc/self/fd"))
+
+
+def test_a_run_waiting_for_the_lock_of_a_removed_dir_locks_the_new_dir(tmp_path):
+    import fcntl
+
+    sd = StageDir(tmp_path, "world", "a" * 64)
+    sd.path.mkdir(parents=True)
+    fd = os.open(sd.path / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as gc holds it while it renames the dir away
+    got = threading.Event()
+
+    def run():
+        with sd.lock(poll=0.05):
+            got.set()
+            assert "pid=" in (sd.path / ".lock").read_text()
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while _opened(sd.path / ".lock") < 2 and time.monotonic() < deadline:  # the run waits on the lock
+        time.sleep(0.01)
+    gone = sd.path.with_name(f".{sd.path.name}.old-1")
+    os.rename(sd.path, gone)
+    os.close(fd)
+    t.join(10)
+    assert got.is_set() and not t.is_alive()
+    # the run's lock is the one at the stage dir's path, so gc (or another run) sees it taken
+    assert (sd.path / ".lock").exists() and not (gone / ".lock").read_text()

@@ -19,9 +19,10 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from stages.contract import StageResult
 from stages.fsio import write_json_atomic
@@ -34,6 +35,13 @@ log = logging.getLogger("baton")
 # our atomic writers' temp names (pid-tagged), and the Rust tempfile crate's (.tmpXXXXXX), which safetensors
 # and tokenizers write through when transformers' save_pretrained saves into outputs/
 TEMP_NAME = re.compile(r"(^|\.)(tmp|old)-(\d+-)?\d+$|^\.tmp[A-Za-z0-9]{6}$")
+
+
+def describe_state(state: str, step: int | None) -> str:
+    """``StageDir.state()`` in words: complete / partial at step k / started, no checkpoint / not started."""
+    if state == "partial":
+        return f"partial at step {step}"
+    return "started, no checkpoint" if state == "started" else state
 
 
 class StageDir:
@@ -101,13 +109,19 @@ class StageDir:
 
         return CheckpointManager(self.path / "checkpoints").steps()
 
-    def status(self) -> str:
-        if self.result() is not None:
-            return "complete"
+    def state(self) -> tuple[str, int | None]:
+        """(complete | partial | started | not started, the step: the result's steps or the newest checkpoint)."""
+        res = self.result()
+        if res is not None:
+            steps = res.info.get("steps")
+            return "complete", int(steps) if isinstance(steps, (int, float)) else None
         steps = self.checkpoint_steps()
         if steps:
-            return f"partial at step {steps[-1]}"
-        return "started, no checkpoint" if self.path.exists() else "not started"
+            return "partial", steps[-1]
+        return ("started" if self.path.exists() else "not started"), None
+
+    def status(self) -> str:
+        return describe_state(*self.state())
 
     @contextmanager
     def lock(self, poll: float = 2.0) -> Iterator[None]:

@@ -115,7 +115,7 @@ class StageDir:
         if res is not None:
             steps = res.info.get("steps")
             return "complete", int(steps) if isinstance(steps, (int, float)) else None
-        steps = self.checkpoint_steps()
+        steps = self.checkpoint_steps() if (self.path / "checkpoints").is_dir() else []  # (imports torch)
         if steps:
             return "partial", steps[-1]
         return ("started" if self.path.exists() else "not started"), None

@@ -183,7 +183,8 @@ def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dic
     """The JSON run summary: per stage whether it ran or was cached, its seconds (of the run that made it),
     metrics, baselines and MLflow ids."""
     stages = []
-    for name, res in out["results"].items():
+    for name in (n for n in recipe.stages if n in out["results"]):  # recipe order, not completion order
+        res = out["results"][name]
         info = res.get("info", {})
         stages.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": res.get("fingerprint"),
                        "state": "cached" if name in done_before else "ran", "seconds": info.get("seconds"),

@@ -59,14 +59,14 @@ def test_status_json_names_each_stage_with_kind_fingerprint_state_and_step(tmp_p
 
 def test_run_summary_says_which_stages_ran_and_which_were_cached():
     recipe = load_recipe(CONFIG)
-    out = {"parent_run_id": "p1", "results": {
-        "world": {"fingerprint": "f0", "metrics": {}, "info": {"seconds": 1.5, "mlflow_run_id": "r0"}},
+    out = {"parent_run_id": "p1", "results": {  # in completion order
         "cnn": {"fingerprint": "f1", "metrics": {"top1": 0.5}, "baselines": {"chance": 0.1},
-                "info": {"seconds": 9.0, "mlflow_run_id": "r1", "mlflow_model_id": "m-1"}}}}
+                "info": {"seconds": 9.0, "mlflow_run_id": "r1", "mlflow_model_id": "m-1"}},
+        "world": {"fingerprint": "f0", "metrics": {}, "info": {"seconds": 1.5, "mlflow_run_id": "r0"}}}}
     doc = run_summary(recipe, out, done_before={"world"}, seconds=12.345)
     json.dumps(doc)  # one JSON document
     assert doc["mlflow_parent_run_id"] == "p1" and doc["seconds"] == 12.35
-    world, cnn = doc["stages"]
+    world, cnn = doc["stages"]  # in the recipe's order
     assert (world["name"], world["state"], world["seconds"], world["mlflow_run_id"]) == ("world", "cached", 1.5, "r0")
     assert (cnn["state"], cnn["kind"], cnn["metrics"], cnn["mlflow_model_id"]) == ("ran", "cnn", {"top1": 0.5}, "m-1")
 

@@ -127,7 +127,7 @@ def _print_json(doc: Any) -> None:
 @command("baton status configs/vlp-tiny.yaml --json")
 def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = None, as_json: AsJson = False) -> None:
     """Per stage: fingerprint and complete / partial at step k / not started, without running anything."""
-    from flows.pipeline import stage_dirs
+    from flows.execute import stage_dirs
     from flows.store import describe_state
 
     recipe = load_recipe(config, overrides or ())
@@ -156,7 +156,8 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     for name in only or []:
         if name not in recipe.stages:
             raise RecipeError(f"--only {name}: no such stage in {config} ({', '.join(recipe.stages)})")
-    from flows.pipeline import run_pipeline, stage_dirs
+    from flows.execute import stage_dirs
+    from flows.pipeline import run_pipeline
 
     done_before = {n for n, d in stage_dirs(recipe, art).items() if d.result() is not None}
     t0 = time.perf_counter()
@@ -303,7 +304,7 @@ def resume(run_id: Annotated[str, typer.Argument(help="MLflow run id (parent or 
 
 def _prefect_env(art: Path) -> dict[str, str]:
     """Environment for a Prefect CLI process that talks to baton's embedded server (started here)."""
-    from flows.pipeline import configure_prefect, start_embedded_server
+    from flows.prefect_env import configure_prefect, start_embedded_server
 
     configure_prefect(art)
     start_embedded_server()
@@ -349,7 +350,7 @@ def retry(flow_run_id: Annotated[str, typer.Argument(help="the Prefect flow run 
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    from flows.pipeline import flow_run_is_alive
+    from flows.prefect_env import flow_run_is_alive
 
     with get_client(sync_client=True) as client:
         try:
@@ -397,7 +398,7 @@ def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Pref
 
     Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
     puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint."""
-    from flows.pipeline import configure_prefect
+    from flows.prefect_env import configure_prefect
 
     art = artifacts_root(artifacts).resolve()
     _check_writable(art)
@@ -446,7 +447,7 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts).resolve()
     _check_writable(art)
-    from flows.pipeline import configure_prefect
+    from flows.prefect_env import configure_prefect
 
     url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
     configure_prefect(art)

@@ -11,13 +11,14 @@ import ast
 import hashlib
 import importlib.util
 import json
-import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from stages import KINDS
-from stages.contract import StageConfig
+from flows.inputs import inputs_digest
+from stages import UnknownKind, kind_module_name
+from stages.contract import ExternalInput, StageConfig
 
 STORE_FORMAT = 1
 PROJECT_PACKAGES = ("stages",)
@@ -52,7 +53,7 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _project_imports(tree: ast.AST, module: str) -> set[str]:
+def _project_imports(tree: ast.AST, module: str, packages: tuple[str, ...]) -> set[str]:
     out = set()
     for node in ast.walk(tree):
         names: list[str] = []
@@ -64,7 +65,7 @@ def _project_imports(tree: ast.AST, module: str) -> set[str]:
                 base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         for n in names:
-            if n.split(".")[0] in PROJECT_PACKAGES and _module_file(n) is not None:
+            if n.split(".")[0] in packages and _module_file(n) is not None:
                 out.add(n)
     out.discard(module)
     return out
@@ -76,47 +77,35 @@ def source_digest(source: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def _module_digest(name: str) -> tuple[str, frozenset[str]]:
+def _module_digest(name: str, packages: tuple[str, ...]) -> tuple[str, frozenset[str]]:
     source = _module_file(name).read_text()
-    return source_digest(source), frozenset(_project_imports(ast.parse(source), name))
+    return source_digest(source), frozenset(_project_imports(ast.parse(source), name, packages))
 
 
 def code_digest(kind: str) -> dict[str, str]:
-    """{module: digest} for the kind's module and the project modules it imports (transitively)."""
-    todo, seen = [KINDS[kind]], {}
+    """{module: digest} for the kind's module and the project modules it imports (transitively). The
+    project is baton's ``stages`` plus, for a kind from the user's package (``my_project.stages.x``), that
+    package: its modules are followed like baton's own."""
+    root = kind_module_name(kind)
+    packages = tuple(dict.fromkeys((*PROJECT_PACKAGES, root.split(".")[0])))
+    todo, seen = [root], {}
     while todo:
         m = todo.pop()
         if m in seen:
             continue
-        digest, deps = _module_digest(m)
+        if _module_file(m) is None:
+            raise UnknownKind(f"stage kind {kind!r}: module {m!r} not found (install the package, or name its "
+                              "folder in the recipe's python_path)")
+        digest, deps = _module_digest(m, packages)
         seen[m] = digest
         todo.extend(deps)
     return dict(sorted(seen.items()))
 
 
-def data_digest(path: str | Path) -> str:
-    """Cheap digest of an external input: relative names, sizes and mtimes (no content hashing, so
-    multi-GB datasets digest in seconds). A missing path digests as 'missing'."""
-    p = Path(path)
-    if not p.exists():
-        return "missing"
-    h = hashlib.sha256()
-    if p.is_file():
-        st = p.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()
-    for root, dirs, files in os.walk(p):
-        dirs.sort()
-        for f in sorted(files):
-            fp = Path(root) / f
-            st = fp.stat()
-            h.update(f"{fp.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def external_inputs(cfg: StageConfig) -> dict[str, str]:
-    fn = getattr(cfg, "external_inputs", None)
-    return fn() if fn else {}
+def data_digest(path: str | Path, kind: str = "dataset") -> Any:
+    """Digest of one external input at ``path`` (flows.inputs: weights by content, dataset trees by
+    name, size, mtime and ctime). A missing path digests as 'missing'."""
+    return inputs_digest({"": ExternalInput(str(path), kind)})[""]
 
 
 def fingerprint_payload(name: str, cfg: StageConfig, upstream: dict[str, str]) -> dict[str, Any]:
@@ -125,7 +114,7 @@ def fingerprint_payload(name: str, cfg: StageConfig, upstream: dict[str, str]) -
         "config": cfg.fingerprint_payload(),
         "code": code_digest(cfg.kind),
         "upstream": dict(sorted(upstream.items())),
-        "data": {k: data_digest(v) for k, v in sorted(external_inputs(cfg).items())},
+        "data": inputs_digest(cfg.external_inputs()),
         "store_format": STORE_FORMAT,
     }
 
@@ -134,10 +123,30 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(payload).encode()).hexdigest()
 
 
-def plan_fingerprints(stages: dict[str, StageConfig]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Fingerprints of every stage in topological order: {name: (fingerprint, payload)}."""
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
+@dataclass(frozen=True)
+class StagePlan:
+    """What the flow knows about one stage before anything runs: its fingerprint (the store directory it
+    owns) and the payload the fingerprint was computed from (written into the stage's config.json)."""
+
+    name: str
+    kind: str
+    fingerprint: str
+    payload: dict[str, Any]
+    needs: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint, "payload": self.payload,
+                "needs": list(self.needs)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StagePlan:
+        return cls(d["name"], d["kind"], d["fingerprint"], d["payload"], tuple(d.get("needs", ())))
+
+
+def plan_fingerprints(stages: dict[str, StageConfig]) -> dict[str, StagePlan]:
+    """Fingerprints of every stage in topological order: {name: StagePlan}."""
+    out: dict[str, StagePlan] = {}
     for name, cfg in stages.items():
-        payload = fingerprint_payload(name, cfg, {u: out[u][0] for u in cfg.needs})
-        out[name] = (fingerprint(payload), payload)
+        payload = fingerprint_payload(name, cfg, {u: out[u].fingerprint for u in cfg.needs})
+        out[name] = StagePlan(name, cfg.kind, fingerprint(payload), payload, tuple(cfg.needs))
     return out

@@ -9,8 +9,8 @@ packs the documents into fixed-length ``[CLS] ... [SEP]`` sequences and trains a
 Writes ``outputs/model/`` (``save_pretrained``: model.safetensors + config.json) and
 ``outputs/tokenizer/``; reports held-out masked-token perplexity against a unigram baseline.
 
-The masking helpers (:func:`step_generator`, :func:`mask_tokens`) and the model builder
-(:func:`build_bert_config`) are shared with the vision-language stages."""
+The masking helpers (:mod:`stages.models.masking`) and the model builder and transfer blocks
+(:mod:`stages.models.bert`) are shared with the vision-language stages."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from stages.config.bert import SPECIAL_TOKENS, BertSizes, Config, TokenizerConfig  # noqa: F401 - the kind's config
 from stages.contract import StageContext, StageError, StageResult
 from stages.data.text import load_tokenizer, pack_documents, read_corpus, special_ids, train_tokenizer, unigram_logprobs
-from stages.models.bert import build_bert_config
+from stages.models.bert import build_bert_config, transfer_blocks
 from stages.models.masking import EVAL_MASK_SEED, mask_tokens, normal_token_ids, step_generator
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
@@ -56,13 +56,9 @@ def masked_lm_eval(ctx: StageContext, model: BertForMaskedLM, ids: torch.Tensor,
     return math.exp(nll / n), correct / n, math.exp(uni / n)
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg: Config = ctx.config  # type: ignore[assignment]
-    corpus = ctx.input(cfg.data, "corpus")
-    train_docs, val_docs = read_corpus(corpus / "train.txt"), read_corpus(corpus / "val.txt")
-
-    tok_src = cfg.tokenizer.path or cfg.model.pretrained
-    tok = load_tokenizer(tok_src) if tok_src else train_tokenizer(train_docs, cfg.tokenizer)
+def build_mlm(ctx: StageContext, cfg: Config, tok, tok_src: str | None) -> BertForMaskedLM:
+    """``model.pretrained`` (checked against seq_len) or ``model`` sizes with seeded random weights; the
+    tokenizer must fit the model's vocabulary."""
     if cfg.model.pretrained:
         model = BertForMaskedLM.from_pretrained(cfg.model.pretrained, attn_implementation="sdpa")
         if cfg.seq_len > model.config.max_position_embeddings:
@@ -74,15 +70,14 @@ def run(ctx: StageContext) -> StageResult:
     if len(tok) > model.config.vocab_size:
         raise StageError(f"tokenizer ({tok_src or 'trained'}) has {len(tok)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
+    return model
 
-    train_ids, train_ws = pack_documents(tok, train_docs, cfg.seq_len)
-    val_ids, val_ws = pack_documents(tok, val_docs, cfg.seq_len)
+
+def masked_lm_loss(ctx: StageContext, cfg: Config, tok):
+    """The training loss -> ``loss_fn(m, batch, step)``: masked LM with the step's masks (80/10/10,
+    whole words when ``whole_word``), so a resumed run masks what the unbroken run masked."""
     sp = torch.tensor(special_ids(tok))
     normal = normal_token_ids(tok)
-    unigram = unigram_logprobs(train_ids, model.config.vocab_size, sp.tolist())
-    ctx.tracker.log_params({"data.train_docs": len(train_docs), "data.train_seqs": len(train_ids),
-                            "data.val_seqs": len(val_ids), "tokenizer.size": len(tok),
-                            "model.params": sum(p.numel() for p in model.parameters())})
 
     def loss_fn(m: BertForMaskedLM, batch, step: int):
         ids, ws = batch  # (B, seq_len) each
@@ -92,12 +87,26 @@ def run(ctx: StageContext) -> StageResult:
         sel = labels != -100
         acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean().detach()
         return out.loss, {"masked_acc": acc}
+    return loss_fn
 
-    emb = model.bert.embeddings
-    blocks = [list(emb.parameters())] + [list(layer.parameters()) for layer in model.bert.encoder.layer]
-    head = [p for p in model.cls.parameters() if p is not emb.word_embeddings.weight]
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    corpus = ctx.input(cfg.data, "corpus")
+    train_docs, val_docs = read_corpus(corpus / "train.txt"), read_corpus(corpus / "val.txt")
+    tok_src = cfg.tokenizer.path or cfg.model.pretrained
+    tok = load_tokenizer(tok_src) if tok_src else train_tokenizer(train_docs, cfg.tokenizer)
+    model = build_mlm(ctx, cfg, tok, tok_src)
+    train_ids, train_ws = pack_documents(tok, train_docs, cfg.seq_len)  # (N, seq_len) each
+    val_ids, val_ws = pack_documents(tok, val_docs, cfg.seq_len)
+    unigram = unigram_logprobs(train_ids, model.config.vocab_size, special_ids(tok))
+    ctx.tracker.log_params({"data.train_docs": len(train_docs), "data.train_seqs": len(train_ids),
+                            "data.val_seqs": len(val_ids), "tokenizer.size": len(tok),
+                            "model.params": sum(p.numel() for p in model.parameters())})
+
+    tb = transfer_blocks(model)
     dataset = torch.utils.data.TensorDataset(train_ids, train_ws)
-    res = fit(ctx, model, dataset, None, loss_fn, cfg.train, blocks, head,
+    res = fit(ctx, model, dataset, None, masked_lm_loss(ctx, cfg, tok), cfg.train, blocks=tb.blocks, head=tb.head,
               evaluate=lambda m: {"val/perplexity": masked_lm_eval(ctx, m, val_ids, val_ws, cfg, tok, unigram)[0]},
               best_metric=("val/perplexity", "min"))
 

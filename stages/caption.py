@@ -8,11 +8,11 @@ from the regions and the caption to their left. Decoding is VLP's: append [MASK]
 predict it under the seq2seq mask, write the prediction in, repeat; batched over images, greedy
 (``decode.beam_size: 1``) or beam search. No KV cache: at this size re-running the prefix is cheap.
 
-Writes ``outputs/model/`` (a VLP dir, :func:`stages.vl.load_vl`), ``outputs/tokenizer/``,
+Writes ``outputs/model/`` (a VLP dir, :func:`stages.models.vlp.load_vl`), ``outputs/tokenizer/``,
 ``outputs/captions_val.json`` (COCO results format ``[{image_id, caption}]``),
 ``outputs/samples.json`` and ``outputs/samples/*.png`` (val images with the generated caption and a
-reference caption underneath; both logged as the MLflow artifact ``samples/``); reports BLEU-1..4, ROUGE-L and CIDEr-D on val against predicting the most
-common training caption for every image."""
+reference caption underneath; both logged as the MLflow artifact ``samples/``); reports BLEU-1..4,
+ROUGE-L and CIDEr-D on val against predicting the most common training caption for every image."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,7 @@ import math
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from stages.data.text_regions import RegionTable, caption_data, open_regions, re
 from stages.metrics import caption_scores
 from stages.models.decode import beam_decode, greedy_decode
 from stages.models.masking import mask_tokens, normal_token_ids, step_generator
-from stages.models.vlp import VLP, build_model, check_length, mlm_head_params, save_vl, transfer_blocks
+from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
 
@@ -136,20 +137,28 @@ def write_sample_images(captions_json: Path, info: dict[int, dict], image_ids: l
     return written, skipped
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg: Config = ctx.config  # type: ignore[assignment]
-    store = open_regions(ctx, cfg.regions)
-    built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
-    model, tok = built.model, built.tokenizer
-    check_length(model, store.k, max(cfg.max_caption_len, cfg.decode.max_len), "max_caption_len/decode.max_len")
-    train_ds, train_caps = caption_data(ctx, cfg.data, "train", tok, store, cfg.max_caption_len)
+@dataclass
+class ValCaptions:
+    """The val split: its COCO captions file, references and image info by image id, and region rows."""
+
+    json: Path
+    refs: dict[int, list[str]]
+    info: dict[int, dict]
+    ids: list[int]  # sorted image ids
+    table: RegionTable
+
+
+def val_captions(ctx: StageContext, cfg: Config, store) -> ValCaptions:
+    """The ``coco`` output of ``data``'s val captions + the region store -> :class:`ValCaptions`."""
     val_json = coco_captions_file(ctx.input(cfg.data, "coco"), "val")
-    val_caps, val_info = load_coco_captions(val_json)
-    val_ids = sorted(val_caps)
-    val_table = RegionTable(store, val_ids)
+    refs, info = load_coco_captions(val_json)
+    ids = sorted(refs)
+    return ValCaptions(val_json, refs, info, ids, RegionTable(store, ids))
+
+
+def seq2seq_mlm_loss(ctx: StageContext, cfg: Config, tok):
+    """The training loss: masked LM on caption tokens under the seq2seq mask -> ``loss_fn(m, batch, step)``."""
     pad, normal = tok.pad_token_id, normal_token_ids(tok)
-    ctx.tracker.log_params({"data.train_pairs": len(train_ds), "data.val_images": len(val_ids),
-                            "init.origin": built.origin, "model.params": sum(p.numel() for p in model.parameters())})
 
     def loss_fn(m: VLP, batch, step: int):
         text = batch["text"]  # (B, T): caption + [SEP]
@@ -161,39 +170,59 @@ def run(ctx: StageContext) -> StageResult:
         logits = m.mlm.cls(h[sel])
         return nn.functional.cross_entropy(logits, labels[sel]), \
             {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
+    return loss_fn
 
-    blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
-    head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
 
-    def evaluate(m: VLP) -> dict[str, float]:
-        gen, _ = decode_images(ctx, m, tok, val_table, val_ids, cfg.decode)
-        scores = caption_scores({i: c if c.strip() else "unk" for i, c in gen.items()}, val_caps)
-        return {f"val/{k}": v for k, v in scores.items()}
+def val_scores(generated: dict[int, str], refs: dict[int, list[str]]) -> dict[str, float]:
+    """BLEU/ROUGE-L/CIDEr-D as ``val/<name>``; an empty caption scores as one unknown word (the scorers
+    refuse empty captions)."""
+    return {f"val/{k}": v for k, v in caption_scores({i: c if c.strip() else "unk" for i, c in generated.items()},
+                                                     refs).items()}
 
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head, evaluate=evaluate,
-              best_metric=("val/CIDEr", "max"))
 
-    generated, caps_per_s = decode_images(ctx, model, tok, val_table, val_ids, cfg.decode)
-    empty = [i for i, c in generated.items() if not c.strip()]
-    for i in empty:  # the scorers refuse empty captions; an empty output scores as one unknown word
-        generated[i] = "unk"
-    metrics = {f"val/{k}": v for k, v in caption_scores(generated, val_caps).items()}
-    common = Counter(c for cs in train_caps.values() for c in cs).most_common(1)[0][0]
-    baselines = {f"val/{k}_most_common_caption": v
-                 for k, v in caption_scores({i: common for i in val_ids}, val_caps).items()}
-    ctx.tracker.log_metrics(metrics, step=res.step)
-
+def save_outputs(ctx: StageContext, cfg: Config, model: VLP, tok, val: ValCaptions,
+                 generated: dict[int, str]) -> tuple[int, int]:
+    """model/, tokenizer/, captions_val.json, samples.json and samples/*.png -> (images drawn, not drawn)."""
     out = ctx.outputs
     save_vl(model.cpu(), out / "model")
     tok.save_pretrained(out / "tokenizer")
-    (out / "captions_val.json").write_text(json.dumps([{"image_id": i, "caption": generated[i]} for i in val_ids]))
-    samples = [{"image_id": i, "generated": generated[i], "references": val_caps[i]} for i in val_ids[:cfg.num_samples]]
+    (out / "captions_val.json").write_text(json.dumps([{"image_id": i, "caption": generated[i]} for i in val.ids]))
+    samples = [{"image_id": i, "generated": generated[i], "references": val.refs[i]} for i in val.ids[:cfg.num_samples]]
     (out / "samples.json").write_text(json.dumps(samples, indent=2))
-    drawn, not_drawn = write_sample_images(val_json, val_info, val_ids, generated, val_caps, out / "samples",
+    drawn, not_drawn = write_sample_images(val.json, val.info, val.ids, generated, val.refs, out / "samples",
                                            cfg.sample_images)
     ctx.tracker.log_artifact(out / "samples.json", "samples")
     if drawn:
         ctx.tracker.log_artifact(out / "samples", "samples")
+    return drawn, not_drawn
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    store = open_regions(ctx, cfg.regions)
+    built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store)
+    model, tok = built.model, built.tokenizer
+    check_length(model, store.k, max(cfg.max_caption_len, cfg.decode.max_len), "max_caption_len/decode.max_len")
+    train_ds, train_caps = caption_data(ctx, cfg.data, "train", tok, store, cfg.max_caption_len)
+    val = val_captions(ctx, cfg, store)
+    ctx.tracker.log_params({"data.train_pairs": len(train_ds), "data.val_images": len(val.ids),
+                            "init.origin": built.origin, "model.params": sum(p.numel() for p in model.parameters())})
+
+    def evaluate(m: VLP) -> dict[str, float]:
+        return val_scores(decode_images(ctx, m, tok, val.table, val.ids, cfg.decode)[0], val.refs)
+
+    tb = transfer_blocks(model, built.visual_pretrained)
+    res = fit(ctx, model, train_ds, train_ds.collate, seq2seq_mlm_loss(ctx, cfg, tok), cfg.train,
+              blocks=tb.blocks, head=tb.head, evaluate=evaluate, best_metric=("val/CIDEr", "max"))
+
+    generated, caps_per_s = decode_images(ctx, model, tok, val.table, val.ids, cfg.decode)
+    empty = [i for i, c in generated.items() if not c.strip()]
+    generated |= {i: "unk" for i in empty}  # saved as scored (see val_scores)
+    metrics = val_scores(generated, val.refs)
+    common = Counter(c for cs in train_caps.values() for c in cs).most_common(1)[0][0]
+    baselines = {f"{k}_most_common_caption": v for k, v in val_scores({i: common for i in val.ids}, val.refs).items()}
+    ctx.tracker.log_metrics(metrics, step=res.step)
+    drawn, not_drawn = save_outputs(ctx, cfg, model, tok, val, generated)
     return ctx.result(outputs={"model": "outputs/model", "tokenizer": "outputs/tokenizer",
                                "captions": "outputs/captions_val.json", "samples": "outputs/samples.json",
                                "sample_images": "outputs/samples"},

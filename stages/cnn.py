@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,16 +20,9 @@ from stages.config.cnn import Config, ModelConfig  # noqa: F401 - the kind's con
 from stages.contract import StageContext, StageError, StageResult
 from stages.data.imagenet import ImageClassDataset, class_index, load_imagefolder, normalize_images
 from stages.metrics import topk_accuracy
-from stages.models.resnet import build_classifier, init_weights, transfer_blocks
-from stages.train.checkpoint import save_weights
+from stages.models.resnet import build_classifier, init_weights, save_classifier, transfer_blocks
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
-
-
-def save_model(model: nn.Module, cfg: ModelConfig, classes: list[str], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(), "classes": classes}, indent=2))
 
 
 def device_batch(ctx: StageContext, x: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,6 +46,7 @@ def image_datasets(cfg: "Config", runtime, tr: tuple, va: tuple) -> tuple[ImageC
 
 @torch.no_grad()
 def evaluate(ctx: StageContext, model: nn.Module, ds, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model on every image of ``ds`` -> (logits (N, classes) float32, targets (N,)) on the CPU."""
     model.eval()
     logits, targets = [], []
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=ctx.config.runtime.num_workers,
@@ -77,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
 
     model = build_classifier(cfg.model, len(classes))
     init_weights(model, cfg.model)
-    blocks, head = transfer_blocks(model)
+    tb = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
                             "model.params": sum(p.numel() for p in model.parameters()),
                             "data.skipped_bad_images": skipped, "data.train_cached": train_ds.cached,
@@ -93,7 +86,7 @@ def run(ctx: StageContext) -> StageResult:
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
 
-    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks, head,
+    res = fit(ctx, model, train_ds, None, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
               evaluate=lambda m: {f"val/{k}": v for k, v in topk_accuracy(
                   *evaluate(ctx, m, val_ds, cfg.eval_batch_size), (1, 5)).items()},
               best_metric=("val/top1", "max"))
@@ -104,7 +97,7 @@ def run(ctx: StageContext) -> StageResult:
     baselines = {"val/top1_chance": 1 / len(classes),
                  "val/top1_majority": float((targets == majority).float().mean())}
     ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
-    save_model(model.cpu(), cfg.model, classes, ctx.outputs / "model")
+    save_classifier(model.cpu(), cfg.model, classes, ctx.outputs / "model")
     (ctx.outputs / "model" / "classes.json").write_text(json.dumps(class_index(classes, root), indent=2))
     return ctx.result(outputs={"model": "outputs/model", "classes": "outputs/model/classes.json"}, metrics=metrics,
                       baselines=baselines,

@@ -41,6 +41,41 @@ class Runtime(Strict):
                                                              "a larger one is decoded per item in DataLoader workers")
 
 
+@dataclass(frozen=True)
+class ExternalInput:
+    """A file or folder outside the artifact store that a stage reads (or a weights *name*).
+
+    ``kind`` decides how the fingerprint digests it (flows.fingerprint.input_digest): ``weights``
+    (checkpoints, tokenizers, vocabularies) by content, sha256 of every file; ``dataset`` folders by each
+    file's name, size, mtime and ctime (a multi-GB tree digests in seconds), a dataset file by content.
+    ``names`` says what a value that is not a local path means: a torchvision weights name or a
+    Hugging Face hub model id (None: always a path)."""
+
+    value: str
+    kind: Literal["dataset", "weights"] = "dataset"
+    names: Literal["torchvision", "hf_hub"] | None = None
+
+
+def external_path(kind: Literal["dataset", "weights"], names: Literal["torchvision", "hf_hub"] | None = None,
+                  **field_kwargs: Any) -> Any:
+    """A config field naming an external input: ``init: str | None = external_path("weights", "torchvision")``.
+    The marker is what :meth:`StageConfig.external_inputs` finds and what the recipe resolves against
+    the recipe file's folder (stages.recipe.resolve_paths)."""
+    return Field(None, json_schema_extra={"baton_external": {"kind": kind, "names": names}}, **field_kwargs)
+
+
+def _marked_inputs(model: BaseModel, prefix: str = "") -> dict[str, ExternalInput]:
+    out: dict[str, ExternalInput] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        marker = (info.json_schema_extra or {}).get("baton_external") if isinstance(info.json_schema_extra, dict) else None
+        if marker and value is not None:
+            out[f"{prefix}{name}"] = ExternalInput(str(value), **marker)
+        elif isinstance(value, BaseModel):
+            out.update(_marked_inputs(value, f"{prefix}{name}."))
+    return out
+
+
 class StageConfig(Strict):
     """Fields every stage block has. Subclasses add the stage kind's own typed fields."""
 
@@ -61,6 +96,13 @@ class StageConfig(Strict):
     def declared_outputs(self) -> set[str] | None:
         """The output keys this stage will produce, when the config alone tells (None = not known before run)."""
         return None
+
+    def external_inputs(self) -> dict[str, ExternalInput]:
+        """Every file or folder outside the artifact store this stage reads, by dotted config key: digested
+        into the fingerprint and resolved against the recipe's folder when the recipe is read. The default
+        collects the fields declared with :func:`external_path` (none: ``{}``); a kind whose inputs are
+        not plain fields overrides it."""
+        return _marked_inputs(self)
 
     def fingerprint_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"runtime"})

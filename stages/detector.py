@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from stages.contract import StageContext, StageError, StageResult
 from stages.data.regions import RegionStoreWriter
 from stages.data.visual_genome import (
     DetectionDataset,
+    VGImage,
+    VGPixels,
     collate,
     decode_images,
     load_vg,
@@ -49,8 +52,7 @@ from stages.data.visual_genome import (
 )
 from stages.metrics import detection_map
 from stages.models.detection import build_detector, detect, save_model, transfer_blocks
-from stages.models.resnet import build_classifier, init_weights
-from stages.train.checkpoint import load_into, load_weights
+from stages.models.resnet import build_classifier, init_weights, load_classifier
 from stages.train.device import autocast
 from stages.train.loop import fit
 
@@ -66,13 +68,7 @@ def backbone_body(cfg: Config, ctx: StageContext | None = None) -> tuple[nn.Modu
         init_weights(body, bcfg)
         return body, bcfg, bool(bcfg.init), bcfg.init or "random init"
     model_dir = ctx.input(cfg.backbone_from, "model")
-    meta_file = model_dir / "config.json"
-    if not meta_file.is_file():
-        raise StageError(f"backbone_from={cfg.backbone_from!r}: {meta_file} not found")
-    meta = json.loads(meta_file.read_text())
-    bcfg = BackboneConfig(**meta["model"])
-    body = build_classifier(bcfg, len(meta["classes"]))
-    load_into(body, load_weights(model_dir / "model.safetensors"), str(model_dir / "model.safetensors"))
+    body, bcfg = load_classifier(model_dir, f"backbone_from={cfg.backbone_from!r}")
     return body, bcfg, True, str(model_dir)
 
 
@@ -105,79 +101,112 @@ def region_rows(det: dict[str, np.ndarray], width: int, height: int) -> tuple[np
     return det["features"], geometry, det["probs"]
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg: Config = ctx.config  # type: ignore[assignment]
-    vg_dir = ctx.input(cfg.data, "vg")
-    images, vg_stats = load_vg(vg_dir, bad_boxes=cfg.bad_boxes)
+@dataclass
+class VGData:
+    """What the detector reads from a Visual Genome folder: every scene image, the train/val split, the
+    class and attribute vocabularies of the train split, and the two detection datasets."""
+
+    images: list[VGImage]
+    splits: dict[str, list[int]]  # "train"/"val" -> positions in ``images``
+    split_how: str
+    stats: dict
+    classes: list[str]  # class names 1..C (0 = background)
+    attributes: list[str]
+    pixels: VGPixels
+    train: DetectionDataset
+    val: DetectionDataset
+
+
+def vg_data(cfg: Config, vg_dir) -> VGData:
+    """``vg_dir`` + the stage config -> :class:`VGData` (errors name the folder or the config key)."""
+    images, stats = load_vg(vg_dir, bad_boxes=cfg.bad_boxes)
     splits, split_how = vg_splits(vg_dir, images, cfg.seed, cfg.val_fraction)
     train_imgs = [images[i] for i in splits["train"]]
-    att_k = cfg.model.attributes.num_attributes_k if cfg.model.attributes.enabled else -1
-    classes, attributes, _ = vg_vocabularies(train_imgs, cfg.model.num_classes_k, max(att_k, 0))
-    attributes = attributes if cfg.model.attributes.enabled else []
+    att = cfg.model.attributes
+    att_k = max(att.num_attributes_k, 0) if att.enabled else 0
+    classes, attributes, _ = vg_vocabularies(train_imgs, cfg.model.num_classes_k, att_k)
+    attributes = attributes if att.enabled else []
     if not classes:
         raise StageError(f"{vg_dir}: the train split has no named objects")
-    if cfg.model.attributes.enabled and not attributes:
+    if att.enabled and not attributes:
         raise StageError(f"model.attributes.enabled but the train split of {vg_dir} has no attributes "
                          f"({vg_dir / 'attributes.json'} missing or empty)")
     class_ids = {n: i + 1 for i, n in enumerate(classes)}
-    attribute_ids = {a: i for i, a in enumerate(attributes)}
     pixels = decode_images(images)
-    train_ds = DetectionDataset(train_imgs, pixels.subset(splits["train"]), class_ids, train=True,
-                                attribute_ids=attribute_ids)
-    val_ds = DetectionDataset([images[i] for i in splits["val"]], pixels.subset(splits["val"]), class_ids,
-                              train=False)
+    train = DetectionDataset(train_imgs, pixels.subset(splits["train"]), class_ids, train=True,
+                             attribute_ids={a: i for i, a in enumerate(attributes)})
+    val = DetectionDataset([images[i] for i in splits["val"]], pixels.subset(splits["val"]), class_ids, train=False)
+    return VGData(images, splits, split_how, stats, classes, attributes, pixels, train, val)
 
-    body, backbone_cfg, pretrained, source = backbone_body(cfg, ctx)
-    model = build_detector(cfg.model, body, len(classes), pretrained, backbone_cfg.arch, len(attributes))
-    blocks, head = transfer_blocks(model)
-    ctx.tracker.log_params({"data.classes": len(classes), "data.attributes": len(attributes),
-                            "data.train": len(train_ds), "data.val": len(val_ds), "data.split": split_how,
-                            "data.objects": vg_stats["objects"], "data.boxes_clipped": vg_stats["clipped"],
-                            "data.boxes_dropped": vg_stats["dropped_degenerate"], "backbone.source": source,
-                            "backbone.arch": backbone_cfg.arch,
-                            "model.params": sum(p.numel() for p in model.parameters())})
 
-    def loss_fn(m: FasterRCNN, batch, step: int):
-        xs, targets = prepare_batch(*batch, train=True)
-        losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
-        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
-
-    res = fit(ctx, model, train_ds, collate, loss_fn, cfg.train, blocks, head)
-
-    # one inference pass over every scene image, streamed: each image's top-K regions go straight into the
-    # region store (published atomically at the end); val images' detections are kept for mAP
-    t0 = time.perf_counter()
-    val_pos = {i: j for j, i in enumerate(splits["val"])}
+def write_regions(ctx: StageContext, cfg: Config, model: FasterRCNN, data: VGData) -> tuple[list[dict], list[int]]:
+    """One inference pass over every scene image, streamed: each image's top-K regions go straight into the
+    region store ``outputs/regions`` (published atomically at the end). Returns (val images' detections in
+    val order, for mAP; regions per image)."""
+    val_pos = {i: j for j, i in enumerate(data.splits["val"])}
     val_preds: list[dict | None] = [None] * len(val_pos)
     n_regions = []
-    with RegionStoreWriter(ctx.outputs / "regions", len(images), cfg.regions.k, cfg.model.representation_size,
-                           classes) as writer:
-        for i, (im, d) in enumerate(zip(images, predict_all(ctx, model, pixels, cfg.regions, cfg.eval_batch_size))):
+    with RegionStoreWriter(ctx.outputs / "regions", len(data.images), cfg.regions.k, cfg.model.representation_size,
+                           data.classes) as writer:
+        dets = predict_all(ctx, model, data.pixels, cfg.regions, cfg.eval_batch_size)
+        for i, (im, d) in enumerate(zip(data.images, dets)):
             writer.add(im.image_id, *region_rows(d, im.width, im.height))
             n_regions.append(len(d["features"]))
             if i in val_pos:
                 val_preds[val_pos[i]] = {"image_id": im.image_id, "boxes": d["boxes"], "scores": d["scores"],
                                          "labels": d["labels"]}
         writer.close()
-    region_s = time.perf_counter() - t0
-    val_gts = [{"image_id": images[i].image_id} | {k: v.numpy() for k, v in t.items()}
-               for i, t in zip(splits["val"], val_ds.targets)]
-    scores, per_class = detection_map(val_preds, val_gts, len(classes))
-    empty, _ = detection_map([], val_gts, len(classes))
-    metrics = {f"val/{k}": v for k, v in scores.items()}
-    baselines = {f"val/{k}_predict_nothing": v for k, v in empty.items() if k in ("map", "map50")}
-    (ctx.outputs / "per_class_ap.json").write_text(json.dumps(
-        {classes[c - 1]: ap for c, ap in sorted(per_class.items())}, indent=2))
+    return val_preds, n_regions
 
+
+def evaluate_map(ctx: StageContext, data: VGData, val_preds: list[dict]) -> tuple[dict, dict]:
+    """COCO box mAP of ``val_preds`` -> (metrics, predict-nothing baselines); writes per_class_ap.json."""
+    val_gts = [{"image_id": data.images[i].image_id} | {k: v.numpy() for k, v in t.items()}
+               for i, t in zip(data.splits["val"], data.val.targets)]
+    scores, per_class = detection_map(val_preds, val_gts, len(data.classes))
+    empty, _ = detection_map([], val_gts, len(data.classes))
+    (ctx.outputs / "per_class_ap.json").write_text(json.dumps(
+        {data.classes[c - 1]: ap for c, ap in sorted(per_class.items())}, indent=2))
+    return ({f"val/{k}": v for k, v in scores.items()},
+            {f"val/{k}_predict_nothing": v for k, v in empty.items() if k in ("map", "map50")})
+
+
+def loss_fn(m: FasterRCNN, batch, step: int):
+    """Faster R-CNN's own training losses, summed; each is logged."""
+    xs, targets = prepare_batch(*batch, train=True)
+    losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
+    return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    data = vg_data(cfg, ctx.input(cfg.data, "vg"))
+    classes, attributes = data.classes, data.attributes
+
+    body, backbone_cfg, pretrained, source = backbone_body(cfg, ctx)
+    model = build_detector(cfg.model, body, len(classes), pretrained, backbone_cfg.arch, len(attributes))
+    tb = transfer_blocks(model)
+    ctx.tracker.log_params({"data.classes": len(classes), "data.attributes": len(attributes),
+                            "data.train": len(data.train), "data.val": len(data.val), "data.split": data.split_how,
+                            "data.objects": data.stats["objects"], "data.boxes_clipped": data.stats["clipped"],
+                            "data.boxes_dropped": data.stats["dropped_degenerate"], "backbone.source": source,
+                            "backbone.arch": backbone_cfg.arch,
+                            "model.params": sum(p.numel() for p in model.parameters())})
+    res = fit(ctx, model, data.train, collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head)
+
+    t0 = time.perf_counter()
+    val_preds, n_regions = write_regions(ctx, cfg, model, data)
+    region_s = time.perf_counter() - t0
+    metrics, baselines = evaluate_map(ctx, data, val_preds)
     ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
     save_model(model.cpu(), cfg.model, backbone_cfg, pretrained, classes, ctx.outputs / "model", attributes)
-    rows = len(images) * cfg.regions.k
+    rows = len(data.images) * cfg.regions.k
     return ctx.result(outputs={"model": "outputs/model", "regions": "outputs/regions"}, metrics=metrics,
                       baselines=baselines,
                       info={"resumed_from": res.resumed_from, "train_seconds": res.seconds,
                             "train_images_per_s": res.steps_per_s * cfg.train.batch_size,
                             "backbone": source, "classes": len(classes), "attributes": len(attributes),
-                            "split": split_how, "train_images": len(train_ds), "val_images": len(val_ds),
-                            "region_images": len(images), "regions_per_image_mean": float(np.mean(n_regions)),
+                            "split": data.split_how, "train_images": len(data.train), "val_images": len(data.val),
+                            "region_images": len(data.images), "regions_per_image_mean": float(np.mean(n_regions)),
                             "regions_per_image_min": int(min(n_regions)),
                             "region_pass_seconds": region_s, "region_rows_per_s": rows / max(region_s, 1e-9)})

@@ -416,15 +416,27 @@ def detection_map(
     as 0.0. At most 100 detections per image count (COCO's maxDets). COCOeval's printing is
     suppressed.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     if num_classes < 1:
         raise ValueError("detection_map: num_classes must be >= 1")
-    cat_ids = list(range(1, num_classes + 1))
+    gt_ids, gt_anns = _gt_annotations(gts, num_classes)
+    dt_ids, dt_anns = _dt_annotations(preds, num_classes)
+    gt_class_ids = sorted({a["category_id"] for a in gt_anns})
+    if not dt_anns or not gt_anns:
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0}, {c: 0.0 for c in gt_class_ids}
+    ev = _cocoeval(gt_ids | dt_ids, gt_anns, dt_anns, num_classes)
+    stats = ev.stats
+    metrics = {
+        "map": max(float(stats[0]), 0.0),
+        "map50": max(float(stats[1]), 0.0),
+        "map75": max(float(stats[2]), 0.0),
+    }
+    return metrics, _per_class_ap50(ev, gt_class_ids)
 
+
+def _gt_annotations(gts: Sequence[Mapping[str, Any]], num_classes: int) -> tuple[set[int], list[dict[str, Any]]]:
+    """(image ids, COCO ground-truth annotations: xywh, area w*h, iscrowd 0, ids from 1)."""
     image_ids: set[int] = set()
-    gt_anns: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for g in gts:
         iid = int(g["image_id"])
         image_ids.add(iid)
@@ -432,9 +444,9 @@ def detection_map(
         labels = _labels(g["labels"], boxes.shape[0], num_classes, f"gt image {iid}")
         for box, lab in zip(boxes, labels):
             w, h = float(box[2]), float(box[3])
-            gt_anns.append(
+            anns.append(
                 {
-                    "id": len(gt_anns) + 1,  # COCOeval treats id 0 as "unmatched": start at 1
+                    "id": len(anns) + 1,  # COCOeval treats id 0 as "unmatched": start at 1
                     "image_id": iid,
                     "category_id": int(lab),
                     "bbox": [float(box[0]), float(box[1]), w, h],
@@ -442,7 +454,13 @@ def detection_map(
                     "iscrowd": 0,
                 }
             )
-    dt_anns: list[dict[str, Any]] = []
+    return image_ids, anns
+
+
+def _dt_annotations(preds: Sequence[Mapping[str, Any]], num_classes: int) -> tuple[set[int], list[dict[str, Any]]]:
+    """(image ids, COCO detection results: xywh box, score)."""
+    image_ids: set[int] = set()
+    anns: list[dict[str, Any]] = []
     for p in preds:
         iid = int(p["image_id"])
         image_ids.add(iid)
@@ -453,20 +471,22 @@ def detection_map(
             raise ValueError(f"detection_map: pred image {iid} has {n} boxes but {scores.shape[0]} scores")
         labels = _labels(p["labels"], n, num_classes, f"pred image {iid}")
         for box, s, lab in zip(boxes, scores, labels):
-            dt_anns.append(
-                {"image_id": iid, "category_id": int(lab), "bbox": [float(v) for v in box], "score": float(s)}
-            )
+            anns.append({"image_id": iid, "category_id": int(lab), "bbox": [float(v) for v in box], "score": float(s)})
+    return image_ids, anns
 
-    gt_class_ids = sorted({a["category_id"] for a in gt_anns})
-    if not dt_anns or not gt_anns:
-        return {"map": 0.0, "map50": 0.0, "map75": 0.0}, {c: 0.0 for c in gt_class_ids}
+
+def _cocoeval(image_ids: set[int], gt_anns: list[dict[str, Any]], dt_anns: list[dict[str, Any]],
+              num_classes: int) -> Any:
+    """A COCOeval (bbox) over in-memory COCO objects, evaluated, accumulated and summarised quietly."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = {
             "images": [{"id": i} for i in sorted(image_ids)],
             "annotations": gt_anns,
-            "categories": [{"id": c, "name": str(c)} for c in cat_ids],
+            "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes + 1)],
         }
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(dt_anns)
@@ -474,13 +494,11 @@ def detection_map(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
 
-    stats = ev.stats
-    metrics = {
-        "map": max(float(stats[0]), 0.0),
-        "map50": max(float(stats[1]), 0.0),
-        "map75": max(float(stats[2]), 0.0),
-    }
+
+def _per_class_ap50(ev: Any, class_ids: list[int]) -> dict[int, float]:
+    """{class id: AP@.5 (area "all", the largest maxDets)} of an accumulated COCOeval, for ``class_ids``."""
     # precision: [T iou thresholds, R recall points, K classes, A area ranges, M maxDets]
     precision = ev.eval["precision"]
     t50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
@@ -488,12 +506,12 @@ def detection_map(
     m_last = len(ev.params.maxDets) - 1
     per_class: dict[int, float] = {}
     for k, cid in enumerate(ev.params.catIds):
-        if cid not in gt_class_ids:
+        if cid not in class_ids:
             continue
         p = precision[t50, :, k, a_all, m_last]
         p = p[p > -1]
         per_class[int(cid)] = float(p.mean()) if p.size else 0.0
-    return metrics, per_class
+    return per_class
 
 
 # ======================================================================================

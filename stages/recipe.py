@@ -3,9 +3,16 @@
     recipe: vlp-tiny            # experiment name in MLflow
     seed: 0                     # default seed of every stage
     runtime: {device: auto}     # default runtime block, merged under each stage's own
+    python_path: [src]          # folders holding the user's own stage kinds (kind: my_project.stages.x)
     stages:
       world: {kind: world, ...}
       cnn:   {kind: cnn, needs: [world], train: {lr: 2e-3}}
+
+Relative paths: every path a recipe names (``python_path`` and every external input of every stage,
+:meth:`StageConfig.external_inputs`) is resolved against the recipe file's folder, once, here; the
+configs, the fingerprints, the snapshot handed to stage processes and the params MLflow logs all hold
+the absolute path. A field that may also be a weights name (``cnn.model.init``, ``bert.model.pretrained``)
+is a path when it exists under the recipe's folder or starts with ``.`` or ``~``, a name otherwise.
 
 Every error names the file and the dotted key path (``stages.cnn.train.lr``). Command-line
 overrides use the same paths: ``stages.cnn.train.lr=3e-4`` (values parsed as YAML).
@@ -23,8 +30,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from stages import KINDS, kind_config
-from stages.contract import Runtime, StageConfig, Strict
+from stages import KINDS, UnknownKind, kind_config, use_python_path
+from stages.contract import ExternalInput, Runtime, StageConfig, Strict
 
 
 class RecipeError(Exception):
@@ -40,6 +47,8 @@ class RecipeSettings(Strict):
     runtime: dict[str, Any] = Field(default_factory=dict)
     max_concurrency: int = Field(2, ge=1, description="stages that may run at once")
     retries: int = Field(0, ge=0, description="Prefect task retries for transient (non-config, non-data) errors")
+    python_path: list[str] = Field(default_factory=list, description="folders put on sys.path (relative to the "
+                                   "recipe file) so `kind: my_project.stages.x` imports")
     stages: dict[str, dict[str, Any]]
 
 
@@ -51,6 +60,7 @@ class Recipe:
     max_concurrency: int
     retries: int
     stages: dict[str, StageConfig]  # in topological order
+    python_path: list[str] = field(default_factory=list)  # absolute
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def downstream(self, name: str) -> list[str]:
@@ -193,6 +203,11 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
     except ValidationError as e:
         _raise_validation(path, "runtime", e, Runtime)
 
+    base = path.parent.resolve()
+    python_path = [str((base / Path(p).expanduser()).resolve()) for p in settings.python_path]
+    if python_path:
+        raw["python_path"] = python_path
+    use_python_path(python_path)
     configs: dict[str, StageConfig] = {}
     for name, block in settings.stages.items():
         prefix = f"stages.{name}"
@@ -203,12 +218,15 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
             raise RecipeError(f"{path}: {prefix}: a stage is a mapping (got {type(block).__name__})")
         block = dict(block)
         kind = block.setdefault("kind", name if name in KINDS else None)
-        if kind not in KINDS:
-            hint = _did_you_mean(kind if kind is not None else name, KINDS)
-            raise RecipeError(f"{path}: {prefix}.kind: unknown stage kind {kind!r}{hint} (known: {', '.join(KINDS)})")
+        if not isinstance(kind, str):
+            raise RecipeError(f"{path}: {prefix}.kind: unknown stage kind: missing{_did_you_mean(name, KINDS)} "
+                              f"(built-in kinds: {', '.join(KINDS)}; or a module path such as my_project.stages.segmenter)")
         block.setdefault("seed", settings.seed)
         block["runtime"] = {**settings.runtime, **(block.get("runtime") or {})}
-        model = kind_config(kind)
+        try:
+            model = kind_config(kind)
+        except UnknownKind as e:
+            raise RecipeError(f"{path}: {prefix}.kind: {e}") from None
         # A partial `train` block keeps the stage kind's tuned defaults for the keys it leaves out
         # (pydantic alone would fall back to TrainConfig's generic defaults).
         if isinstance(block.get("train"), dict) and "train" in model.model_fields:
@@ -216,13 +234,40 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
             if default is not None:
                 block["train"] = _deep_merge(default.model_dump(), block["train"])
         try:
-            configs[name] = model.model_validate(block)
+            cfg = model.model_validate(block)
+            resolved = resolve_paths(cfg.external_inputs(), base)
+            for key, value in resolved.items():  # into the snapshot too: stage processes read absolute paths
+                _set_dotted(block, key, value)
+                _set_dotted(raw["stages"][name], key, value)
+            configs[name] = model.model_validate(block) if resolved else cfg
         except ValidationError as e:
             _raise_validation(path, prefix, e, model)
 
     order = _toposort(path, configs)
     return Recipe(path=path, name=settings.recipe, seed=settings.seed, max_concurrency=settings.max_concurrency,
-                  retries=settings.retries, stages={n: configs[n] for n in order}, raw=raw)
+                  retries=settings.retries, stages={n: configs[n] for n in order}, python_path=python_path, raw=raw)
+
+
+def resolve_paths(inputs: dict[str, ExternalInput], base: Path) -> dict[str, str]:
+    """{config key: absolute path} for the relative paths among ``inputs``, resolved against ``base`` (the
+    recipe file's folder). A relative value of an input that may be a name, with no such file under ``base``
+    and not starting with ``.`` or ``~``, is a name (a torchvision weights name, a hub id) and stays."""
+    out = {}
+    for key, inp in inputs.items():
+        p = Path(inp.value).expanduser()
+        if inp.names and not p.is_absolute() and not inp.value.startswith((".", "~")) and not (base / p).exists():
+            continue
+        resolved = str((base / p).resolve())  # symlinks too: the stage (world) logs resolved paths as params
+        if resolved != inp.value:
+            out[key] = resolved
+    return out
+
+
+def _set_dotted(node: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

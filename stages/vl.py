@@ -16,9 +16,9 @@ tokenizer from ``tokenizer_from``. Writes ``outputs/model/`` (model.safetensors 
 back by :func:`load_vl`) and ``outputs/tokenizer/``; reports held-out masked-LM perplexity on val
 captions against (a) the init BERT reading the caption alone (no regions) and (b) a unigram model.
 
-Also the library of the stage-5 tasks (caption, vqa): :class:`VLP`, :class:`VisualEmbedding`,
-:func:`vlp_attention` (the two masks), :func:`build_model` / :func:`load_vl`, :class:`RegionTable`,
-:class:`TextRegionData`, :func:`transfer_blocks`."""
+The model (:class:`stages.models.vlp.VLP`, its masks, :func:`~stages.models.vlp.build_model`,
+:func:`~stages.models.vlp.load_vl`, :func:`~stages.models.vlp.transfer_blocks`) and the region/text
+datasets (:mod:`stages.data.text_regions`) live in models/ and data/, shared with caption and vqa."""
 from __future__ import annotations
 
 import torch
@@ -29,30 +29,16 @@ from stages.contract import StageContext, StageResult
 from stages.data.text import special_ids, unigram_logprobs
 from stages.data.text_regions import caption_data, open_regions, regions_of
 from stages.models.masking import mask_tokens, normal_token_ids, step_generator
-from stages.models.vlp import VLP, build_model, check_length, mlm_head_params, save_vl, transfer_blocks
+from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.evaluate import held_out_mlm
 from stages.train.loop import fit
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg: Config = ctx.config  # type: ignore[assignment]
-    store = open_regions(ctx, cfg.regions)
-    built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store, itm=cfg.itm)
-    model, tok = built.model, built.tokenizer
-    check_length(model, store.k, cfg.max_caption_len, "max_caption_len")
-    train_ds, _ = caption_data(ctx, cfg.data, "train", tok, store, cfg.max_caption_len)
-    val_ds, _ = caption_data(ctx, cfg.data, "val", tok, store, cfg.max_caption_len)
+def pretrain_loss(ctx: StageContext, cfg: Config, tok):
+    """The training loss -> ``loss_fn(m, batch, step)``: masked LM on the caption tokens, each example under
+    the seq2seq mask with probability ``s2s_prob`` (else bidirectional), plus image-text matching when the
+    model has an ITM head. Masks and draws come from the step's generator (a resume redraws the same)."""
     pad, normal = tok.pad_token_id, normal_token_ids(tok)
-    all_train = torch.cat([torch.tensor(t) for t in train_ds.texts])
-    unigram = unigram_logprobs(all_train, model.mlm.config.vocab_size, special_ids(tok))  # over words
-    ctx.tracker.log_params({"data.train_pairs": len(train_ds), "data.val_pairs": len(val_ds), "regions.k": store.k,
-                            "init.origin": built.origin, "model.params": sum(p.numel() for p in model.parameters())})
-
-    # baselines before training: the init's BERT reading captions without regions
-    baselines = {"val/mlm_ppl_unigram": held_out_mlm(ctx, model.to(ctx.device), val_ds, cfg, tok, s2s=False,
-                                                     unigram=unigram)["unigram_ppl"]}
-    if built.origin != "scratch":
-        baselines["val/mlm_ppl_text_only_init"] = held_out_mlm(ctx, model, val_ds, cfg, tok, False, text_only=True)["ppl"]
 
     def loss_fn(m: VLP, batch, step: int):
         gen = step_generator(ctx.seed, step)
@@ -67,21 +53,49 @@ def run(ctx: StageContext) -> StageResult:
         loss = nn.functional.cross_entropy(logits, labels[sel])
         logs = {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
         if m.itm is not None:
-            # half the examples get another example's regions (rolled batch); label 1 = mismatch
-            swap = (torch.rand(len(text), generator=gen) < 0.5).to(text.device)
-            other = torch.roll(torch.arange(len(text), device=text.device), 1)
-            swap &= batch["row"][other] != batch["row"]
-            src = torch.where(swap, other, torch.arange(len(text), device=text.device))
-            regions = {key: v[src] for key, v in regions_of(batch).items()}
-            itm_logits = m.itm(m(text, regions, torch.zeros_like(swap))[:, 0])
-            loss = loss + nn.functional.cross_entropy(itm_logits, swap.long())
-            logs["itm_acc"] = (itm_logits.argmax(-1) == swap.long()).float().mean().detach()
+            itm_loss, logs["itm_acc"] = itm_step(m, batch, gen)
+            loss = loss + itm_loss
         return loss, logs
+    return loss_fn
 
-    blocks = transfer_blocks(model, visual_in_backbone=built.origin == "vl")
-    head = mlm_head_params(model) + ([] if built.origin == "vl" else list(model.visual.parameters()))
-    head += list(model.itm.parameters()) if model.itm is not None else []
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head,
+
+def itm_step(m: VLP, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text matching: half the examples get another example's regions (the batch rolled by one);
+    the ITM head on the final [CLS] state predicts 1 = mismatch. -> (loss, accuracy)."""
+    text = batch["text"]
+    swap = (torch.rand(len(text), generator=gen) < 0.5).to(text.device)
+    other = torch.roll(torch.arange(len(text), device=text.device), 1)
+    swap &= batch["row"][other] != batch["row"]
+    src = torch.where(swap, other, torch.arange(len(text), device=text.device))
+    regions = {key: v[src] for key, v in regions_of(batch).items()}
+    itm_logits = m.itm(m(text, regions, torch.zeros_like(swap))[:, 0])  # (B, 2)
+    loss = nn.functional.cross_entropy(itm_logits, swap.long())
+    return loss, (itm_logits.argmax(-1) == swap.long()).float().mean().detach()
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: Config = ctx.config  # type: ignore[assignment]
+    store = open_regions(ctx, cfg.regions)
+    built = build_model(ctx, cfg.init, cfg.tokenizer_from, cfg.model, store, itm=cfg.itm)
+    model, tok = built.model, built.tokenizer
+    check_length(model, store.k, cfg.max_caption_len, "max_caption_len")
+    train_ds, _ = caption_data(ctx, cfg.data, "train", tok, store, cfg.max_caption_len)
+    val_ds, _ = caption_data(ctx, cfg.data, "val", tok, store, cfg.max_caption_len)
+    all_train = torch.cat([torch.tensor(t) for t in train_ds.texts])
+    unigram = unigram_logprobs(all_train, model.mlm.config.vocab_size, special_ids(tok))  # over words
+    ctx.tracker.log_params({"data.train_pairs": len(train_ds), "data.val_pairs": len(val_ds), "regions.k": store.k,
+                            "init.origin": built.origin, "model.params": sum(p.numel() for p in model.parameters())})
+
+    # baselines before training: the init's BERT reading captions without regions
+    baselines = {"val/mlm_ppl_unigram": held_out_mlm(ctx, model.to(ctx.device), val_ds, cfg, tok, s2s=False,
+                                                     unigram=unigram)["unigram_ppl"]}
+    if built.origin != "scratch":
+        text_only = held_out_mlm(ctx, model, val_ds, cfg, tok, False, text_only=True)
+        baselines["val/mlm_ppl_text_only_init"] = text_only["ppl"]
+
+    tb = transfer_blocks(model, built.visual_pretrained, train_itm=True)
+    res = fit(ctx, model, train_ds, train_ds.collate, pretrain_loss(ctx, cfg, tok), cfg.train,
+              blocks=tb.blocks, head=tb.head,
               evaluate=lambda m: {"val/mlm_ppl": held_out_mlm(ctx, m, val_ds, cfg, tok, s2s=False)["ppl"]},
               best_metric=("val/mlm_ppl", "min"))
 

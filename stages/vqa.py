@@ -8,7 +8,7 @@ goes through an MLP to one logit per answer of the vocabulary (the ``num_answers
 normalised training answers; 0 = all). Targets are VQA soft scores min(#annotators / 3, 1),
 loss = binary cross-entropy with logits (summed over answers, averaged over questions).
 
-Writes ``outputs/model/`` (the VLP encoder as a :func:`stages.vl.save_vl` dir, plus
+Writes ``outputs/model/`` (the VLP encoder as a :func:`stages.models.vlp.save_vl` dir, plus
 ``head.safetensors`` and the answer list in config.json), ``outputs/tokenizer/`` and
 ``outputs/results_val.json`` (``[{question_id, answer}]``); reports official VQA accuracy on val,
 overall and per answer type, against answering the most frequent training answer of the question's
@@ -43,6 +43,32 @@ def predict(ctx: StageContext, model: VQAModel, ds: TextRegionData, batch_size: 
     return torch.cat(out)
 
 
+def loss_fn(m: VQAModel, batch, step: int):
+    """Binary cross-entropy against the soft scores, summed over answers, averaged over questions."""
+    logits = m(batch["text"], regions_of(batch))  # (B, A)
+    t = batch["targets"]  # (B, A) soft scores
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="sum") / len(t)
+    score = t.gather(1, logits.argmax(-1, keepdim=True)).mean().detach()
+    return loss, {"soft_acc": score}
+
+
+def val_scores(preds: dict[int, str], val_recs: list) -> dict[str, float]:
+    """{question_id: answer} -> official VQA accuracy as ``val/<name>`` (overall and per answer type)."""
+    return {f"val/{k}": v for k, v in vqa_scores(preds, val_recs).items()}
+
+
+def save_outputs(ctx: StageContext, model: VQAModel, tok, answers: list[str], preds: dict[int, str],
+                 val_recs: list) -> None:
+    """model/ (the VLP encoder dir + head.safetensors, answers in config.json), tokenizer/, results_val.json."""
+    out = ctx.outputs
+    vqa_meta = {"answers": answers, "head_hidden": model.head[0].out_features}
+    save_vl(model.vlp.cpu(), out / "model", extra={"vqa": vqa_meta})
+    save_weights(model.head.cpu().state_dict(), out / "model" / "head.safetensors")
+    tok.save_pretrained(out / "tokenizer")
+    (out / "results_val.json").write_text(json.dumps([{"question_id": r.question_id, "answer": preds[r.question_id]}
+                                                      for r in val_recs]))
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
     store = open_regions(ctx, cfg.regions)
@@ -64,38 +90,20 @@ def run(ctx: StageContext) -> StageResult:
                             "answers": len(answers), "init.origin": built.origin,
                             "model.params": sum(p.numel() for p in model.parameters())})
 
-    def loss_fn(m: VQAModel, batch, step: int):
-        logits = m(batch["text"], regions_of(batch))  # (B, A)
-        t = batch["targets"]
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="sum") / len(t)
-        score = t.gather(1, logits.argmax(-1, keepdim=True)).mean().detach()
-        return loss, {"soft_acc": score}
+    def answer_val(m: VQAModel) -> dict[int, str]:
+        return {r.question_id: answers[int(p)] for r, p in zip(val_recs, predict(ctx, m, val_ds, cfg.eval_batch_size))}
 
-    blocks = transfer_blocks(model.vlp, visual_in_backbone=built.origin == "vl")
-    head = list(model.head.parameters()) + ([] if built.origin == "vl" else list(model.vlp.visual.parameters()))
+    tb = transfer_blocks(model, built.visual_pretrained)
+    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head,
+              evaluate=lambda m: val_scores(answer_val(m), val_recs), best_metric=("val/vqa_acc", "max"))
 
-    def evaluate(m: VQAModel) -> dict[str, float]:
-        pred = predict(ctx, m, val_ds, cfg.eval_batch_size)
-        return {f"val/{k}": v for k, v in vqa_scores({r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)},
-                                                     val_recs).items()}
-
-    res = fit(ctx, model, train_ds, train_ds.collate, loss_fn, cfg.train, blocks, head, evaluate=evaluate,
-              best_metric=("val/vqa_acc", "max"))
-
-    pred = predict(ctx, model, val_ds, cfg.eval_batch_size)
-    preds = {r.question_id: answers[int(p)] for r, p in zip(val_recs, pred)}
-    metrics = {f"val/{k}": v for k, v in vqa_scores(preds, val_recs).items()}
+    preds = answer_val(model)
+    metrics = val_scores(preds, val_recs)
     prior, overall = type_prior(train_recs)
     base = {r.question_id: prior.get(r.question_type, overall) for r in val_recs}
-    baselines = {f"val/{k}_type_prior": v for k, v in vqa_scores(base, val_recs).items()}
+    baselines = {f"{k}_type_prior": v for k, v in val_scores(base, val_recs).items()}
     ctx.tracker.log_metrics(metrics, step=res.step)
-
-    out = ctx.outputs
-    save_vl(model.vlp.cpu(), out / "model", extra={"vqa": {"answers": answers, "head_hidden": model.head[0].out_features}})
-    save_weights(model.head.cpu().state_dict(), out / "model" / "head.safetensors")
-    tok.save_pretrained(out / "tokenizer")
-    (out / "results_val.json").write_text(json.dumps([{"question_id": r.question_id, "answer": preds[r.question_id]}
-                                                      for r in val_recs]))
+    save_outputs(ctx, model, tok, answers, preds, val_recs)
     return ctx.result(outputs={"model": "outputs/model", "tokenizer": "outputs/tokenizer",
                                "results": "outputs/results_val.json"},
                       metrics=metrics, baselines=baselines,

@@ -182,7 +182,7 @@ def test_world_caption_source_config_errors(paths, message):
 
 def test_real_paths_are_the_world_external_inputs():
     cfg = world.Config(source="real", paths={"karpathy": str(KARPATHY), "vg": "/vg"})
-    assert cfg.external_inputs() == {"paths.karpathy": str(KARPATHY), "paths.vg": "/vg"}
+    assert {k: v.value for k, v in cfg.external_inputs().items()} == {"paths.karpathy": str(KARPATHY), "paths.vg": "/vg"}
 
 
 # ---------------------------------------------------------------------------------------------- caption samples

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from stages import cnn, detector, vl, world
 from stages.contract import NullTracker, StageContext, StageResult
 from stages.data.regions import RegionStore
-from stages.models import detection
+from stages.models import detection, resnet
 from stages.train.checkpoint import load_weights
 from stages.train.transfer import Transfer, build_plan
 
@@ -41,7 +41,7 @@ def upstream(tmp_path_factory):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    cnn.save_model(body, CNN, [f"c{i}" for i in range(36)], root / "cnn" / "outputs" / "model")
+    resnet.save_classifier(body, CNN, [f"c{i}" for i in range(36)], root / "cnn" / "outputs" / "model")
     cres = StageResult(stage="cnn", kind="cnn", fingerprint="c", outputs={"model": "outputs/model"})
     return {"world": (wres, root / "world"), "cnn": (cres, root / "cnn")}
 

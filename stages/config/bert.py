@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from stages.config.train import TrainConfig
-from stages.contract import StageConfig, Strict
+from stages.contract import StageConfig, Strict, external_path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -30,13 +30,13 @@ class BertSizes(Strict):
 
 
 class ModelConfig(BertSizes):
-    pretrained: str | None = Field(None, description="local save_pretrained dir or hub name to start from "
+    pretrained: str | None = external_path("weights", "hf_hub", description="local save_pretrained dir or hub name to start from "
                                                      "(its own sizes are used; leave the size fields unset)")
 
 
 class TokenizerConfig(Strict):
     vocab_size: int = Field(200, ge=len(SPECIAL_TOKENS) + 1, description="WordPiece vocabulary to train (upper bound)")
-    path: str | None = Field(None, description="local HF tokenizer dir to load instead of training one")
+    path: str | None = external_path("weights", description="local HF tokenizer dir to load instead of training one")
     lowercase: bool = True
     initial_alphabet: str = Field("abcdefghijklmnopqrstuvwxyz?", description="characters kept even when the corpus "
                                   "lacks them, so e.g. VQA question words are spelled out, not [UNK]")

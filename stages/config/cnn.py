@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, PositiveInt, model_validator
 
 from stages.config.train import TrainConfig
-from stages.contract import StageConfig, Strict
+from stages.contract import StageConfig, Strict, external_path
 
 TORCHVISION_ARCHS = ("alexnet", "vgg16", "resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
 
@@ -21,7 +21,7 @@ class ModelConfig(Strict):
     blocks: list[PositiveInt] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=4, max_length=4,
                                       description="narrow_resnet BasicBlocks per stage (4 stages)")
     stem: Literal["imagenet", "small"] = Field("small", description="small = 3x3 stride-1 stem, no max-pool (tiny images)")
-    init: str | None = Field(None, description="local state-dict file (.safetensors/.pt) or torchvision weights name")
+    init: str | None = external_path("weights", "torchvision", description="local state-dict file (.safetensors/.pt) or torchvision weights name")
 
 
 class Config(StageConfig):

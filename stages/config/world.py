@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.contract import StageConfig, Strict
+from stages.contract import StageConfig, Strict, external_path
 
 
 class ClassificationCfg(Strict):
@@ -33,21 +33,21 @@ class CorpusCfg(Strict):
 
 
 class PathsCfg(Strict):
-    imagenet: str | None = None
-    vg: str | None = None
-    corpus: str | None = None
-    coco: str | None = None
-    vqa: str | None = None
-    regions: str | None = Field(None, description="a region-feature store directory (stages.data.regions; e.g. imported "
+    imagenet: str | None = external_path("dataset")
+    vg: str | None = external_path("dataset")
+    corpus: str | None = external_path("dataset")
+    coco: str | None = external_path("dataset")
+    vqa: str | None = external_path("dataset")
+    regions: str | None = external_path("dataset", description="a region-feature store directory (stages.data.regions; e.g. imported "
                                                    "from bottom-up-attention TSV): vl/caption/vqa read it with "
                                                    "`regions: <this stage>`, no detector stage needed")
-    karpathy: str | None = Field(None, description="Karpathy split JSON (dataset_coco.json): converted to the "
+    karpathy: str | None = external_path("dataset", description="Karpathy split JSON (dataset_coco.json): converted to the "
                                                    "`coco` output (COCO captions JSON per split)")
-    karpathy_images: str | None = Field(None, description="folder holding <filepath>/<filename> of the Karpathy "
+    karpathy_images: str | None = external_path("dataset", description="folder holding <filepath>/<filename> of the Karpathy "
                                                           "images (default: the JSON's folder)")
-    cc_train: str | None = Field(None, description="Conceptual-Captions-style TSV (caption, image path/url), train; "
+    cc_train: str | None = external_path("dataset", description="Conceptual-Captions-style TSV (caption, image path/url), train; "
                                                    "with cc_val, converted to the `coco` output")
-    cc_val: str | None = Field(None, description="Conceptual-Captions-style TSV, val")
+    cc_val: str | None = external_path("dataset", description="Conceptual-Captions-style TSV, val")
 
 
 CAPTION_SOURCES = ("karpathy", "cc_train", "cc_val")  # converted into outputs/coco, not passed on
@@ -83,12 +83,6 @@ class Config(StageConfig):
         if p.karpathy_images and not p.karpathy:
             raise ValueError("paths.karpathy_images is set without paths.karpathy")
         return self
-
-    def external_inputs(self) -> dict[str, str]:
-        """Every real dataset path: digested into the fingerprint (names, sizes, mtimes: see
-        flows.fingerprint.data_digest), so an edited Karpathy JSON is converted again and a re-imported
-        region store or a changed dataset reruns the stages that read it."""
-        return {f"paths.{k}": v for k, v in self.paths.model_dump().items() if v is not None}
 
     def declared_outputs(self) -> set[str]:
         if self.source == "synthetic":

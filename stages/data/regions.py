@@ -7,7 +7,7 @@ to the i-th image of ``index.json``):
     probs.npy      (N*K, C+1)   class probabilities (column 0 = background)
     index.json     {"image_ids": [...], "num_boxes": [...], "k": K, "feature_dim": D,
                     "num_classes": C, "classes": [...], "format": 1}
-Rows past ``num_boxes[i]`` are zero padding. The store is written into ``<dir>.tmp-<pid>`` and
+Rows past ``num_boxes[i]`` are zero padding. The store is written into ``.<dir>.tmp-<pid>`` and
 renamed into place after everything is fsynced, and ``index.json`` is written last, so a store that
 has an index is complete; a writer killed at any point leaves either no store or the previous one.
 
@@ -28,36 +28,24 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from stages.contract import StageError
-from stages.fsio import fsync_dir
+from stages.fsio import fsync_dir, pid_alive, temp_owner, temp_path, temps_of
 
 FORMAT = 1
 GEOMETRY_DIM = 6
 STORE_FILES = ("features.npy", "geometry.npy", "probs.npy")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(path: Path) -> None:
-    """Leftovers of writers of ``path`` that died (``<name>.tmp-<pid>`` / ``<name>.old-<pid>``, pid gone)."""
-    if not path.parent.is_dir():
-        return
-    pat = re.compile(re.escape(path.name) + r"\.(tmp|old)-(\d+)$")
-    for d in path.parent.iterdir():
-        m = pat.fullmatch(d.name)
-        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+    """Leftovers of writers of ``path`` that died (its temp names whose writer pid is gone)."""
+    for d in temps_of(path):
+        pid = temp_owner(d.name)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -69,7 +57,7 @@ class RegionStoreWriter:
 
     def __init__(self, path: Path, n_images: int, k: int, feature_dim: int, classes: list[str]):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         _remove_stale(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -124,7 +112,7 @@ class RegionStoreWriter:
         fsync_dir(self.tmp)
         # publish: move an old store aside (one rename), move the new one in (one rename), then delete
         # the old one. A reader sees the old store, no store, or the new store; never a half-deleted one.
-        old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+        old = temp_path(self.path, "old")
         if self.path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.path, old)
@@ -305,84 +293,116 @@ def import_bua_tsv(tsv_path: Path | str | list, out_dir: Path, classes: list[str
             raise StageError(f"{p}: TSV file not found")
     names = read_class_vocab(Path(classes)) if isinstance(classes, (str, Path)) else (
         list(classes) if classes is not None else None)
+    scan = _scan_tsv(paths, fieldnames)  # pass 1: count, check ids and shapes (no decoding)
+    names = _cls_prob_names(names, scan.cls_width)
+    k = int(k) if k else max(scan.max_n, 1)
+    # pass 2: decode and write
+    with RegionStoreWriter(Path(out_dir), len(scan.seen), k, scan.dim, names) as writer:
+        for p in paths:
+            for ln, r in _tsv_rows(p, fieldnames):
+                iid = _image_id(r["image_id"], f"{p}: line {ln}")
+                where = f"{p}: line {ln} (image_id {iid})"
+                writer.add(iid, *_region_rows(r, where, scan, len(names), k))
+        writer.close()
+    return RegionStore(out_dir)
 
-    # pass 1: count, check ids and shapes from the base64 lengths (no decoding)
-    seen: dict[int, str] = {}
-    max_n, dim, cls_width, columns = 0, None, None, None
+
+@dataclass
+class _TsvScan:
+    """What pass 1 of :func:`import_bua_tsv` learns from the rows, from base64 lengths only."""
+    seen: dict[int, str] = field(default_factory=dict)  # image_id -> "<file> line <n>" of its row
+    columns: tuple[set[str], str] | None = None  # the first row's columns, and where that row is
+    max_n: int = 0  # the largest num_boxes
+    dim: int | None = None  # feature dimension D
+    cls_width: int | None = None  # cls_prob columns (C+1, or C without a background column)
+
+    def add(self, p: Path, ln: int, r: dict[str, str]) -> None:
+        where = f"{p}: line {ln}"
+        if self.columns is None:
+            self.columns = (set(r), where)
+        elif set(r) != self.columns[0]:
+            raise StageError(f"{where}: columns {sorted(r)} differ from those at {self.columns[1]} "
+                             f"({sorted(self.columns[0])}): shards must have the same columns")
+        iid = _image_id(r["image_id"], where)
+        where = f"{p}: line {ln} (image_id {iid})"
+        if iid in self.seen:
+            raise StageError(f"{where}: duplicate image_id, first at {self.seen[iid]}")
+        self.seen[iid] = f"{p.name} line {ln}"
+        n = _num_boxes(r, where)
+        self.max_n = max(self.max_n, n)
+        if not n:
+            return
+        self.dim = _b64_width(r, "features", n, self.dim, "D", where)
+        if "cls_prob" in r:
+            self.cls_width = _b64_width(r, "cls_prob", n, self.cls_width, "C+1", where)
+
+
+def _scan_tsv(paths: list[Path], fieldnames: list[str] | None) -> _TsvScan:
+    scan = _TsvScan()
     for p in paths:
         for ln, r in _tsv_rows(p, fieldnames):
-            where = f"{p}: line {ln}"
-            if columns is None:
-                columns = (set(r), where)
-            elif set(r) != columns[0]:
-                raise StageError(f"{where}: columns {sorted(r)} differ from those at {columns[1]} "
-                                 f"({sorted(columns[0])}): shards must have the same columns")
-            iid = _image_id(r["image_id"], where)
-            where = f"{p}: line {ln} (image_id {iid})"
-            if iid in seen:
-                raise StageError(f"{where}: duplicate image_id, first at {seen[iid]}")
-            seen[iid] = f"{p.name} line {ln}"
-            try:
-                n = int(r["num_boxes"])
-            except ValueError:
-                raise StageError(f"{where}: num_boxes {r['num_boxes']!r} is not an integer") from None
-            if n < 0:
-                raise StageError(f"{where}: negative num_boxes {n}")
-            max_n = max(max_n, n)
-            if not n:
-                continue
-            d, rem = divmod(_b64_len(r["features"]), 4 * n)
-            if rem or (dim is not None and d != dim):
-                raise StageError(f"{where}: column 'features' is not {n} x {dim or 'D'} float32")
-            dim = d
-            if "cls_prob" in r:
-                c, rem = divmod(_b64_len(r["cls_prob"]), 4 * n)
-                if rem or (cls_width is not None and c != cls_width):
-                    raise StageError(f"{where}: column 'cls_prob' is not {n} x {cls_width or 'C+1'} float32")
-                cls_width = c
-    if not seen:
+            scan.add(p, ln, r)
+    if not scan.seen:
         raise StageError(f"{', '.join(map(str, paths))}: no rows")
-    if dim is None:
+    if scan.dim is None:
         raise StageError(f"{', '.join(map(str, paths))}: every row has num_boxes 0 (no feature dimension)")
+    return scan
+
+
+def _num_boxes(r: dict[str, str], where: str) -> int:
+    try:
+        n = int(r["num_boxes"])
+    except ValueError:
+        raise StageError(f"{where}: num_boxes {r['num_boxes']!r} is not an integer") from None
+    if n < 0:
+        raise StageError(f"{where}: negative num_boxes {n}")
+    return n
+
+
+def _b64_width(r: dict[str, str], name: str, n: int, known: int | None, symbol: str, where: str) -> int:
+    """Width of column ``name`` as n x width float32, from its base64 length; it must equal ``known``."""
+    width, rem = divmod(_b64_len(r[name]), 4 * n)
+    if rem or (known is not None and width != known):
+        raise StageError(f"{where}: column '{name}' is not {n} x {known or symbol} float32")
+    return width
+
+
+def _cls_prob_names(names: list[str] | None, cls_width: int | None) -> list[str]:
+    """The class names of the store: ``names``, or class_1..class_C for unnamed cls_prob columns."""
     if cls_width is not None:
         if names is None:
             names = [f"class_{i}" for i in range(1, cls_width)]
         elif cls_width not in (len(names) + 1, len(names)):
             raise StageError(f"cls_prob has {cls_width} columns but classes has {len(names)} names "
                              f"(expected {len(names) + 1}: background + classes)")
-    names = names or []
-    k = int(k) if k else max(max_n, 1)
+    return names or []
 
-    # pass 2: decode and write
-    with RegionStoreWriter(Path(out_dir), len(seen), k, dim, names) as writer:
-        for p in paths:
-            for ln, r in _tsv_rows(p, fieldnames):
-                iid = _image_id(r["image_id"], f"{p}: line {ln}")
-                where = f"{p}: line {ln} (image_id {iid})"
-                try:
-                    w, h = float(r["image_w"]), float(r["image_h"])
-                except ValueError:
-                    raise StageError(f"{where}: image_w/image_h are not numbers") from None
-                if not (0 < w < float("inf") and 0 < h < float("inf")):  # NaN fails too
-                    raise StageError(f"{where}: image size {w}x{h} is not a positive number")
-                n = int(r["num_boxes"])
-                boxes = _decode(r["boxes"], n, "boxes", where, 4)  # (n, 4) pixels
-                feats = _decode(r["features"], n, "features", where, dim)  # (n, D)
-                conf = _decode(r["objects_conf"], n, "objects_conf", where, 1)[:, 0] if "objects_conf" in r \
-                    else np.ones(n, np.float32)
-                if cls_width is None:
-                    probs = np.zeros((n, len(names) + 1), np.float32)
-                else:
-                    probs = _decode(r["cls_prob"], n, "cls_prob", where, cls_width)  # (n, C+1) or (n, C)
-                    if cls_width == len(names):  # no background column: add an empty one
-                        probs = np.concatenate([np.zeros((n, 1), np.float32), probs], 1)
-                order = np.argsort(-conf, kind="stable")[:k] if n > k and "objects_conf" in r else np.arange(min(n, k))
-                b = np.clip(boxes[order] / np.array([w, h, w, h], np.float32), 0.0, 1.0)
-                area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-                geometry = np.concatenate([b, area[:, None], conf[order, None]], 1)  # (m, 6)
-                writer.add(iid, feats[order], geometry, probs[order])
-        writer.close()
-    return RegionStore(out_dir)
+
+def _region_rows(r: dict[str, str], where: str, scan: _TsvScan, n_classes: int,
+                 k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One TSV row -> the store rows of its image: features (m, D), geometry (m, 6), probs (m, C+1), m <= k."""
+    try:
+        w, h = float(r["image_w"]), float(r["image_h"])
+    except ValueError:
+        raise StageError(f"{where}: image_w/image_h are not numbers") from None
+    if not (0 < w < float("inf") and 0 < h < float("inf")):  # NaN fails too
+        raise StageError(f"{where}: image size {w}x{h} is not a positive number")
+    n = int(r["num_boxes"])
+    boxes = _decode(r["boxes"], n, "boxes", where, 4)  # (n, 4) pixels
+    feats = _decode(r["features"], n, "features", where, scan.dim)  # (n, D)
+    has_conf = "objects_conf" in r
+    conf = _decode(r["objects_conf"], n, "objects_conf", where, 1)[:, 0] if has_conf else np.ones(n, np.float32)
+    if scan.cls_width is None:
+        probs = np.zeros((n, n_classes + 1), np.float32)
+    else:
+        probs = _decode(r["cls_prob"], n, "cls_prob", where, scan.cls_width)  # (n, C+1) or (n, C)
+        if scan.cls_width == n_classes:  # no background column: add an empty one
+            probs = np.concatenate([np.zeros((n, 1), np.float32), probs], 1)
+    order = np.argsort(-conf, kind="stable")[:k] if n > k and has_conf else np.arange(min(n, k))
+    b = np.clip(boxes[order] / np.array([w, h, w, h], np.float32), 0.0, 1.0)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    geometry = np.concatenate([b, area[:, None], conf[order, None]], 1)  # (m, 6)
+    return feats[order], geometry, probs[order]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,24 +36,48 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None, bad_boxes: str = "drop"
     Objects listed in another object's ``merged_object_ids`` are skipped (their attributes go
     to the object they were merged into). Returns (images in image_data order, stats)."""
     vg_dir = Path(vg_dir)
+    stats = {"images": 0, "objects": 0, "dropped_degenerate": 0, "clipped": 0, "dropped_unnamed": 0,
+             "merged": 0, "with_attributes": 0}
+    sizes, paths = _read_image_data(vg_dir, image_dir)
+    per_image, alias = _read_objects(vg_dir / "objects.json", sizes, bad_boxes, stats)
+    attrs = _read_attributes(vg_dir / "attributes.json", alias)
+    images = [_vg_image(iid, paths[iid], sizes[iid], per_image.get(iid, []), attrs.get(iid, {})) for iid in sizes]
+    stats["objects"] = sum(len(im.names) for im in images)
+    stats["with_attributes"] = sum(1 for im in images for a in im.attributes if a)
+    stats["images"] = len(images)
+    return images, stats
+
+
+# one kept object: (object_id, box x1 y1 x2 y2 clipped to the image, normalised name)
+_Object = tuple[int, list[float], str]
+IMAGE_DATA = "image_data.json"
+
+
+def _read_records(path: Path, what: str) -> list:
+    """A VG json file, which must hold a list (of ``what``)."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise StageError(f"{path}: expected a list of {what}, got {type(data).__name__}")
+    return data
+
+
+def _record_id(rec, path: Path, i: int) -> tuple[int, str]:
+    """(image_id, "record i (image_id n)") of the i-th record of a VG file (``image_id`` or v1.0's ``id``)."""
+    where = f"record {i}"
+    iid = _int(_get_any(rec, ("image_id", "id"), path, where), "image_id", path, where)
+    return iid, f"record {i} (image_id {iid})"
+
+
+def _read_image_data(vg_dir: Path, image_dir: Path | None) -> tuple[dict[int, tuple[int, int]], dict[int, Path]]:
+    """``image_data.json`` -> ({image_id: (width, height)} in file order, {image_id: image file})."""
     explicit_dir = image_dir is not None
     image_dir = Path(image_dir) if explicit_dir else vg_dir / "images"
     subdirs = {d.name for d in vg_dir.iterdir() if d.is_dir()} if vg_dir.is_dir() and not explicit_dir else set()
-    stats = {"images": 0, "objects": 0, "dropped_degenerate": 0, "clipped": 0, "dropped_unnamed": 0,
-             "merged": 0, "with_attributes": 0}
-
-    # image_data.json
-    p_img = vg_dir / "image_data.json"
-    data = read_json(p_img)
-    if not isinstance(data, list):
-        raise StageError(f"{p_img}: expected a list of image records, got {type(data).__name__}")
-    order: list[int] = []
+    p_img = vg_dir / IMAGE_DATA
     sizes: dict[int, tuple[int, int]] = {}
     paths: dict[int, Path] = {}
-    for i, rec in enumerate(data):
-        where = f"record {i}"
-        iid = _int(_get_any(rec, ("image_id", "id"), p_img, where), "image_id", p_img, where)
-        where = f"record {i} (image_id {iid})"
+    for i, rec in enumerate(_read_records(p_img, "image records")):
+        iid, where = _record_id(rec, p_img, i)
         w = _int(_get(rec, "width", p_img, where), "width", p_img, where)
         h = _int(_get(rec, "height", p_img, where), "height", p_img, where)
         if w <= 0 or h <= 0:
@@ -61,110 +85,115 @@ def load_vg(vg_dir: Path, image_dir: Path | None = None, bad_boxes: str = "drop"
         if iid in sizes:
             raise StageError(f"{p_img}: {where}: duplicate image_id {iid}")
         sizes[iid] = (w, h)
-        order.append(iid)
         folder = str(rec.get("url") or "").rstrip("/").split("/")[-2:-1]
         paths[iid] = (vg_dir / folder[0] if folder and folder[0] in subdirs else image_dir) / f"{iid}.jpg"
+    return sizes, paths
 
-    # objects.json
-    p_obj = vg_dir / "objects.json"
-    objs = read_json(p_obj)
-    if not isinstance(objs, list):
-        raise StageError(f"{p_obj}: expected a list of per-image records, got {type(objs).__name__}")
-    per_image: dict[int, list[tuple[int, list[float], str]]] = {}
-    alias: dict[int, int] = {}  # object id (incl. merged ids) -> kept object id
-    for i, rec in enumerate(objs):
-        where = f"record {i}"
-        iid = _int(_get_any(rec, ("image_id", "id"), p_obj, where), "image_id", p_obj, where)
-        where = f"record {i} (image_id {iid})"
+
+def _read_objects(p_obj: Path, sizes: dict[int, tuple[int, int]], bad_boxes: str,
+                  stats: dict) -> tuple[dict[int, list[_Object]], dict[int, int]]:
+    """``objects.json`` -> ({image_id: kept objects}, {object id, merged ids included: kept object id})."""
+    per_image: dict[int, list[_Object]] = {}
+    alias: dict[int, int] = {}
+    for i, rec in enumerate(_read_records(p_obj, "per-image records")):
+        iid, where = _record_id(rec, p_obj, i)
         if iid not in sizes:
-            raise StageError(f"{p_obj}: {where}: image_id {iid} is not in {p_img.name}")
+            raise StageError(f"{p_obj}: {where}: image_id {iid} is not in {IMAGE_DATA}")
         if iid in per_image:
             raise StageError(f"{p_obj}: {where}: duplicate image_id {iid}")
-        w, h = sizes[iid]
         olist = _list(_get(rec, "objects", p_obj, where), "objects", p_obj, where)
-        merged_away: set[int] = set()
-        for j, o in enumerate(olist):
-            if isinstance(o, dict):
-                merged_away.update(_merged_ids(o, p_obj, f"record {i} (image_id {iid}) object {j}"))
-        kept: list[tuple[int, list[float], str]] = []
-        for j, o in enumerate(olist):
-            ow = f"record {i} (image_id {iid}) object {j}"
-            oid = _int(_get_any(o, ("object_id", "id"), p_obj, ow), "object_id", p_obj, ow)
-            ow = f"record {i} (image_id {iid}) object {j} (object_id {oid})"
-            if oid in merged_away:
-                stats["merged"] += 1
-                continue
-            x = _num(_get(o, "x", p_obj, ow), "x", p_obj, ow)
-            y = _num(_get(o, "y", p_obj, ow), "y", p_obj, ow)
-            bw = _num(_get(o, "w", p_obj, ow), "w", p_obj, ow)
-            bh = _num(_get(o, "h", p_obj, ow), "h", p_obj, ow)
-            if "names" in o:
-                names = _list(o["names"], "names", p_obj, ow)
-                name = normalize_name(names[0]) if names else ""
-            elif "name" in o:
-                name = normalize_name(o["name"])
-            else:
-                raise StageError(f"{p_obj}: {ow}: missing key 'names' (or 'name')")
-            if not name:
-                stats["dropped_unnamed"] += 1
-                continue
-            box = [x, y, x + bw, y + bh]
-            cb = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
-                  min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
-            if cb[2] <= cb[0] or cb[3] <= cb[1]:
-                if bad_boxes == "error":
-                    raise StageError(
-                        f"{p_obj}: {ow}: box x={x:g} y={y:g} w={bw:g} h={bh:g} has no area inside its {w}x{h} image "
-                        f"(set bad_boxes: drop in the stage's config to skip such boxes)")
-                stats["dropped_degenerate"] += 1
-                continue
-            if cb != box:
-                stats["clipped"] += 1
-            kept.append((oid, cb, name))
-            alias[oid] = oid
-            for m in _merged_ids(o, p_obj, ow):
-                alias[m] = oid
-        per_image[iid] = kept
+        per_image[iid] = _image_objects(olist, p_obj, where, sizes[iid], bad_boxes, stats, alias)
+    return per_image, alias
 
-    # attributes.json (optional)
+
+def _image_objects(olist: list, p_obj: Path, where: str, size: tuple[int, int], bad_boxes: str,
+                   stats: dict, alias: dict[int, int]) -> list[_Object]:
+    """The kept objects of one image; objects merged into another are skipped, their ids go to ``alias``."""
+    merged_away = {m for j, o in enumerate(olist) if isinstance(o, dict)
+                   for m in _merged_ids(o, p_obj, f"{where} object {j}")}
+    kept: list[_Object] = []
+    for j, o in enumerate(olist):
+        ow = f"{where} object {j}"
+        oid = _int(_get_any(o, ("object_id", "id"), p_obj, ow), "object_id", p_obj, ow)
+        ow = f"{where} object {j} (object_id {oid})"
+        if oid in merged_away:
+            stats["merged"] += 1
+            continue
+        box_name = _object_box_name(o, p_obj, ow, size, bad_boxes, stats)
+        if box_name is None:
+            continue
+        kept.append((oid, *box_name))
+        alias[oid] = oid
+        for m in _merged_ids(o, p_obj, ow):
+            alias[m] = oid
+    return kept
+
+
+def _object_box_name(o: dict, p_obj: Path, ow: str, size: tuple[int, int], bad_boxes: str,
+                     stats: dict) -> tuple[list[float], str] | None:
+    """(box clipped to the image, name) of one object; None (counted in ``stats``) when it is dropped."""
+    x = _num(_get(o, "x", p_obj, ow), "x", p_obj, ow)
+    y = _num(_get(o, "y", p_obj, ow), "y", p_obj, ow)
+    bw = _num(_get(o, "w", p_obj, ow), "w", p_obj, ow)
+    bh = _num(_get(o, "h", p_obj, ow), "h", p_obj, ow)
+    name = _object_name(o, p_obj, ow)
+    if not name:
+        stats["dropped_unnamed"] += 1
+        return None
+    w, h = size
+    box = [x, y, x + bw, y + bh]
+    cb = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
+          min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+    if cb[2] <= cb[0] or cb[3] <= cb[1]:
+        if bad_boxes == "error":
+            raise StageError(
+                f"{p_obj}: {ow}: box x={x:g} y={y:g} w={bw:g} h={bh:g} has no area inside its {w}x{h} image "
+                f"(set bad_boxes: drop in the stage's config to skip such boxes)")
+        stats["dropped_degenerate"] += 1
+        return None
+    if cb != box:
+        stats["clipped"] += 1
+    return cb, name
+
+
+def _object_name(o: dict, p_obj: Path, ow: str) -> str:
+    """The normalised name of an object: the first of ``names`` (v1.2+) or ``name`` (v1.0); "" if none."""
+    if "names" in o:
+        names = _list(o["names"], "names", p_obj, ow)
+        return normalize_name(names[0]) if names else ""
+    if "name" in o:
+        return normalize_name(o["name"])
+    raise StageError(f"{p_obj}: {ow}: missing key 'names' (or 'name')")
+
+
+def _read_attributes(p_att: Path, alias: dict[int, int]) -> dict[int, dict[int, list[str]]]:
+    """Optional ``attributes.json`` -> {image_id: {kept object id: normalised attributes}}; {} without the file."""
     attrs: dict[int, dict[int, list[str]]] = {}
-    p_att = vg_dir / "attributes.json"
-    if p_att.is_file():
-        arecs = read_json(p_att)
-        if not isinstance(arecs, list):
-            raise StageError(f"{p_att}: expected a list of per-image records, got {type(arecs).__name__}")
-        for i, rec in enumerate(arecs):
-            where = f"record {i}"
-            iid = _int(_get_any(rec, ("image_id", "id"), p_att, where), "image_id", p_att, where)
-            where = f"record {i} (image_id {iid})"
-            alist = rec.get("attributes") or []
-            _list(alist, "attributes", p_att, where)
-            d = attrs.setdefault(iid, {})
-            for j, a in enumerate(alist):
-                aw = f"record {i} (image_id {iid}) attribute entry {j}"
-                oid = _int(_get_any(a, ("object_id", "id"), p_att, aw), "object_id", p_att, aw)
-                vals = a.get("attributes") or []
-                _list(vals, "attributes", p_att, aw)
-                target = alias.get(oid, oid)
-                lst = d.setdefault(target, [])
-                for v in vals:
-                    nv = normalize_name(v)
-                    if nv and nv not in lst:
-                        lst.append(nv)
+    if not p_att.is_file():
+        return attrs
+    for i, rec in enumerate(_read_records(p_att, "per-image records")):
+        iid, where = _record_id(rec, p_att, i)
+        alist = rec.get("attributes") or []
+        _list(alist, "attributes", p_att, where)
+        d = attrs.setdefault(iid, {})
+        for j, a in enumerate(alist):
+            aw = f"{where} attribute entry {j}"
+            oid = _int(_get_any(a, ("object_id", "id"), p_att, aw), "object_id", p_att, aw)
+            vals = a.get("attributes") or []
+            _list(vals, "attributes", p_att, aw)
+            lst = d.setdefault(alias.get(oid, oid), [])
+            for v in vals:
+                nv = normalize_name(v)
+                if nv and nv not in lst:
+                    lst.append(nv)
+    return attrs
 
-    images: list[VGImage] = []
-    for iid in order:
-        w, h = sizes[iid]
-        kept = per_image.get(iid, [])
-        ad = attrs.get(iid, {})
-        boxes = np.asarray([b for _, b, _ in kept], dtype=np.float32).reshape(-1, 4)
-        att = [list(ad.get(oid, [])) for oid, _, _ in kept]
-        stats["objects"] += len(kept)
-        stats["with_attributes"] += sum(1 for a in att if a)
-        images.append(VGImage(image_id=iid, path=paths[iid], width=w, height=h, boxes=boxes,
-                              names=[n for _, _, n in kept], attributes=att))
-    stats["images"] = len(images)
-    return images, stats
+
+def _vg_image(iid: int, path: Path, size: tuple[int, int], kept: list[_Object],
+              attrs: dict[int, list[str]]) -> VGImage:
+    boxes = np.asarray([b for _, b, _ in kept], dtype=np.float32).reshape(-1, 4)
+    return VGImage(image_id=iid, path=path, width=size[0], height=size[1], boxes=boxes,
+                   names=[n for _, _, n in kept], attributes=[list(attrs.get(oid, [])) for oid, _, _ in kept])
 
 
 def build_vocab(name_lists: Iterable[Iterable[str]], k: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Caption decoding with a VLP model (VLP's: append [MASK] at position t under the seq2seq mask, predict it): batched greedy and beam search."""
+"""Caption decoding with a VLP model (VLP's: append [MASK] at position t under the seq2seq mask, predict it):
+batched greedy and beam search."""
 from __future__ import annotations
 
 import torch

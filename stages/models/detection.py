@@ -1,4 +1,5 @@
-"""Faster R-CNN over a classification backbone (FPN for ResNets, one stride-16 map for VGG16/AlexNet), with an optional attribute head (bottom-up attention)."""
+"""Faster R-CNN over a classification backbone (FPN for ResNets, one stride-16 map for VGG16/AlexNet), with
+an optional attribute head (bottom-up attention), and its transfer blocks."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ from stages.config.detector import (
 from stages.contract import StageError
 from stages.models.resnet import build_classifier
 from stages.train.checkpoint import load_into, load_weights, save_weights
+from stages.train.transfer import TransferBlocks
 
 
 def _freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -145,32 +147,9 @@ def build_detector(cfg: ModelConfig, body: nn.Module, num_classes: int, pretrain
     if not 0 <= cfg.trainable_layers <= 5:
         raise StageError(f"model.trainable_layers={cfg.trainable_layers} must be in 0..5")
     if arch in SINGLE_MAP_ARCHS:
-        if not isinstance(getattr(body, "features", None), nn.Sequential):
-            raise StageError(f"backbone arch {arch!r} needs a classifier with conv `features`; got {type(body).__name__}")
-        backbone = SingleMapBackbone(body.features, arch)
-        for i, stage in enumerate(backbone.body):
-            stage.requires_grad_(i >= 5 - cfg.trainable_layers)
-        anchors = AnchorGenerator(sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.aspect_ratios),))
-        roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
-        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
+        backbone, anchors, roi_pool, box_head = _single_map_parts(cfg, body, arch)
     else:
-        if not hasattr(body, "layer4"):
-            raise StageError(f"the detector's FPN needs a ResNet-family backbone (conv1, bn1, layer1..4) or one of "
-                             f"{', '.join(SINGLE_MAP_ARCHS)}; got {type(body).__name__} (arch {arch!r})")
-        check_anchors(cfg, arch if arch in RESNET_ARCHS else "narrow_resnet")
-        if pretrained:
-            _freeze_batchnorm(body)
-        train_prefixes = TRAINABLE_ORDER[:cfg.trainable_layers] + (("bn1",) if cfg.trainable_layers == 5 else ())
-        for name, p in body.named_parameters():
-            p.requires_grad_(name.startswith(train_prefixes))
-        return_layers = {f"layer{k}": str(i) for i, k in enumerate(cfg.returned_layers)}
-        in_channels = [_stage_channels(body, k) for k in cfg.returned_layers]
-        backbone = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels)  # + LastLevelMaxPool ("pool")
-        levels = len(cfg.returned_layers) + 1
-        anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),
-                                  aspect_ratios=(tuple(cfg.aspect_ratios),) * levels)
-        roi_pool = MultiScaleRoIAlign(featmap_names=list(return_layers.values()), output_size=7, sampling_ratio=2)
-        box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)
+        backbone, anchors, roi_pool, box_head = _fpn_parts(cfg, body, arch, pretrained)
     predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
     n_pre, n_post = cfg.rpn_pre_nms_top_n, cfg.rpn_post_nms_top_n
     model = FasterRCNN(backbone, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
@@ -195,25 +174,62 @@ def build_detector(cfg: ModelConfig, body: nn.Module, num_classes: int, pretrain
     return model
 
 
-def transfer_blocks(model: FasterRCNN) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """Backbone body stem, layer1..layer4 (VGG16 / AlexNet: its 5 stages) as blocks (only their
-    trainable_layers-unfrozen tensors, so a transfer plan never unfreezes what trainable_layers froze);
-    FPN + RPN + RoI heads (incl. the attribute head) as the head."""
+def _single_map_parts(cfg: ModelConfig, body: nn.Module, arch: str) -> tuple:
+    """VGG16 / AlexNet classifier -> (SingleMapBackbone with its first 5 - trainable_layers stages frozen,
+    one-level anchors, RoI pool on map "0", box head)."""
+    if not isinstance(getattr(body, "features", None), nn.Sequential):
+        raise StageError(f"backbone arch {arch!r} needs a classifier with conv `features`; got {type(body).__name__}")
+    backbone = SingleMapBackbone(body.features, arch)
+    for i, stage in enumerate(backbone.body):
+        stage.requires_grad_(i >= 5 - cfg.trainable_layers)
+    anchors = AnchorGenerator(sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.aspect_ratios),))
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    return backbone, anchors, roi_pool, TwoMLPHead(backbone.out_channels * 7 * 7, cfg.representation_size)
+
+
+def _fpn_parts(cfg: ModelConfig, body: nn.Module, arch: str, pretrained: bool) -> tuple:
+    """ResNet-family classifier -> (BackboneWithFPN over ``cfg.returned_layers``, trainable_layers applied,
+    FrozenBatchNorm2d when ``pretrained``; one anchor size per level; RoI pool over the levels; box head)."""
+    if not hasattr(body, "layer4"):
+        raise StageError(f"the detector's FPN needs a ResNet-family backbone (conv1, bn1, layer1..4) or one of "
+                         f"{', '.join(SINGLE_MAP_ARCHS)}; got {type(body).__name__} (arch {arch!r})")
+    check_anchors(cfg, arch if arch in RESNET_ARCHS else "narrow_resnet")
+    if pretrained:
+        _freeze_batchnorm(body)
+    train_prefixes = TRAINABLE_ORDER[:cfg.trainable_layers] + (("bn1",) if cfg.trainable_layers == 5 else ())
+    for name, p in body.named_parameters():
+        p.requires_grad_(name.startswith(train_prefixes))
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(cfg.returned_layers)}
+    in_channels = [_stage_channels(body, k) for k in cfg.returned_layers]
+    backbone = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels)  # + LastLevelMaxPool ("pool")
+    levels = len(cfg.returned_layers) + 1
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in cfg.anchor_sizes),
+                              aspect_ratios=(tuple(cfg.aspect_ratios),) * levels)
+    roi_pool = MultiScaleRoIAlign(featmap_names=list(return_layers.values()), output_size=7, sampling_ratio=2)
+    return backbone, anchors, roi_pool, TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size)
+
+
+def transfer_blocks(model: FasterRCNN) -> TransferBlocks:
+    """A detector from :func:`build_detector` -> blocks: the backbone body's stem, layer1..layer4 (VGG16 /
+    AlexNet: its 5 stages), each only its ``trainable_layers``-unfrozen tensors, so a transfer plan never
+    unfreezes what trainable_layers froze. Head: FPN (ResNets) + RPN + RoI heads (incl. the attribute head)."""
     body = model.backbone.body  # IntermediateLayerGetter: layers past the last returned one are gone
 
     def live(*modules: nn.Module) -> list[nn.Parameter]:
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+    head = [*model.rpn.parameters(), *model.roi_heads.parameters()]
     if isinstance(model.backbone, SingleMapBackbone):
-        return [live(stage) for stage in body], [*model.rpn.parameters(), *model.roi_heads.parameters()]
+        return TransferBlocks([live(stage) for stage in body], head)
     blocks = [live(body.conv1, body.bn1)]
     blocks += [live(getattr(body, f"layer{i}")) if hasattr(body, f"layer{i}") else [] for i in range(1, 5)]
-    head = [*model.backbone.fpn.parameters(), *model.rpn.parameters(), *model.roi_heads.parameters()]
-    return blocks, head
+    return TransferBlocks(blocks, [*model.backbone.fpn.parameters(), *head])
 
 
 def save_model(model: FasterRCNN, cfg: ModelConfig, backbone: BackboneConfig, pretrained: bool, classes: list[str],
                out: Path, attributes: list[str] | None = None) -> None:
+    """``out/model.safetensors`` + ``out/config.json`` (detector and backbone configs, whether the body's
+    BatchNorm is frozen, class names 1..C, attribute names): what :func:`load_model` rebuilds from."""
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(), "backbone": backbone.model_dump(),

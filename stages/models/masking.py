@@ -1,4 +1,5 @@
-"""Masked-LM masking (BERT's 80/10/10) from a generator keyed by (seed, step): the masks of step k do not depend on what ran before."""
+"""Masked-LM masking (BERT's 80/10/10) from a generator keyed by (seed, step): the masks of step k do not
+depend on what ran before."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,8 @@ def mask_tokens(ids: torch.Tensor, candidates: torch.Tensor, mask_prob: float, m
     r = torch.rand(B, L, generator=gen)
     if word_start is not None:
         pos = torch.arange(L).expand(B, L)
-        start = torch.cummax(torch.where(word_start.cpu(), pos, 0), dim=1).values  # (B, L) index of the word's first piece
+        # (B, L) index of the word's first piece
+        start = torch.cummax(torch.where(word_start.cpu(), pos, 0), dim=1).values
         r = r.gather(1, start)
     r = r.masked_fill(~cand, 2.0)
     chosen = r < mask_prob

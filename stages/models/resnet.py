@@ -1,6 +1,8 @@
-"""Classification backbones: torchvision's ResNets / VGG / AlexNet and a narrow ResNet for CPU, with their transfer blocks."""
+"""Classification backbones: torchvision's ResNets / VGG / AlexNet and a narrow ResNet for CPU; their saved
+format, their init weights and their transfer blocks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,7 +12,8 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from stages.config.cnn import ModelConfig
 from stages.contract import StageError
-from stages.train.checkpoint import load_into, load_weights
+from stages.train.checkpoint import load_into, load_weights, save_weights
+from stages.train.transfer import TransferBlocks
 
 
 class NarrowResNet(ResNet):
@@ -52,8 +55,31 @@ def build_classifier(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return getattr(torchvision.models, cfg.arch)(num_classes=num_classes)
 
 
-def head_prefix(arch: str) -> str:
-    return "classifier." if arch in ("alexnet", "vgg16") else "fc."
+def save_classifier(model: nn.Module, cfg: ModelConfig, classes: list[str], out: Path) -> None:
+    """``out/model.safetensors`` + ``out/config.json`` ({"model": cfg, "classes": class names}): the cnn
+    stage's ``model`` output, read back by :func:`load_classifier`."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"model": cfg.model_dump(), "classes": classes}, indent=2))
+
+
+def load_classifier(model_dir: Path, field: str) -> tuple[nn.Module, ModelConfig]:
+    """A directory written by :func:`save_classifier` -> (the classifier with its weights, its ModelConfig).
+    ``field`` (e.g. ``backbone_from='cnn'``) is the config key that pointed here, for the error."""
+    meta_file = model_dir / "config.json"
+    if not meta_file.is_file():
+        raise StageError(f"{field}: {meta_file} not found")
+    meta = json.loads(meta_file.read_text())
+    cfg = ModelConfig(**meta["model"])
+    model = build_classifier(cfg, len(meta["classes"]))
+    load_into(model, load_weights(model_dir / "model.safetensors"), str(model_dir / "model.safetensors"))
+    return model, cfg
+
+
+def head_name(model: nn.Module) -> str:
+    """The class head's attribute: ``fc`` (ResNet family) or ``classifier`` (VGG16 / AlexNet). The one rule
+    for what :func:`init_weights` re-initialises and what :func:`transfer_blocks` calls the head."""
+    return "fc" if hasattr(model, "layer1") else "classifier"
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
@@ -62,22 +88,26 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         return
     path = Path(cfg.init)
     if path.exists():
-        state = load_weights(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_weights(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
         source = str(path)
     else:
         try:
             weights = torchvision.models.get_weight(cfg.init)
         except (ValueError, KeyError) as e:
-            raise StageError(f"model.init={cfg.init!r} is neither an existing file nor a torchvision weights name") from e
+            raise StageError(f"model.init={cfg.init!r} is neither an existing file nor a torchvision weights "
+                             "name") from e
         state, source = weights.get_state_dict(progress=False), cfg.init
-    head = head_prefix(cfg.arch)
-    load_into(model, state, source, strict=True, ignore=(head,))
+    load_into(model, state, source, strict=True, ignore=(head_name(model) + ".",))
 
 
-def transfer_blocks(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """ResNets: stem, layer1..layer4 as blocks; fc as the head."""
+def transfer_blocks(model: nn.Module) -> TransferBlocks:
+    """A classifier from :func:`build_classifier` -> blocks: ResNets stem (conv1 + bn1), layer1..layer4;
+    VGG16 / AlexNet their conv ``features`` as one block. Head: the class head (:func:`head_name`)."""
+    head = list(getattr(model, head_name(model)).parameters())
     if hasattr(model, "layer1"):
         stem = [*model.conv1.parameters(), *model.bn1.parameters()]
-        blocks = [stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)]
-        return blocks, list(model.fc.parameters())
-    return [list(model.features.parameters())], list(model.classifier.parameters())
+        return TransferBlocks([stem] + [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)], head)
+    return TransferBlocks([list(model.features.parameters())], head)

@@ -1,4 +1,5 @@
-"""The unified VLP transformer (Zhou et al. 2020): BERT over [CLS] regions [SEP] text [SEP] under bidirectional or seq2seq masks, and how a vl/caption/vqa stage builds it from its init stage."""
+"""The unified VLP transformer (Zhou et al. 2020): BERT over [CLS] regions [SEP] text [SEP] under bidirectional
+or seq2seq masks; how a vl/caption/vqa stage builds it from its init stage, and its transfer blocks."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ from stages.contract import StageContext, StageError
 from stages.data.regions import GEOMETRY_DIM, RegionStore
 from stages.data.text import load_tokenizer
 from stages.models.bert import build_bert_config
+from stages.models.bert import transfer_blocks as bert_transfer_blocks
 from stages.train.checkpoint import load_into, load_weights, save_weights
+from stages.train.transfer import TransferBlocks
 
 VL_FORMAT = 1
 
@@ -126,6 +129,7 @@ class VLP(nn.Module):
 
 
 def special_of(tok) -> dict[str, int]:
+    """A tokenizer -> the ids of its special tokens by role (cls, sep, pad, mask, unk)."""
     return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "pad": tok.pad_token_id, "mask": tok.mask_token_id,
             "unk": tok.unk_token_id}
 
@@ -164,9 +168,16 @@ def load_vl(model_dir: Path) -> VLP:
 
 @dataclass
 class Built:
+    """What :func:`build_model` returns: the model, its tokenizer and where its weights came from."""
+
     model: VLP
     tokenizer: object
     origin: Literal["scratch", "bert", "vl"]  # where the weights came from
+
+    @property
+    def visual_pretrained(self) -> bool:
+        """The visual embedding came with the weights (init from a vl/caption stage)."""
+        return self.origin == "vl"
 
 
 def build_model(ctx: StageContext, init: str | None, tokenizer_from: str | None, sizes: BertSizes,
@@ -206,21 +217,6 @@ def check_length(model: VLP, k: int, max_text: int, field: str) -> None:
                          f"max_position={have}: lower {field} or use a model with more positions")
 
 
-def transfer_blocks(model: VLP, visual_in_backbone: bool) -> list[list[nn.Parameter]]:
-    """Backbone blocks for stages.train.transfer: [embeddings (+ visual embedding), layer 0, layer 1, ...].
-    The visual embedding belongs to the backbone once it is pretrained (caption/vqa after vl)."""
-    emb = list(model.mlm.bert.embeddings.parameters())
-    if visual_in_backbone:
-        emb += list(model.visual.parameters())
-    return [emb] + [list(layer.parameters()) for layer in model.mlm.bert.encoder.layer]
-
-
-def mlm_head_params(model: VLP) -> list[nn.Parameter]:
-    """The MLM head minus its decoder weight, which is tied to the word embeddings (block 0)."""
-    tied = model.mlm.bert.embeddings.word_embeddings.weight
-    return [p for p in model.mlm.cls.parameters() if p is not tied]
-
-
 class VQAModel(nn.Module):
     """VLP encoder + answer classifier on the final [CLS] state: (B, A) logits."""
 
@@ -233,3 +229,24 @@ class VQAModel(nn.Module):
     def forward(self, text: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
         bi = torch.zeros(len(text), dtype=torch.bool, device=text.device)
         return self.head(self.vlp(text, regions, bi)[:, 0])
+
+
+def transfer_blocks(model: VLP | VQAModel, visual_pretrained: bool, train_itm: bool = False) -> TransferBlocks:
+    """A VLP model (vl, caption) or a :class:`VQAModel` -> its BERT's blocks and head
+    (:func:`stages.models.bert.transfer_blocks`), with these rules of the VLP family:
+
+    - the visual embedding is part of block 0 once it is pretrained (``visual_pretrained``: the init was
+      a vl/caption stage), else it is new and trains with the head;
+    - the head is the task's own: for a VQAModel its answer MLP (the MLM head is left out), else the MLM
+      head; then the new visual embedding; then, with ``train_itm`` (the vl stage), the ITM head if the
+      model has one. Parameters in neither (caption's inherited ITM head, VQA's MLM head) are in no
+      optimizer group: they are never updated."""
+    vlp = model.vlp if isinstance(model, VQAModel) else model
+    bert = bert_transfer_blocks(vlp.mlm)
+    visual = list(vlp.visual.parameters())
+    blocks = [bert.blocks[0] + visual, *bert.blocks[1:]] if visual_pretrained else bert.blocks
+    head = list(model.head.parameters()) if isinstance(model, VQAModel) else bert.head
+    head = head + ([] if visual_pretrained else visual)
+    if train_itm and vlp.itm is not None:
+        head += list(vlp.itm.parameters())
+    return TransferBlocks(blocks, head)

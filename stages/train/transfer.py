@@ -1,10 +1,15 @@
 """Transfer-learning strategies shared by every fine-tuning stage.
 
-A model that can be fine-tuned exposes ``transfer_blocks() -> (blocks, head)``: ``blocks`` is the
-backbone as an ordered list of parameter lists (input side first: embeddings, stage 1, ...), ``head``
-the new task head's parameters. The strategy turns that into optimizer param groups (each with its
-LR multiplier) and a per-step plan (which blocks train at step s, and each group's LR factor), so a
-resumed run reproduces the same phases from the step number alone.
+Every model family in ``stages.models`` exposes ``transfer_blocks(model, ...) -> TransferBlocks``
+(resnet, detection, bert, vlp): ``blocks`` is the backbone as an ordered list of parameter lists (input
+side first: embeddings, stage 1, ...), ``head`` the task head's parameters, which train in every phase.
+That function is the one place that says which parameters form the head of its family; a stage recipe
+calls it and passes ``blocks=``/``head=`` to ``fit``. The order of blocks and of the parameters within
+each is part of the checkpoint format (optimizer state is matched by position).
+
+The strategy turns that into optimizer param groups (each with its LR multiplier) and a per-step plan
+(which blocks train at step s, and each group's LR factor), so a resumed run reproduces the same phases
+from the step number alone.
 
   finetune      everything trains; backbone LR x backbone_lr_mult; optional layer_decay
   linear_probe  only the head trains
@@ -14,10 +19,18 @@ resumed run reproduces the same phases from the step number alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from stages.config.train import Transfer
+
+
+class TransferBlocks(NamedTuple):
+    """What a model family's ``transfer_blocks`` returns (unpacks as ``blocks, head``)."""
+
+    blocks: list[list[torch.nn.Parameter]]  # backbone, input side first
+    head: list[torch.nn.Parameter]  # trains in every phase of every strategy
 
 
 def _no_decay(p: torch.nn.Parameter) -> bool:

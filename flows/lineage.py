@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.store import StageDir, stage_paths
+from flows.store import StageDir, describe_state, stage_paths
 from stages.fsio import is_temp_name
 from stages.recipe import Recipe, RecipeError
 
@@ -43,12 +43,18 @@ class Node:
     kind: str
     fingerprint: str
     path: Path
-    state: str  # complete | partial at step k | started, no checkpoint | not started | missing
+    state: str  # complete | partial | started | not started (StageDir.state) | missing (the dir is gone)
+    step: int | None  # the newest checkpoint's (partial) or the result's (complete)
     upstream: dict[str, str]  # {stage: fingerprint}
     run_id: str | None = None
     model_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     mlflow: RunInfo | None = None
+
+    @property
+    def described(self) -> str:
+        """The state in words: complete / partial at step k / started, no checkpoint / not started / missing."""
+        return describe_state(self.state, self.step)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"path": str(self.path)}
@@ -81,11 +87,11 @@ def read_node(path: Path) -> Node:
     inputs = cfg.get("fingerprint_inputs", {})
     stage, fp = cfg.get("stage", path.parent.name), cfg.get("fingerprint", path.name)
     sd = StageDir(path.parents[2], stage, fp)
-    state = sd.status() if path.is_dir() else "missing"
+    state, step = sd.state() if path.is_dir() else ("missing", None)
     res = _read_json(path / "result.json") or {}
     run = _read_json(path / "run.json") or {}
     return Node(stage=stage, kind=inputs.get("kind", cfg.get("resolved", {}).get("kind", "?")), fingerprint=fp,
-                path=path, state=state, upstream=dict(inputs.get("upstream", {})),
+                path=path, state=state, step=step, upstream=dict(inputs.get("upstream", {})),
                 run_id=run.get("mlflow_run_id") or res.get("info", {}).get("mlflow_run_id"),
                 model_id=res.get("info", {}).get("mlflow_model_id"), metrics=res.get("metrics", {}))
 
@@ -230,7 +236,7 @@ def render_tree(dag: Dag) -> str:
     for name, n in dag.nodes.items():
         label = ("  " * (depth[name] - 1) + "└ " if depth[name] else "") + name
         needs = f"  <- {', '.join(n.upstream)}" if n.upstream else ""
-        lines.append(f"  {label:<{width}}{n.kind:<{kw}}{n.fingerprint[:12]}  {n.state}{needs}")
+        lines.append(f"  {label:<{width}}{n.kind:<{kw}}{n.fingerprint[:12]}  {n.described}{needs}")
     return "\n".join(lines)
 
 
@@ -240,7 +246,7 @@ def render_dot(dag: Dag) -> str:
     lines = [f'digraph "{dag.recipe}" {{', "  rankdir=LR;", "  node [shape=box, style=filled];"]
     for name, n in dag.nodes.items():
         fill = colour.get(n.state, "khaki")
-        lines.append(f'  "{name}" [label="{name} ({n.kind})\\n{n.fingerprint[:12]}\\n{n.state}", fillcolor={fill}];')
+        lines.append(f'  "{name}" [label="{name} ({n.kind})\\n{n.fingerprint[:12]}\\n{n.described}", fillcolor={fill}];')
     lines += [f'  "{u}" -> "{d}";' for u, d in dag.edges()]
     return "\n".join(lines + ["}"])
 
@@ -258,7 +264,7 @@ def render_chain(chain: list[Node]) -> str:
             run += f" ({n.mlflow.status})"
         model = (n.model_id or "-") + (f" ({n.mlflow.model_status})" if n.mlflow and n.mlflow.model_status else "")
         needs = ", ".join(f"{s}@{fp[:12]}" for s, fp in n.upstream.items()) or "-"
-        lines += [f"  {n.stage} ({n.kind})  {n.fingerprint[:12]}  {n.state}",
+        lines += [f"  {n.stage} ({n.kind})  {n.fingerprint[:12]}  {n.described}",
                   f"      needs {needs}", f"      run {run}   model {model}",
                   f"      dir {n.path}"] + ([f"      metrics {_fmt_metrics(n.metrics)}"] if n.metrics else [])
     return "\n".join(lines)

@@ -88,8 +88,6 @@ class StageDir:
         return removed
 
     def checkpoint_steps(self) -> list[int]:
-        if not (self.path / "checkpoints").is_dir():  # most dirs: no need to import torch to say so
-            return []
         from stages.train.checkpoint import CheckpointManager  # imports torch: not at the top of the flow's process
 
         return CheckpointManager(self.path / "checkpoints").steps()

@@ -19,8 +19,10 @@ def test_dag_states_follow_the_store(tmp_path, micro):
     dag = plan_dag(micro, tmp_path)
     assert list(dag.nodes) == list(micro.stages)
     states = {n: node.state for n, node in dag.nodes.items()}
-    assert states == {"world": "complete", "bert": "complete", "cnn": "partial at step 10", "detector": "not started",
+    assert states == {"world": "complete", "bert": "complete", "cnn": "partial", "detector": "not started",
                       "vl": "not started", "caption": "not started", "vqa": "not started"}
+    assert dag.nodes["cnn"].step == 10 and dag.nodes["cnn"].described == "partial at step 10"
+    assert "partial at step 10" in render_tree(dag)
     assert set(dag.nodes["vl"].upstream) == {"world", "detector", "bert"}
     assert ("detector", "vqa") in dag.edges() and ("world", "cnn") in dag.edges()
     assert dag.nodes["world"].run_id == "run-world" and dag.nodes["bert"].model_id == "m-bert"

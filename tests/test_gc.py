@@ -169,3 +169,19 @@ def test_a_run_waiting_for_the_lock_of_a_removed_dir_locks_the_new_dir(tmp_path)
     assert got.is_set() and not t.is_alive()
     # the run's lock is the one at the stage dir's path, so gc (or another run) sees it taken
     assert (sd.path / ".lock").exists() and not (gone / ".lock").read_text()
+
+
+def test_cli_gc_dry_run_then_gc(tmp_path, micro, capsys):
+    import json
+
+    from flows.cli import main
+
+    old = fake_stage(tmp_path, "world", "a" * 64, {}, age_days=30)
+    kept = fake_recipe_store(tmp_path, micro, ["world"], age_days=30)["world"]
+    art = ["--artifacts", str(tmp_path)]
+    assert main(["gc", str(micro.path), "--dry-run", *art, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [i["path"] for i in doc["items"]] == [str(old.path)] and doc["bytes"] == du(old.path)
+    assert main(["gc", str(micro.path), *art]) == 0
+    out = capsys.readouterr().out
+    assert f"freed {doc['bytes']} B" in out and not old.path.exists() and kept.result() is not None

@@ -89,3 +89,20 @@ def test_scan_skips_temp_names_of_interrupted_removals(tmp_path):
     sd.path.rename(sd.path.with_name(f".{sd.path.name}.old-123"))
     fake_stage(tmp_path, "a", "c" * 64, {})
     assert [n.fingerprint for n in scan_store(tmp_path)] == ["c" * 64]
+
+
+def test_cli_dag_and_lineage_render_the_same_nodes(tmp_path, micro, capsys):
+    from flows.cli import main
+
+    fake_recipe_store(tmp_path, micro, ["world", "cnn", "detector", "bert", "vl"])
+    art = ["--artifacts", str(tmp_path)]
+    assert main(["dag", str(micro.path), *art, "--json"]) == 0
+    dag = {n["stage"]: n for n in json.loads(capsys.readouterr().out)["nodes"]}
+    assert main(["lineage", "m-vl", *art, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["of"]["stage"] == "vl" and all(n == dag[n["stage"]] for n in doc["chain"])
+    assert main(["dag", str(micro.path), *art, "--dot"]) == 0 and '"bert" -> "vl";' in capsys.readouterr().out
+    assert main(["lineage", "vl", "--config", str(micro.path), *art]) == 0
+    assert "lineage of vl" in capsys.readouterr().out
+    assert main(["lineage", "no-such-run", *art]) == 2
+    assert "not a stage dir, a stage run id" in capsys.readouterr().err

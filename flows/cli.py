@@ -1,6 +1,7 @@
 """``baton`` command line.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
+              [--server URL]                  (on --server URL, $PREFECT_API_URL, or the artifacts dir's server)
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
@@ -8,8 +9,12 @@
     baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run: the same
                                               flow run (id, parameters) runs again; finished stages are Cached
     baton prefect ARGS...                     the Prefect CLI against baton's embedded Prefect database
+    baton server status|stop                  the artifacts dir's background Prefect server: the first `baton run`
+                                              starts it, later runs reuse it; it exits after
+                                              $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) without requests/runs
     baton serve [--port 4200]                 a Prefect server with its UI on 127.0.0.1 (unless PREFECT_API_URL
-                                              is set) serving the deployment baton/baton: it executes submitted
+                                              is set or one runs for the artifacts dir) serving the deployment
+                                              baton/baton: it executes submitted
                                               runs and the runs retried from the UI's Retry button
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 """
@@ -24,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from flows.server import ServerError
 from stages.contract import StageError
 from stages.recipe import RecipeError, load_recipe
 
@@ -66,7 +72,7 @@ def cmd_run(args) -> int:
     from flows.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    out = run_pipeline(recipe, art, only=args.only, track=not args.no_track)
+    out = run_pipeline(recipe, art, only=args.only, track=not args.no_track, server=args.server)
     print(f"\nrecipe {recipe.name}: {len(out['results'])} stages in {time.perf_counter() - t0:.1f}s "
           f"(MLflow parent run {out['parent_run_id'] or '-'})")
     for name, res in out["results"].items():
@@ -128,20 +134,36 @@ def cmd_resume(args) -> int:
     return 0
 
 
+_HELD: list = []
+
+
 def _prefect_env(art: Path) -> dict[str, str]:
-    """Environment for a Prefect CLI process that talks to baton's embedded server (started here)."""
-    from flows.prefect_env import configure_prefect, start_embedded_server
+    """Environment for a Prefect CLI process that talks to baton's server for ``art`` (found or started here)."""
+    from flows.prefect_env import configure_prefect
+    from flows.server import ensure_server
 
     configure_prefect(art)
-    start_embedded_server()
-    from prefect.settings import PREFECT_API_URL
+    _HELD.append(ensure_server(art))  # the server's users lock, held while this process runs
+    return os.environ.copy()
 
-    url = PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
 
-        url = SubprocessASGIServer().api_url
-    return os.environ | {"PREFECT_API_URL": url}
+def cmd_server(args) -> int:
+    """``baton server status|stop``: the artifacts dir's background Prefect server (flows.server)."""
+    from flows import server
+
+    art = _artifacts(args)
+    if args.action == "stop":
+        info = server.stop(art)
+        print(f"stopped the Prefect server {info['url']} (pid {info['pid']})" if info else
+              f"no Prefect server for {art}")
+        return 0
+    info = server.live_server(art)
+    if info is None:
+        print(f"no Prefect server for {art} (the next `baton run` starts one)")
+        return 3
+    idle = f", exits after {info['idle_timeout']:.0f}s idle" if info.get("idle_timeout") else ""
+    print(f"Prefect server {info['url']} (pid {info['pid']}, started {info['started']}{idle})")
+    return 0
 
 
 def cmd_prefect(args) -> int:
@@ -207,26 +229,42 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise RecipeError(f"no Prefect server answered at {url} within {timeout:.0f}s")
 
 
+def _serve_server(art: Path, args):
+    """(url, our server process or None) for ``baton serve``: PREFECT_API_URL, the artifacts dir's live
+    server, or a server with its UI started here (flows.server, no idle timeout) on ``args.port``."""
+    from flows import server
+
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url, None
+    _HELD.append(server.hold_users_lock(art))
+    info = server.live_server(art)
+    if info is not None:
+        print(f"using the running Prefect server of {art} ({info['url']}; started by `baton run`, so without "
+              f"the UI: `baton server stop` first for the UI)", flush=True)
+        return info["url"], None
+    proc = server.spawn(art, port=args.port, idle=0, ui=True, detached=False)
+    try:
+        return server.wait_started(art, proc)["url"], proc
+    except BaseException:
+        proc.terminate()
+        raise
+
+
 def cmd_serve(args) -> int:
-    """A Prefect server with its UI (started here on loopback unless PREFECT_API_URL names one), and a
-    process serving the flow as deployment baton/baton. Runs of that deployment (``baton submit``, the UI's
-    Run) execute here; so do the ones the UI's Retry button puts back to Scheduled: finished stages are
-    Cached and the failed one continues from its checkpoint, in the same flow run."""
+    """A Prefect server with its UI (started here on loopback unless PREFECT_API_URL or a running server of
+    the artifacts dir answers), and a process serving the flow as deployment baton/baton. Runs of that
+    deployment (``baton submit``, the UI's Run) execute here; so do the ones the UI's Retry button puts back to
+    Scheduled: finished stages are Cached and the failed one continues from its checkpoint, in the same flow run."""
     from flows.prefect_env import configure_prefect
 
     art = _artifacts(args).resolve()
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
-    server = None
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        url = f"http://{args.host}:{args.port}/api"
-        prefect = Path(sys.executable).with_name("prefect")
-        server = subprocess.Popen([str(prefect), "server", "start", "--host", args.host, "--port", str(args.port)],
-                                  env=os.environ | {"PREFECT_SERVER_UI_ENABLED": "true"}, stdout=subprocess.DEVNULL)
-        os.environ["PREFECT_API_URL"] = url
+    url, proc = _serve_server(art, args)
+    os.environ["PREFECT_API_URL"] = url
     try:
-        _wait_healthy(url, server, timeout=180)
+        _wait_healthy(url, proc, timeout=180)
         print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
         from prefect import serve
 
@@ -242,12 +280,12 @@ def cmd_serve(args) -> int:
         serve(dep, limit=args.limit, print_starting_message=False)
         return 0
     finally:
-        if server is not None:
-            server.terminate()
+        if proc is not None:
+            proc.terminate()
             try:
-                server.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                server.kill()
+                proc.kill()
 
 
 def cmd_submit(args) -> int:
@@ -304,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("overrides", nargs="*", help="dotted.key=value")
     r.add_argument("--only", action="append", help="run only this stage (and what it needs); repeatable")
     r.add_argument("--no-track", action="store_true", help="no MLflow tracking")
+    r.add_argument("--server", help="Prefect API URL to use (default: $PREFECT_API_URL, else the artifacts dir's "
+                                    "background server, started if none answers)")
     s = sub.add_parser("status", help="stage status without running anything")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -324,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=4200)
     sv.add_argument("--limit", type=int, default=None, help="flow runs executed at once (default: no limit)")
+    sr = sub.add_parser("server", help="the artifacts dir's background Prefect server (started by `baton run`, "
+                                       "exits after $BATON_SERVER_IDLE_TIMEOUT seconds idle, default 1800)")
+    sr.add_argument("action", choices=["status", "stop"])
     sm = sub.add_parser("submit", help="run a recipe through the served deployment baton/baton")
     sm.add_argument("config")
     sm.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -338,10 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     try:
         return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume, "retry": cmd_retry,
-                "prefect": cmd_prefect, "serve": cmd_serve, "submit": cmd_submit}[args.cmd](args)
+                "prefect": cmd_prefect, "serve": cmd_serve, "server": cmd_server, "submit": cmd_submit}[args.cmd](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

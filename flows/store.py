@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.contract import StageResult
-from stages.fsio import is_temp_name, remove_path, temp_owner, write_json_atomic
+from stages.fsio import checkpoint_steps, is_temp_name, remove_path, temp_owner, write_json_atomic
 
 log = logging.getLogger("baton")
 LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
@@ -80,9 +80,7 @@ class StageDir:
         return removed
 
     def checkpoint_steps(self) -> list[int]:
-        from stages.train.checkpoint import CheckpointManager  # imports torch: not at the top of the flow's process
-
-        return CheckpointManager(self.path / "checkpoints").steps()
+        return checkpoint_steps(self.path / "checkpoints")
 
     def status(self) -> str:
         if self.result() is not None:

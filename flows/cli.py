@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     out = run_pipeline(recipe, art, only=args.only, track=not args.no_track, server=args.server)
     print(f"\nrecipe {recipe.name}: {len(out['results'])} stages in {time.perf_counter() - t0:.1f}s "
-          f"(MLflow parent run {out['parent_run_id'] or '-'})")
+          f"(MLflow parent run {out['parent_run_id'] or '-'}; Prefect server {os.environ.get('PREFECT_API_URL')})")
     for name, res in out["results"].items():
         m = ", ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items())
         b = ", ".join(f"{k}={v:.4g}" for k, v in res["baselines"].items())

@@ -26,8 +26,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from stages.fsio import write_json_atomic
@@ -66,6 +64,9 @@ def pid_alive(pid: int) -> bool:
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """True if a Prefect API answers ``GET {url}/health`` with 200."""
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
             return r.status == 200

@@ -190,9 +190,6 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     from flows.server import ensure_server
 
     configure_prefect(artifacts)
-    # at once: finding (or starting) the server, the fork server importing the stages' libraries (its own
-    # process), this thread importing MLflow. Prefect is imported only after PREFECT_API_URL is set: its
-    # settings are read when it is imported
     found: list = []
 
     def find() -> None:
@@ -201,11 +198,18 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
         except BaseException as e:  # noqa: BLE001 - re-raised below
             found.append(e)
 
+    # at once: finding (or starting) the server, the fork server importing the stages' libraries (its own
+    # process), this thread importing MLflow. A server named by --server or PREFECT_API_URL is only checked
+    # (one request): done first, so a wrong URL fails before anything starts. Prefect is imported only after
+    # PREFECT_API_URL is set: its settings are read when it is imported
     finder = threading.Thread(target=find, name="baton-prefect-server", daemon=True)
     finder.start()
-    prewarm_workers(incomplete_kinds(recipe, artifacts))
-    if track:
-        __import__("mlflow")
+    if server or os.environ.get("PREFECT_API_URL"):
+        finder.join()
+    if not (found and isinstance(found[0], BaseException)):
+        prewarm_workers(incomplete_kinds(recipe, artifacts))
+        if track:
+            __import__("mlflow")
     finder.join()
     if isinstance(found[0], BaseException):
         raise found[0]

@@ -53,13 +53,17 @@ def _lock_file(artifacts: Path, name: str):
 
 
 def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie (exited, not yet reaped by its parent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
@@ -173,19 +177,11 @@ def stop(artifacts: Path, timeout: float = 30.0) -> dict | None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while pid_alive(pid) and time.monotonic() < deadline:
-            _reap(pid)
             time.sleep(0.1)
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     discovery_path(artifacts).unlink(missing_ok=True)
     return info
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # our own child (tests, baton serve): not left as a zombie
-    except ChildProcessError:
-        pass
 
 
 class _LastRequest:

@@ -108,13 +108,13 @@ def idle_timeout() -> float:
     return float(os.environ.get(IDLE_ENV, DEFAULT_IDLE))
 
 
-def spawn(artifacts: Path, port: int = 0, idle: float | None = None, ui: bool = False,
+def spawn(artifacts: Path, host: str = "127.0.0.1", port: int = 0, idle: float | None = None, ui: bool = False,
           detached: bool = True) -> subprocess.Popen:
     """Start ``python -m flows.server`` for this artifacts dir (detached: own session, output to server.log)."""
     from flows.prefect_env import configure_prefect
 
     configure_prefect(artifacts)
-    cmd = [sys.executable, "-m", "flows.server", str(Path(artifacts).resolve()), "--port", str(port),
+    cmd = [sys.executable, "-m", "flows.server", str(Path(artifacts).resolve()), "--host", host, "--port", str(port),
            "--idle", str(idle_timeout() if idle is None else idle)] + (["--ui"] if ui else [])
     root = str(Path(__file__).resolve().parents[1])
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}

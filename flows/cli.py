@@ -1,6 +1,8 @@
 """``baton`` command line.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
+              [--dry-run [--json]]            the plan only: per stage cached / will run, and why
+              [--force STAGE]                 rerun STAGE and its downstream stages even if complete
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
@@ -56,17 +58,35 @@ def cmd_status(args) -> int:
     return 0
 
 
+def print_plan(recipe, art: Path, only: list[str] | None, force: list[str] | None, as_json: bool) -> int:
+    """``baton run --dry-run``: per stage cached or will run, and why (flows.plan); nothing runs."""
+    import json
+
+    from flows.fingerprint import plan_fingerprints
+    from flows.plan import dry_run, needed_stages, render
+
+    verdicts = dry_run(recipe, art, plan_fingerprints(recipe.stages), needed_stages(recipe, only), force)
+    if as_json:
+        print(json.dumps({"recipe": recipe.name, "stages": [v.to_json() for v in verdicts]}, indent=2))
+    else:
+        print(f"recipe {recipe.name} ({recipe.path}): dry run, nothing is run\n{render(verdicts)}")
+    return 0
+
+
 def cmd_run(args) -> int:
     recipe = load_recipe(args.config, args.overrides)
     art = _artifacts(args)
     _check_writable(art)
-    for name in args.only or []:
-        if name not in recipe.stages:
-            raise RecipeError(f"--only {name}: no such stage in {args.config} ({', '.join(recipe.stages)})")
+    for opt, names in (("--only", args.only), ("--force", args.force)):
+        for name in names or []:
+            if name not in recipe.stages:
+                raise RecipeError(f"{opt} {name}: no such stage in {args.config} ({', '.join(recipe.stages)})")
+    if args.dry_run:
+        return print_plan(recipe, art, args.only, args.force, args.json)
     from flows.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    out = run_pipeline(recipe, art, only=args.only, track=not args.no_track)
+    out = run_pipeline(recipe, art, only=args.only, track=not args.no_track, force=args.force)
     print(f"\nrecipe {recipe.name}: {len(out['results'])} stages in {time.perf_counter() - t0:.1f}s "
           f"(MLflow parent run {out['parent_run_id'] or '-'})")
     for name, res in out["results"].items():
@@ -304,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("overrides", nargs="*", help="dotted.key=value")
     r.add_argument("--only", action="append", help="run only this stage (and what it needs); repeatable")
     r.add_argument("--no-track", action="store_true", help="no MLflow tracking")
+    r.add_argument("--force", action="append", metavar="STAGE",
+                   help="rerun this stage and everything downstream of it even if complete; repeatable")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (cached / will run, and why); run nothing")
+    r.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     s = sub.add_parser("status", help="stage status without running anything")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")

@@ -18,6 +18,7 @@ from typing import Any
 
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
+from flows.plan import downstream_of, needed_stages
 from flows.prefect_env import configure_prefect, hold_flow_run_lock, start_embedded_server
 from flows.store import StageDir
 from flows.worker import prewarm_workers, run_stage_process, write_snapshot
@@ -52,20 +53,6 @@ def _threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
     return out
 
 
-def needed_stages(recipe: Recipe, only: list[str] | None) -> set[str]:
-    """The stages to run: all of them, or the ``only`` ones and everything they need."""
-    if not only:
-        return set(recipe.stages)
-    wanted: set[str] = set()
-    stack = list(only)
-    while stack:
-        s = stack.pop()
-        if s not in wanted:
-            wanted.add(s)
-            stack.extend(recipe.stages[s].needs)
-    return wanted
-
-
 def start_tracking(recipe: Recipe, recipe_path: str, art: Path, plans: dict[str, StagePlan], flow_run_id: str):
     """(Tracking, parent run id): the MLflow parent run of this invocation, with the recipe attached."""
     import yaml
@@ -85,8 +72,9 @@ class StageTask:
     (The recipe, tracking client etc. stay out of Prefect's task parameters.)"""
 
     def __init__(self, art: Path, plans: dict[str, StagePlan], tracking, parent_id: str, snapshot: Path,
-                 threads: dict[str, int], max_concurrency: int):
+                 threads: dict[str, int], max_concurrency: int, forced: set[str] = frozenset()):
         self.art, self.plans, self.tracking, self.parent_id = art, plans, tracking, parent_id
+        self.forced = forced
         self.snapshot, self.threads = snapshot, threads
         self.slots = threading.Semaphore(max_concurrency)
 
@@ -94,9 +82,11 @@ class StageTask:
         from prefect.states import Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
-        with sd.lock():
-            sd.remove_stale_temps()
-            done = cached_result(stage, sd, self.tracking, self.parent_id)
+        done = None
+        if stage not in self.forced:  # a forced stage's process reruns it (flows.execute._force)
+            with sd.lock():
+                sd.remove_stale_temps()
+                done = cached_result(stage, sd, self.tracking, self.parent_id)
         if done is None:
             with self.slots:
                 was_complete = run_stage_process(stage, self.snapshot, self.art, self.parent_id, self.threads[stage])
@@ -149,8 +139,9 @@ def build_flow():
     # threads only wait on stage processes; StageTask's slots cap how many run (run_pipeline sets the same)
     @flow(name="baton", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=32))
     def baton_pipeline(recipe_path: str, recipe_snapshot: dict, artifacts: str, only: list[str] | None = None,
-                       track: bool = True) -> dict[str, Any]:
-        """Run (or resume) every stage of a recipe; complete stages are Cached."""
+                       track: bool = True, force: list[str] | None = None) -> dict[str, Any]:
+        """Run (or resume) every stage of a recipe; complete stages are Cached, except the ``force``d ones
+        and their downstream stages, which run again."""
         from prefect.runtime import flow_run
 
         recipe = load_recipe(recipe_path, raw=recipe_snapshot)
@@ -161,9 +152,10 @@ def build_flow():
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
         wanted = needed_stages(recipe, only)
-        snapshot = write_snapshot(art, recipe, plans)
+        forced = downstream_of(recipe, force or []) & wanted
+        snapshot = write_snapshot(art, recipe, plans, forced)
         run_stage = StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
-                              recipe.max_concurrency)
+                              recipe.max_concurrency, forced)
 
         def submit(name: str, upstream: list) -> Any:
             t = task(run_stage, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
@@ -183,7 +175,8 @@ def build_flow():
     return baton_pipeline
 
 
-def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True) -> dict[str, Any]:
+def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True,
+                 force: list[str] | None = None) -> dict[str, Any]:
     configure_prefect(artifacts)
     # three things that take seconds each, at once: the Prefect server (its own process) starts in a
     # thread, the fork server imports the stages' libraries (its own process), this thread imports
@@ -218,4 +211,4 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     # slots cap how many stage processes run at once (recipe.max_concurrency).
     flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
-    return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track)
+    return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)

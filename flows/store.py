@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -56,6 +57,12 @@ class StageDir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path / "config.json", {"stage": self.stage, "fingerprint": self.fingerprint,
                                                       "resolved": resolved, "fingerprint_inputs": payload})
+
+    def at(self, path: Path) -> StageDir:
+        """The same stage and fingerprint in another directory (a forced rerun's temp directory)."""
+        other = copy.copy(self)
+        other.path = Path(path)
+        return other
 
     def run_id(self) -> str | None:
         f = self.path / "run.json"
@@ -124,7 +131,7 @@ def stage_paths(artifacts: Path) -> dict[str, list[Path]]:
     """{stage: its directories (one per fingerprint)} in the store under ``artifacts``."""
     out: dict[str, list[Path]] = {}
     for d in sorted((Path(artifacts) / "stages").glob("*/*")):
-        if d.is_dir():
+        if d.is_dir() and not is_temp_name(d.name):  # a forced rerun's directory until it is swapped in
             out.setdefault(d.parent.name, []).append(d)
     return out
 

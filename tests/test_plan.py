@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, baton
 
 from flows.fingerprint import plan_fingerprints
-from flows.plan import Change, dry_run, downstream_of, last_complete, payload_changes, render
+from flows.plan import Change, downstream_of, dry_run, last_complete, payload_changes, render
 from flows.store import StageDir, stage_paths
 from stages.contract import StageResult
 from stages.recipe import load_recipe
@@ -87,8 +87,8 @@ def test_plan_says_cached_never_run_partial_forced_and_upstream_changed(tmp_path
     got = {v.name: v for v in dry_run(recipe, tmp_path, plans, set(recipe.stages))}
     assert [got[n].state for n in ("world", "cnn", "detector", "bert", "vl")] == \
         ["cached", "cached", "stale", "partial", "never run"]
-    assert got["detector"].reasons() == [f"upstream cnn changed (fingerprint {'7' * 16} -> "
-                                         f"{plans['cnn'].fingerprint[:16]})"]
+    cnn_fp = plans["cnn"].fingerprint[:16]
+    assert got["detector"].reasons() == [f"upstream cnn changed (fingerprint {'7' * 16} -> {cnn_fp})"]
     assert got["bert"].reasons() == ["partial at step 12 (resumes)"]
     forced = {v.name: v.state for v in dry_run(recipe, tmp_path, plans, set(recipe.stages), force=["cnn"])}
     assert forced["world"] == "cached" and forced["cnn"] == "forced"
@@ -148,7 +148,7 @@ def test_forced_rerun_keeps_the_old_dir_until_done_and_then_swaps_it_in(tmp_path
 
 
 def test_cli_dry_run_explains_an_override(tmp_path, micro):
-    recipe, plans = micro
+    _, plans = micro
     for n, p in plans.items():
         fake_complete(tmp_path, n, p.fingerprint, p.payload)
     lr = plans["bert"].payload["config"]["train"]["lr"]

@@ -53,6 +53,13 @@ def _threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
     return out
 
 
+def _kinds_to_run(recipe: Recipe, art: Path, plans: dict[str, StagePlan] | None, force: list[str] | None
+                  ) -> list[str]:
+    """The kinds of the stages that will need a process: the incomplete ones and the forced ones."""
+    forced = {recipe.stages[n].kind for n in downstream_of(recipe, force or [])}
+    return sorted(set(incomplete_kinds(recipe, art, plans)) | forced)
+
+
 def start_tracking(recipe: Recipe, recipe_path: str, art: Path, plans: dict[str, StagePlan], flow_run_id: str):
     """(Tracking, parent run id): the MLflow parent run of this invocation, with the recipe attached."""
     import yaml
@@ -148,7 +155,7 @@ def build_flow():
         art = Path(artifacts)
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
-        prewarm_workers(incomplete_kinds(recipe, art, plans))  # no-op if run_pipeline already started it
+        prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
         wanted = needed_stages(recipe, only)
@@ -200,7 +207,7 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
 
     server = threading.Thread(target=start, name="baton-prefect-server", daemon=True)
     server.start()
-    prewarm_workers(incomplete_kinds(recipe, artifacts))
+    prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
     if track:
         __import__("mlflow")
     server.join()

@@ -69,14 +69,14 @@ def _diff(what: str, old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
 
 def payload_changes(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """What differs between two fingerprint payloads (flows.fingerprint.fingerprint_payload), old -> new:
-    kind, config keys (dotted), code modules, upstream fingerprints, data inputs, store format.
+    kind, config keys (dotted), code modules, data inputs, upstream fingerprints, store format.
 
     >>> [str(c) for c in payload_changes({"config": {"train": {"lr": 1}}}, {"config": {"train": {"lr": 2}}})]
     ['config train.lr: 1 -> 2']
     """
     changes = _diff("kind", {"": old.get("kind")}, {"": new.get("kind")})
     changes += _diff("config", _flatten(old.get("config", {})), _flatten(new.get("config", {})))
-    for what in ("code", "upstream", "data"):
+    for what in ("code", "data", "upstream"):  # the stage's own changes first, then what it inherits
         changes += _diff(what, dict(old.get(what) or {}), dict(new.get(what) or {}))
     changes += _diff("store_format", {"": old.get("store_format")}, {"": new.get("store_format")})
     return changes

@@ -108,6 +108,7 @@ def test_override_reruns_stage_and_downstream_only(first_run):
     assert cached(out) == {"world", "cnn", "detector"}
 
 
+@pytest.mark.slow  # one more CLI run of three stages, ~70 s beside other jobs (the fast unit test is in test_plan.py)
 def test_force_mid_stage_reruns_it_and_downstream_and_tags_the_replaced_runs(first_run):
     """`--force vl`: vl, caption and vqa run again into their same directories (new result.json, new
     MLflow runs; each replaced run tagged baton.replaced_by); the stages upstream of vl stay cached."""

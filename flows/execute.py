@@ -15,7 +15,7 @@ from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.store import StageDir
 from stages import kind_module
 from stages.contract import NullTracker, StageConfig, StageContext, StageError, StageResult, Tracker, seed_stage
-from stages.fsio import pid_alive, remove_path, replace_dir, temp_owner, temp_path, temps_of
+from stages.fsio import remove_path, replace_dir, temp_path
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
@@ -130,11 +130,7 @@ def _force(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: 
     """Rerun a complete stage into a fresh temp directory next to it (the store's temp-name rule) and swap
     it in once its result.json exists: until then, and after a crash, the old complete directory stays.
     The replaced MLflow run is tagged ``baton.replaced_by=<new run id>``."""
-    for stale in temps_of(sd.path):  # an earlier forced rerun that died before its swap
-        owner = temp_owner(stale.name)
-        if owner is None or not pid_alive(owner):
-            remove_path(stale)
-    new = sd.at(temp_path(sd.path))
+    new = sd.at(temp_path(sd.path))  # an earlier one that died went with sd.remove_stale_temps()
     remove_path(new.path)
     log.info("[%s] forced: rerunning into %s (the complete %s stays until it is done)", name, new.path.name,
              sd.path.name)

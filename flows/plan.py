@@ -114,7 +114,7 @@ class StageVerdict:
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.name, "fingerprint": self.fingerprint, "will_run": self.runs, "state": self.state,
                 "reasons": self.reasons(), "changes": [c.to_json() for c in self.changes],
-                "previous_fingerprint": self.previous, "step": self.step}
+                "previous_dir": self.previous, "step": self.step}
 
 
 def last_complete(artifacts: Path, stage: str, exclude: Path | None = None) -> tuple[Path, dict[str, Any]] | None:

@@ -12,6 +12,7 @@ from flows.fingerprint import plan_fingerprints
 from flows.plan import Change, downstream_of, dry_run, last_complete, payload_changes, render
 from flows.store import StageDir, stage_paths
 from stages.contract import StageResult
+from stages.fsio import pid_alive, temp_path, temps_of
 from stages.recipe import load_recipe
 
 CONFIG = str(ROOT / "configs/vlp-micro.yaml")
@@ -137,6 +138,10 @@ def test_forced_rerun_keeps_the_old_dir_until_done_and_then_swaps_it_in(tmp_path
         ex.execute_stage("world", cfg, plans, tmp_path, None, "", force=True)
     assert sd.result().metrics["call"] == 1 and (sd.path / "outputs/w.txt").read_text() == "call 1"
     assert stage_paths(tmp_path)["world"] == [sd.path]  # the dead rerun's temp dir is not a stage dir
+    (left,) = temps_of(sd.path)
+    left.rename(temp_path(sd.path, pid=dead_pid()))  # as if its process had been killed
+    res, cached = ex.execute_stage("world", cfg, plans, tmp_path, None, "")  # a plain run: cached, cleans up
+    assert cached and res["metrics"]["call"] == 1 and temps_of(sd.path) == []
 
     kind.fail = False
     res, cached = ex.execute_stage("world", cfg, plans, tmp_path, None, "", force=True)
@@ -145,6 +150,13 @@ def test_forced_rerun_keeps_the_old_dir_until_done_and_then_swaps_it_in(tmp_path
     assert sorted(p.name for p in sd.path.parent.iterdir()) == [sd.path.name]  # no temp or old dir left
     res, cached = ex.execute_stage("world", cfg, plans, tmp_path, None, "")
     assert cached and kind.calls == 3
+
+
+def dead_pid() -> int:
+    pid = 4_000_000
+    while pid_alive(pid):
+        pid += 1
+    return pid
 
 
 def test_cli_dry_run_explains_an_override(tmp_path, micro):

@@ -112,7 +112,7 @@ class StageVerdict:
         return [str(c) for c in self.changes] + list(self.notes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.name, "fingerprint": self.fingerprint, "will_run": self.runs, "state": self.state,
+        return {"name": self.name, "fingerprint": self.fingerprint, "will_run": self.runs, "state": self.state,
                 "reasons": self.reasons(), "changes": [c.to_json() for c in self.changes],
                 "previous_dir": self.previous, "step": self.step}
 
@@ -156,11 +156,11 @@ def downstream_of(recipe: Recipe, stages: list[str] | set[str]) -> set[str]:
 
 def stage_verdict(plan: StagePlan, artifacts: Path, forced: bool = False) -> StageVerdict:
     sd = StageDir(artifacts, plan.name, plan.fingerprint)
-    if sd.result() is not None:
+    state, step = sd.state()
+    if state == "complete":
         return StageVerdict(plan.name, plan.fingerprint, "forced" if forced else "cached")
-    steps = sd.checkpoint_steps() if (sd.path / "checkpoints").is_dir() else []
-    if steps:
-        return StageVerdict(plan.name, plan.fingerprint, "partial", step=steps[-1])
+    if state == "partial":
+        return StageVerdict(plan.name, plan.fingerprint, "partial", step=step)
     prev = last_complete(artifacts, plan.name, exclude=sd.path)
     if prev is None:
         return StageVerdict(plan.name, plan.fingerprint, "never run")

@@ -18,15 +18,23 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from stages.contract import StageResult
 from stages.fsio import is_temp_name, remove_path, temp_owner, temps_of, write_json_atomic
 
 log = logging.getLogger("baton")
 LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
+
+def describe_state(state: str, step: int | None) -> str:
+    """``StageDir.state()`` in words: complete / partial at step k / started, no checkpoint / not started."""
+    if state == "partial":
+        return f"partial at step {step}"
+    return "started, no checkpoint" if state == "started" else state
+
 
 class StageDir:
     def __init__(self, root: Path, stage: str, fingerprint: str):
@@ -92,13 +100,19 @@ class StageDir:
 
         return CheckpointManager(self.path / "checkpoints").steps()
 
-    def status(self) -> str:
-        if self.result() is not None:
-            return "complete"
-        steps = self.checkpoint_steps()
+    def state(self) -> tuple[str, int | None]:
+        """(complete | partial | started | not started, the step: the result's steps or the newest checkpoint)."""
+        res = self.result()
+        if res is not None:
+            steps = res.info.get("steps")
+            return "complete", int(steps) if isinstance(steps, (int, float)) else None
+        steps = self.checkpoint_steps() if (self.path / "checkpoints").is_dir() else []  # (imports torch)
         if steps:
-            return f"partial at step {steps[-1]}"
-        return "started, no checkpoint" if self.path.exists() else "not started"
+            return "partial", steps[-1]
+        return ("started" if self.path.exists() else "not started"), None
+
+    def status(self) -> str:
+        return describe_state(*self.state())
 
     @contextmanager
     def lock(self, poll: float = 2.0) -> Iterator[None]:

@@ -4,6 +4,7 @@ One session-scoped run feeds several assertions: lineage in MLflow, a second run
 nothing (every stage Cached), an override that reruns only the stage and its downstream, and a
 SIGKILL during `vl` training that the next run resumes from its checkpoint, continuing the same
 MLflow run with one continuous metric history."""
+import json
 import os
 import re
 import signal
@@ -41,8 +42,6 @@ def mlflow_client(art: Path):
 
 
 def results(art: Path) -> dict:
-    import json
-
     out = {}
     for f in art.glob("stages/*/*/result.json"):
         out.setdefault(f.parts[-3], []).append(json.loads(f.read_text()))
@@ -84,12 +83,17 @@ def test_lineage_vl_inputs_are_detector_and_bert_models(first_run):
 def test_second_run_trains_nothing_and_every_stage_is_cached(first_run):
     art, _, _ = first_run
     t0 = time.perf_counter()
-    p = baton(["run", CONFIG], art)
+    p = baton(["run", CONFIG, "--json"], art)
     out = p.stderr + p.stdout
     assert ran(out) == set()
     assert cached(out) == set(STAGES)
     assert out.count("Finished in state Cached") == len(STAGES)
     assert time.perf_counter() - t0 < 60
+    summary = json.loads(p.stdout)  # stdout is the JSON document alone: the logs went to stderr
+    assert [s["name"] for s in summary["stages"]] == STAGES and summary["mlflow_parent_run_id"]
+    assert {s["state"] for s in summary["stages"]} == {"cached"}
+    vqa = summary["stages"][-1]
+    assert vqa["mlflow_run_id"] and vqa["metrics"] and vqa["seconds"] > 0
 
 
 def test_status_reports_without_running(first_run):
@@ -98,6 +102,9 @@ def test_status_reports_without_running(first_run):
     assert p.stdout.count("complete") == len(STAGES)
     p = baton(["status", CONFIG, "stages.vqa.train.lr=0.01"], art)
     assert re.search(r"vqa\s+\w{16}\s+not started", p.stdout)
+    doc = json.loads(baton(["status", CONFIG, "stages.vqa.train.lr=0.01", "--json"], art).stdout)
+    states = {s["name"]: s["state"] for s in doc["stages"]}
+    assert states == {**{n: "complete" for n in STAGES}, "vqa": "not started"}
 
 
 def test_override_reruns_stage_and_downstream_only(first_run):

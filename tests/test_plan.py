@@ -171,7 +171,7 @@ def test_cli_dry_run_explains_an_override(tmp_path, micro):
     assert "will run: upstream bert changed" in lines["vl"] and "upstream vl changed" in lines["vqa"]
     assert "4 of 7 stages will run" in p.stdout
     p = baton(["run", "--dry-run", "--json", CONFIG, "--force", "vl"], tmp_path)
-    got = {s["stage"]: s for s in json.loads(p.stdout)["stages"]}
+    got = {s["name"]: s for s in json.loads(p.stdout)["stages"]}
     assert [n for n, s in got.items() if s["will_run"]] == ["vl", "caption", "vqa"]
     assert got["vl"]["reasons"] == ["--force"] and got["bert"]["state"] == "cached"
     assert not any(StageDir(tmp_path, n, q.fingerprint).path.joinpath(".lock").exists() for n, q in plans.items())

@@ -131,10 +131,12 @@ def test_force_mid_stage_reruns_it_and_downstream_and_tags_the_replaced_runs(fir
     before = base_results()
     p = baton(["run", "--dry-run", CONFIG, "--force", "vl"], art)
     assert "3 of 7 stages will run" in p.stdout, p.stdout
-    p = baton(["run", CONFIG, "--force", "vl"], art)
+    p = baton(["run", CONFIG, "--force", "vl", "--json"], art)
     out = p.stderr + p.stdout
     assert ran(out) == {"vl", "caption", "vqa"}, out[-3000:]
     assert cached(out) == {"world", "cnn", "detector", "bert"}
+    summary = {s["name"]: s["state"] for s in json.loads(p.stdout)["stages"]}
+    assert summary == {n: "ran" if n in ("vl", "caption", "vqa") else "cached" for n in STAGES}
     after, client = base_results(), mlflow_client(art)
     for n in STAGES:
         old_run, new_run = before[n]["info"]["mlflow_run_id"], after[n]["info"]["mlflow_run_id"]

@@ -6,6 +6,9 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
+    baton dag CONFIG [overrides] [--dot]      the planned DAG: stage, kind, fingerprint, state, needs
+    baton lineage RUN_ID|MODEL_ID|STAGE       the chain of upstream stages: fingerprints, runs, LoggedModels, metrics
+    baton gc [--dry-run] [CONFIG ...]         remove stage dirs no recipe plans and complete stages' checkpoints
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
     baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run, in place
     baton prefect ARGS...                     the Prefect CLI against baton's embedded Prefect database
@@ -500,6 +503,61 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
             time.sleep(1)
     print(f"flow run {fr.id}: {fr.state.type.value} ({fr.state.message or ''})".rstrip(" ()"))
     return 0 if fr.state.is_completed() else 1
+
+
+Ref = Annotated[str, typer.Argument(metavar="RUN_ID|MODEL_ID|STAGE", show_default=False,
+                                    help="an MLflow stage run id, a LoggedModel id, a stage name or a stage dir")]
+KeepDays = Annotated[float, typer.Option("--keep-days", metavar="N", help="keep dirs with MLflow run or file activity "
+                                                                          "within N days")]
+
+
+@command("baton dag configs/vlp-tiny.yaml --dot | dot -Tsvg > dag.svg")
+def dag(config: Config, overrides: Overrides = None, artifacts: Artifacts = None, as_json: AsJson = False,
+        dot: Annotated[bool, typer.Option("--dot", help="Graphviz text instead of the tree")] = False) -> None:
+    """The recipe's stages as planned: kind, fingerprint, state, and the stages each needs."""
+    from flows.lineage import plan_dag, render_dot, render_tree
+
+    graph = plan_dag(load_recipe(config, overrides or ()), artifacts_root(artifacts))
+    if as_json:
+        _print_json(graph.to_json())
+    else:
+        print(render_dot(graph) if dot else render_tree(graph))
+
+
+@command("baton lineage vqa --config configs/vlp-tiny.yaml")
+def lineage(ref: Ref, config: Annotated[Path | None, typer.Option(
+                "--config", show_default=False, help="a stage name means this recipe's planned stage (default: "
+                                                      "the stage's newest complete dir)")] = None,
+            artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """The chain of upstream stages of a stage run, LoggedModel or stage: fingerprints, runs, models, metrics."""
+    from flows.lineage import lineage_chain, render_chain
+
+    chain = lineage_chain(artifacts_root(artifacts), ref, load_recipe(config) if config else None)
+    if as_json:
+        _print_json({"of": chain[-1].to_json(), "chain": [n.to_json() for n in chain]})
+    else:
+        print(render_chain(chain))
+
+
+@command("baton gc --dry-run --keep-days 3 configs/vlp-tiny.yaml")
+def gc(configs: Annotated[list[Path] | None, typer.Argument(
+           metavar="[CONFIG]...", show_default=False,
+           help="recipes whose stages are kept (default: every ./configs/*.yaml, else the shipped ones)")] = None,
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go and the bytes it would free")] = False,
+       keep_days: KeepDays = 7.0, artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """Remove stage dirs no recipe references and finished stages' checkpoints; never a referenced, recent
+    (--keep-days) or locked dir."""
+    from flows.gc import collect, recipes_for_gc, render_garbage
+
+    configs_dir = Path("configs") if Path("configs").is_dir() else shipped_recipes()
+    recipes = recipes_for_gc(configs or [], configs_dir)
+    items, freed = collect(artifacts_root(artifacts), recipes, keep_days=keep_days, dry_run=dry_run)
+    if as_json:
+        _print_json({"dry_run": dry_run, "bytes": freed, "recipes": [str(r.path) for r in recipes], "items": [
+            {"path": str(g.path), "what": g.what, "bytes": g.bytes, "why": g.why} for g in items]})
+    else:
+        print(f"keeping the stages of {', '.join(str(r.path) for r in recipes)}")
+        print(render_garbage(items, freed, dry_run))
 
 
 @command("baton ui --port 5000")

@@ -117,25 +117,41 @@ class StageDir:
     @contextmanager
     def lock(self, poll: float = 2.0) -> Iterator[None]:
         """Exclusive lock on this stage directory. A second process waits (and says so)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         try:
             waited = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
                 except BlockingIOError:
                     if not waited:
                         holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
                         log.info("[%s] another process holds %s (%s); waiting for it", self.stage, self.path, holder)
                         waited = True
                     time.sleep(poll)
+                    continue
+                if _is_file(fd, self.path / ".lock"):
+                    break
+                os.close(fd)  # `baton gc` removed the dir while we waited for its lock: lock the dir anew
+                fd = self._open_lock()
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{LOCK_PID}{os.getpid()} host={socket.gethostname()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock
+
+    def _open_lock(self) -> int:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def _is_file(fd: int, path: Path) -> bool:
+    """Whether open file ``fd`` is the file at ``path`` now (not one renamed away or deleted)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
 
 
 # ------------------------------------------------------------------------------ the store seen from outside

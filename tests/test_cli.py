@@ -105,7 +105,8 @@ def test_mistyped_command_suggests_the_right_one():
     assert "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("cmd", ["run", "status", "ls", "cp", "resume", "retry", "serve", "submit", "ui"])
+@pytest.mark.parametrize("cmd", ["run", "status", "ls", "cp", "resume", "retry", "serve", "submit", "ui", "dag", "lineage",
+                                 "gc"])
 def test_each_command_help_shows_an_example(cmd, capsys):
     assert main([cmd, "--help"]) == 0
     assert f"Example: baton {cmd}" in capsys.readouterr().out

@@ -203,6 +203,36 @@ def test_transient_failure_is_retried_by_prefect_and_resumes(first_run):
     assert (killed / "result.json").exists()
 
 
+def test_dag_lineage_and_gc_read_the_real_run(first_run):
+    """dag and lineage render the store's stages with their MLflow runs and LoggedModels; gc of the recipe
+    removes every stage dir it does not plan (the variants of the tests above) and the finished checkpoints,
+    and the recipe stays complete."""
+    import json
+
+    art, _, _ = first_run
+    dag = json.loads(baton(["dag", CONFIG, "--json"], art).stdout)
+    nodes = {n["stage"]: n for n in dag["nodes"]}
+    assert list(nodes) == STAGES and {n["state"] for n in nodes.values()} == {"complete"}
+    assert ["vl", "vqa"] in dag["edges"] and ["bert", "caption"] not in dag["edges"]
+    chain = json.loads(baton(["lineage", nodes["vqa"]["model_id"], "--json"], art).stdout)["chain"]
+    assert [n["stage"] for n in chain] == ["world", "cnn", "detector", "bert", "vl", "vqa"]
+    for n in chain:
+        assert (n["fingerprint"], n["run_id"], n["model_id"]) == tuple(nodes[n["stage"]][k] for k in (
+            "fingerprint", "run_id", "model_id")) and n["mlflow"]["status"] == "FINISHED"
+
+    planned = {Path(n["path"]) for n in nodes.values()}
+    others = {d for d in art.glob("stages/*/*") if d.is_dir() and d not in planned}
+    plan = json.loads(baton(["gc", "--dry-run", "--keep-days", "0", CONFIG, "--json"], art).stdout)
+    assert {Path(i["path"]) for i in plan["items"] if i["what"] == "stage dir"} == others
+    assert {Path(i["path"]).parent for i in plan["items"] if i["what"] == "checkpoints"} == \
+        {d for d in planned if (d / "checkpoints").is_dir()}
+    assert plan["bytes"] == sum(i["bytes"] for i in plan["items"]) > 0 and all(d.exists() for d in others)
+    p = baton(["gc", "--keep-days", "0", CONFIG], art)
+    assert "freed" in p.stdout and not any(d.exists() for d in others)
+    assert not any((d / "checkpoints").exists() for d in planned)
+    assert baton(["status", CONFIG], art).stdout.count("complete") == len(STAGES)
+
+
 @pytest.mark.slow  # three CLI runs, ~1-2 min
 def test_stage_processes_can_be_spawned_instead_of_forked(tmp_path):
     """BATON_WORKER_START=spawn: each stage in a fresh `python -m flows.worker` (the fork server's

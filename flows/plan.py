@@ -15,6 +15,7 @@ from typing import Any
 
 from flows.fingerprint import StagePlan
 from flows.store import StageDir, stage_paths
+from stages.fsio import is_temp_name
 from stages.recipe import Recipe
 
 ABSENT = "<absent>"
@@ -122,7 +123,7 @@ def last_complete(artifacts: Path, stage: str, exclude: Path | None = None) -> t
     best: tuple[float, Path] | None = None
     for d in stage_paths(artifacts).get(stage, []):
         f = d / "result.json"
-        if d != exclude and f.is_file() and (d / "config.json").is_file():
+        if d != exclude and not is_temp_name(d.name) and f.is_file() and (d / "config.json").is_file():
             t = f.stat().st_mtime
             best = max(best, (t, d)) if best else (t, d)
     if best is None:

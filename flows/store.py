@@ -162,7 +162,7 @@ def stage_paths(artifacts: Path) -> dict[str, list[Path]]:
     """{stage: its directories (one per fingerprint)} in the store under ``artifacts``."""
     out: dict[str, list[Path]] = {}
     for d in sorted((Path(artifacts) / "stages").glob("*/*")):
-        if d.is_dir() and not is_temp_name(d.name):  # a forced rerun's directory until it is swapped in
+        if d.is_dir():
             out.setdefault(d.parent.name, []).append(d)
     return out
 

@@ -47,5 +47,5 @@ FAULTS_ARGS  ?= max_concurrency=1 runtime.deterministic=true runtime.checkpoint_
 
 .PHONY: faults-long
 faults-long: install
-	$(PY) -m flows.faults configs/vlp-micro.yaml $(FAULTS_ARGS) --kills-per-stage $(FAULTS_KILLS) \
+	$(PY) -m tools.faults configs/vlp-micro.yaml $(FAULTS_ARGS) --kills-per-stage $(FAULTS_KILLS) \
 		--workdir artifacts/faults --out artifacts/faults-report.json

@@ -45,7 +45,7 @@ def _check_writable(art: Path) -> None:
 
 
 def cmd_status(args) -> int:
-    from flows.pipeline import stage_dirs
+    from flows.execute import stage_dirs
 
     recipe = load_recipe(args.config, args.overrides)
     dirs = stage_dirs(recipe, _artifacts(args))
@@ -130,7 +130,7 @@ def cmd_resume(args) -> int:
 
 def _prefect_env(art: Path) -> dict[str, str]:
     """Environment for a Prefect CLI process that talks to baton's embedded server (started here)."""
-    from flows.pipeline import configure_prefect, start_embedded_server
+    from flows.prefect_env import configure_prefect, start_embedded_server
 
     configure_prefect(art)
     start_embedded_server()
@@ -166,7 +166,7 @@ def cmd_retry(args) -> int:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    from flows.pipeline import flow_run_is_alive
+    from flows.prefect_env import flow_run_is_alive
 
     with get_client(sync_client=True) as client:
         try:
@@ -212,7 +212,7 @@ def cmd_serve(args) -> int:
     process serving the flow as deployment baton/baton. Runs of that deployment (``baton submit``, the UI's
     Run) execute here; so do the ones the UI's Retry button puts back to Scheduled: finished stages are
     Cached and the failed one continues from its checkpoint, in the same flow run."""
-    from flows.pipeline import configure_prefect
+    from flows.prefect_env import configure_prefect
 
     art = _artifacts(args).resolve()
     _check_writable(art)
@@ -255,7 +255,7 @@ def cmd_submit(args) -> int:
     recipe = load_recipe(args.config, args.overrides)
     art = _artifacts(args).resolve()
     _check_writable(art)
-    from flows.pipeline import configure_prefect
+    from flows.prefect_env import configure_prefect
 
     url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
     configure_prefect(art)

@@ -11,6 +11,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,30 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(payload).encode()).hexdigest()
 
 
-def plan_fingerprints(stages: dict[str, StageConfig]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Fingerprints of every stage in topological order: {name: (fingerprint, payload)}."""
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
+@dataclass(frozen=True)
+class StagePlan:
+    """What the flow knows about one stage before anything runs: its fingerprint (the store directory it
+    owns) and the payload the fingerprint was computed from (written into the stage's config.json)."""
+
+    name: str
+    kind: str
+    fingerprint: str
+    payload: dict[str, Any]
+    needs: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint, "payload": self.payload,
+                "needs": list(self.needs)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StagePlan:
+        return cls(d["name"], d["kind"], d["fingerprint"], d["payload"], tuple(d.get("needs", ())))
+
+
+def plan_fingerprints(stages: dict[str, StageConfig]) -> dict[str, StagePlan]:
+    """Fingerprints of every stage in topological order: {name: StagePlan}."""
+    out: dict[str, StagePlan] = {}
     for name, cfg in stages.items():
-        payload = fingerprint_payload(name, cfg, {u: out[u][0] for u in cfg.needs})
-        out[name] = (fingerprint(payload), payload)
+        payload = fingerprint_payload(name, cfg, {u: out[u].fingerprint for u in cfg.needs})
+        out[name] = StagePlan(name, cfg.kind, fingerprint(payload), payload, tuple(cfg.needs))
     return out

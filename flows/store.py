@@ -15,8 +15,6 @@ import fcntl
 import json
 import logging
 import os
-import re
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -24,17 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stages.contract import StageResult
-from stages.fsio import write_json_atomic
+from stages.fsio import is_temp_name, remove_path, temp_owner, write_json_atomic
 
 log = logging.getLogger("baton")
-
-# temp names of the atomic writers: ``.result.json.tmp-<pid>`` (write_json_atomic), ``.tmp-<step>-<pid>``
-# (checkpoints), ``outputs.tmp-<pid>`` (world), ``regions.tmp-<pid>`` / ``regions.old-<pid>`` (region store),
-# ``.x.tmp-<pid>`` (save_weights)
-# our atomic writers' temp names (pid-tagged), and the Rust tempfile crate's (.tmpXXXXXX), which safetensors
-# and tokenizers write through when transformers' save_pretrained saves into outputs/
-TEMP_NAME = re.compile(r"(^|\.)(tmp|old)-(\d+-)?\d+$|^\.tmp[A-Za-z0-9]{6}$")
-
+LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
 
 class StageDir:
     def __init__(self, root: Path, stage: str, fingerprint: str):
@@ -78,18 +69,10 @@ class StageDir:
         """Delete temp files/dirs that killed writers left behind. Call it holding :meth:`lock`: then no
         other process writes here, so every temp name is garbage (a complete stage keeps none)."""
         removed = []
-        dirs = [self.path, self.path / "checkpoints", self.path / "outputs"]
-        if (self.path / "outputs").is_dir():
-            dirs += [d for d in (self.path / "outputs").iterdir() if d.is_dir() and not TEMP_NAME.search(d.name)]
-        for d in dirs:
-            if not d.is_dir():
-                continue
+        for d in temp_dirs(self.path):
             for p in d.iterdir():
-                if TEMP_NAME.search(p.name) and not p.name.endswith(f"-{os.getpid()}"):
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+                if is_temp_name(p.name) and temp_owner(p.name) != os.getpid():
+                    remove_path(p)
                     removed.append(p)
         if removed:
             log.info("[%s] removed %d temp file(s) left by an interrupted run: %s", self.stage, len(removed),
@@ -127,7 +110,57 @@ class StageDir:
                         waited = True
                     time.sleep(poll)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, f"{LOCK_PID}{os.getpid()} host={socket.gethostname()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+# ------------------------------------------------------------------------------ the store seen from outside
+# (reports, the fault harness): read-only, without knowing the fingerprint a directory belongs to
+
+
+def stage_paths(artifacts: Path) -> dict[str, list[Path]]:
+    """{stage: its directories (one per fingerprint)} in the store under ``artifacts``."""
+    out: dict[str, list[Path]] = {}
+    for d in sorted((Path(artifacts) / "stages").glob("*/*")):
+        if d.is_dir():
+            out.setdefault(d.parent.name, []).append(d)
+    return out
+
+
+def temp_dirs(stage_path: Path) -> list[Path]:
+    """The directories of a stage directory that writers put temp names in: itself, checkpoints/,
+    outputs/ and the folders in outputs/ (those that exist)."""
+    stage_path = Path(stage_path)
+    dirs = [stage_path, stage_path / "checkpoints", stage_path / "outputs"]
+    try:
+        dirs += [d for d in (stage_path / "outputs").iterdir() if d.is_dir() and not is_temp_name(d.name)]
+    except OSError:
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def lock_holder(stage_path: Path) -> int | None:
+    """The pid of the process that holds, or last held, the stage directory's lock."""
+    try:
+        text = (Path(stage_path) / ".lock").read_text()
+    except OSError:
+        return None
+    word = text.split(" ", 1)[0]
+    return int(word[len(LOCK_PID):]) if word.startswith(LOCK_PID) and word[len(LOCK_PID):].isdigit() else None
+
+
+def read_result(stage_path: Path) -> StageResult | None:
+    """The stage directory's result.json as written (None if absent); raises ValueError if it does not parse."""
+    f = Path(stage_path) / "result.json"
+    try:
+        text = f.read_text()
+    except FileNotFoundError:
+        return None
+    return StageResult.model_validate_json(text)
+
+
+def resolved_config(stage_path: Path) -> dict[str, Any]:
+    """The resolved stage config recorded in the stage directory's config.json."""
+    return json.loads((Path(stage_path) / "config.json").read_text())["resolved"]

@@ -1,29 +1,173 @@
-"""One stage in its own process: ``python -m flows.worker STAGE --snapshot FILE --artifacts DIR``.
+"""One stage in its own process, both ends: launching it (from the flow) and the process itself.
 
-The flow's task for a stage starts this process and streams its log lines into Prefect. Giving
-every executing stage its own process means concurrent stages do not share torch's global RNG
-(so each stays reproducible), do not fight over the GIL or one OpenMP pool (each sets its own
-thread count), release all their (GPU) memory when done, and a hard crash of one stage cannot take
-the flow down. It is also where a multi-GPU stage becomes ``torchrun`` instead of ``python``.
+    python -m flows.worker STAGE --snapshot FILE --artifacts DIR [--parent-run-id ID] [--threads N]
 
-Exit status: 0 done, 2 a config or data error (never retried), 1 anything else.
+The flow's task for a stage calls :func:`run_stage_process`, which starts this process and streams its
+log lines into Prefect. Giving every executing stage its own process means concurrent stages do not
+share torch's global RNG (so each stays reproducible), do not fight over the GIL or one OpenMP pool
+(each sets its own thread count), release all their (GPU) memory when done, and a hard crash of one
+stage cannot take the flow down. It is also where a multi-GPU stage becomes ``torchrun`` instead of
+``python``.
+
+The process is forked from a fork server that imported torch, MLflow and the stage kinds once
+(:func:`prewarm_workers`), or with ``BATON_WORKER_START=spawn`` a fresh interpreter. Its input is a
+snapshot file (:func:`write_snapshot`): resolved configs and fingerprints, so it imports only its kind.
+
+Exit status (:data:`EXIT_OK`, :data:`EXIT_BAD_INPUT`, :data:`EXIT_CACHED`, anything else = a crash):
+0 done, 2 a config or data error (never retried), 3 already complete, 1 anything else.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
+import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
-from types import SimpleNamespace
-
+from flows.fingerprint import StagePlan
 from stages import kind_module, use_python_path
 from stages.contract import StageError
-from stages.recipe import RecipeError
+from stages.recipe import Recipe, RecipeError
 
 log = logging.getLogger("baton")
-EXIT_BAD_INPUT, EXIT_CACHED = 2, 3  # same as flows.pipeline
+EXIT_OK, EXIT_BAD_INPUT, EXIT_CACHED = 0, 2, 3
+ERROR_PREFIX = "error: "  # the child's last word on bad input, read back by the launching end
+
+
+# ---------------------------------------------------------------------------------------------- launching
+
+
+def write_snapshot(artifacts: Path, recipe: Recipe, plans: dict[str, StagePlan]) -> Path:
+    """What a stage process needs, already resolved (configs and fingerprints): it imports only its kind."""
+    snapshot = Path(artifacts) / "tmp" / f"recipe-{os.getpid()}-{time.time_ns()}.json"
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.write_text(json.dumps({
+        "recipe": recipe.name, "plans": {n: p.to_json() for n, p in plans.items()}, "python_path": recipe.python_path,
+        "stages": {n: c.model_dump(mode="json", exclude_unset=True) for n, c in recipe.stages.items()}}))
+    return snapshot
+
+
+def _worker_start_method() -> str:
+    m = os.environ.get("BATON_WORKER_START", "forkserver")
+    if m not in ("forkserver", "spawn"):
+        raise RecipeError(f"BATON_WORKER_START={m!r}: expected 'forkserver' or 'spawn'")
+    return m
+
+
+_prewarmed: dict[str, Any] = {}  # what the running fork server imported, and the code it imported
+_active_workers = 0
+_workers_lock = threading.Lock()
+
+
+def _code_signature() -> tuple:
+    """mtimes of baton's own modules: a long-lived process (a notebook, pytest) that edits stage code
+    must not keep forking the old code."""
+    root = Path(__file__).resolve().parents[1]
+    return tuple(sorted((str(p), p.stat().st_mtime_ns) for d in ("flows", "stages") for p in (root / d).rglob("*.py")))
+
+
+def prewarm_workers(kinds: list[str]) -> None:
+    """Start the stage-process fork server now, importing torch, transformers, MLflow and the recipe's
+    stage kinds once, in the background, while the flow starts Prefect and MLflow. Each stage process is
+    then a fork of that clean, single-threaded server (no Prefect, no event loop, no CUDA in it): ~0.1 s
+    instead of the ~8-10 s a fresh interpreter spends importing them, per stage. A server that imported
+    other kinds or older code is replaced (only between stages: stopping it kills its children)."""
+    if not kinds or _worker_start_method() != "forkserver":
+        return
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    from stages import KINDS
+
+    mods = ["flows.worker", "flows.execute", "flows.tracking", "mlflow", "mlflow.tracking",
+            "mlflow.store.tracking.sqlalchemy_store", *(KINDS[k] for k in kinds if k in KINDS)]
+    sig = _code_signature()
+    with _workers_lock:
+        running = forkserver._forkserver._forkserver_pid is not None
+        if running and (set(mods) - set(_prewarmed.get("mods", ())) or _prewarmed.get("sig") != sig):
+            if _active_workers:
+                return  # busy: new stage processes import what is missing themselves
+            forkserver._forkserver._stop()
+            running = False
+        if running:
+            return
+        mp.get_context("forkserver").set_forkserver_preload(mods)
+        # imports in the server must not initialise CUDA (a forked child could not use it): torch's
+        # availability check, if anything calls it at import, asks NVML instead of the driver
+        nvml = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+        try:
+            forkserver.ensure_running()  # returns at once; the server imports, then serves
+        finally:
+            if nvml is None:
+                os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+            else:
+                os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = nvml
+        _prewarmed.update(mods=mods, sig=sig)
+
+
+def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int) -> tuple[int, list[str]]:
+    """Run one stage in its own process (flows.worker), forwarding its log lines. Returns (exit code, last lines).
+    The process is forked from the fork server (``prewarm_workers``), or with ``BATON_WORKER_START=spawn`` a
+    fresh ``python -m flows.worker``. Either way its stdout and stderr (fds 1 and 2) come through a pipe."""
+    argv = [name, "--snapshot", str(snapshot), "--artifacts", str(artifacts),
+            "--threads", str(threads)] + (["--parent-run-id", parent_id] if parent_id else [])
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    cwd = Path(__file__).resolve().parents[1]
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+
+    def forward(lines) -> None:
+        for line in lines:
+            line = line.rstrip()
+            tail.append(line)
+            (log.warning if line.startswith(("error", "Traceback", "WARNING")) else log.info)(line)
+
+    if _worker_start_method() == "spawn":
+        with subprocess.Popen([sys.executable, "-m", "flows.worker", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd) as p:
+            forward(p.stdout)
+        return p.returncode, list(tail)
+
+    import multiprocessing as mp
+
+    global _active_workers
+    ctx = mp.get_context("forkserver")
+    r, w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=forked_main, args=(argv, dict(env), str(cwd), w), name=f"baton-{name}")
+    with _workers_lock:
+        proc.start()
+        _active_workers += 1
+    try:
+        w.close()
+        with os.fdopen(os.dup(r.fileno()), "r", errors="replace") as f:
+            r.close()
+            forward(f)
+        proc.join()
+    finally:
+        with _workers_lock:
+            _active_workers -= 1
+    return proc.exitcode, list(tail)
+
+
+def run_stage_process(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int) -> bool:
+    """Execute stage ``name`` in its own process; True if it turned out to be complete already. A config
+    or data error in the process is raised as StageError (never retried), a crash as RuntimeError."""
+    rc, tail = launch_worker(name, snapshot, artifacts, parent_id, threads)
+    if rc in (EXIT_OK, EXIT_CACHED):
+        return rc == EXIT_CACHED
+    msg = next((ln[len(ERROR_PREFIX):] for ln in reversed(tail) if ln.startswith(ERROR_PREFIX)), None)
+    if rc == EXIT_BAD_INPUT and msg:
+        raise StageError(msg)
+    raise RuntimeError(f"stage {name!r}: worker exited with status {rc}:\n" + "\n".join(tail[-12:]))
+
+
+# ---------------------------------------------------------------------------------------------- the process
 
 
 def _die_with_parent() -> None:
@@ -40,7 +184,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.worker")
     p.add_argument("stage")
-    p.add_argument("--snapshot", required=True, type=Path, help="JSON: {recipe, fingerprints, stages: resolved configs}")
+    p.add_argument("--snapshot", required=True, type=Path, help="JSON: {recipe, plans, stages: resolved configs}")
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--parent-run-id", default="")
     p.add_argument("--threads", type=int, default=None, help="torch threads when runtime.threads is unset")
@@ -55,24 +199,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = kind_module(block["kind"]).Config.model_validate(block)
         if cfg.runtime.threads is None and args.threads:
             cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": args.threads})})
-        recipe = SimpleNamespace(name=snap["recipe"], stages={args.stage: cfg})
-        from flows.pipeline import execute_stage
+        plans = {n: StagePlan.from_json(v) for n, v in snap["plans"].items()}
+        from flows.execute import execute_stage
 
         tracking = None
         if args.parent_run_id:
             from flows.tracking import Tracking
 
-            tracking = Tracking(args.artifacts, recipe.name)
-        fps = {n: tuple(v) for n, v in snap["fingerprints"].items()}
-        _, was_complete = execute_stage(args.stage, recipe, fps, args.artifacts, tracking, args.parent_run_id)
-        return EXIT_CACHED if was_complete else 0
+            tracking = Tracking(args.artifacts, snap["recipe"])
+        _, was_complete = execute_stage(args.stage, cfg, plans, args.artifacts, tracking, args.parent_run_id)
+        return EXIT_CACHED if was_complete else EXIT_OK
     except (StageError, RecipeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:
-    """Entry of a stage process forked from the fork server (flows.pipeline.launch_worker): take the
+    """Entry of a stage process forked from the fork server (launch_worker): take the
     launching flow's environment and working directory, send fds 1 and 2 into its pipe ``out``, run."""
     import os
 

@@ -8,14 +8,78 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
+
+# THE temp-name rule. A writer of ``x`` writes ``.x.tmp-<pid>`` (a replaced ``x`` is moved aside to
+# ``.x.old-<pid>``) and renames it into place: hidden, so a reader's glob (``checkpoints/0*``) never
+# sees a half-written entry. Recognised as well: names earlier versions wrote (``x.tmp-<pid>``,
+# ``x.old-<pid>``, checkpoints' ``.tmp-<step>-<pid>``) and the Rust tempfile crate's ``.tmpXXXXXX``,
+# which safetensors and tokenizers write through (its owner is unknown: None).
+_TEMP_NAME = re.compile(r"\.?(?P<target>.+)\.(?:tmp|old)-(?P<pid>\d+)"  # x.tmp-<pid>, x.old-<pid>, .x.tmp-<pid>
+                        r"|\.tmp-(?P<step>\d+)-(?P<step_pid>\d+)"  # checkpoints, as written before
+                        r"|\.tmp[A-Za-z0-9]{6}")  # Rust tempfile (safetensors, tokenizers)
+
+
+def temp_path(path: Path, tag: str = "tmp", pid: int | None = None) -> Path:
+    """The name process ``pid`` (default: this one) writes ``path`` into before renaming it into place
+    (``tag="old"``: where it moves a replaced ``path`` aside). Works for files and directories."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{os.getpid() if pid is None else pid}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` (a file or directory name, no folders) is a writer's temp name."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def temp_owner(name: str) -> int | None:
+    """The pid of the process that writes temp name ``name``; None if unknown or not a temp name."""
+    m = _TEMP_NAME.fullmatch(name)
+    pid = m and (m.group("pid") or m.group("step_pid"))
+    return int(pid) if pid else None
+
+
+def temp_target(name: str) -> str | None:
+    """The name temp name ``name`` will be renamed to (``x`` for ``x.tmp-<pid>``); None if unknown."""
+    m = _TEMP_NAME.fullmatch(name)
+    return (m.group("target") or m.group("step")) if m else None
+
+
+def temps_of(path: Path) -> list[Path]:
+    """Temp names of ``path`` next to it (``.x.tmp-<pid>``, ``.x.old-<pid>``), any writer's."""
+    path = Path(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if temp_target(p.name) == path.name]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_path(p: Path) -> None:
+    """Delete a file or a directory tree (a temp left behind), whichever ``p`` is."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file, fsync, rename: readers see the old file or the new one, never half."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()

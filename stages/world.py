@@ -22,19 +22,19 @@ from stages.config.world import CAPTION_SOURCES, OUTPUTS, Config
 from stages.contract import StageContext, StageError, StageResult, log
 from stages.data.regions import RegionStore
 from stages.data.synthetic import COLOUR_NAMES, RELATIONS, SHAPES, SIZES, generate
-from stages.fsio import fsync_dir
+from stages.fsio import fsync_dir, temp_path, temps_of
 
 
 def _publish(stage_dir: Path, write) -> Any:
     """Run ``write(tmp_outputs_dir)`` then rename the folder to ``stage_dir/outputs`` (nothing
-    half-written survives a failure or a kill: a stale ``outputs.tmp-*`` is removed next time)."""
+    half-written survives a failure or a kill: a stale temp dir (stages.fsio.temps_of) is removed next time)."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / "outputs"
-    for stale in stage_dir.glob("outputs.tmp-*"):
+    for stale in temps_of(final):
         shutil.rmtree(stale, ignore_errors=True)
     if final.exists():  # partial outputs of an earlier, interrupted run (result.json is the truth)
         shutil.rmtree(final)
-    tmp = stage_dir / f"outputs.tmp-{os.getpid()}"
+    tmp = temp_path(final)
     tmp.mkdir()
     try:
         ret = write(tmp)

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.faults import TEMP, check_consistency
+from stages.fsio import is_temp_name
+from tools.faults import check_consistency
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def assert_nothing_half_written(art: Path, failed: str, complete: tuple[str, ...
     if (art / "stages" / failed).exists():
         d = stage_dir(art, failed)
         assert not (d / "result.json").exists()
-        assert not [p for p in d.rglob("*") if TEMP.search(p.name)]
+        assert not [p for p in d.rglob("*") if is_temp_name(p.name)]
     for s in complete:
         assert (stage_dir(art, s) / "result.json").exists(), s
     assert check_consistency(art) == []

@@ -26,7 +26,7 @@ stages:
 def fingerprints(tmp_path: Path) -> dict[str, str]:
     p = tmp_path / "r.yaml"
     p.write_text(RECIPE)
-    return {n: fp for n, (fp, _) in fingerprint.plan_fingerprints(load_recipe(p).stages).items()}
+    return {n: sp.fingerprint for n, sp in fingerprint.plan_fingerprints(load_recipe(p).stages).items()}
 
 
 def edited(tmp_path: Path, monkeypatch, module: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ def replace_same_size(f: Path) -> None:
 
 
 def plan(recipe: Path) -> dict[str, str]:
-    return {n: fp for n, (fp, _) in plan_fingerprints(load_recipe(recipe).stages).items()}
+    return {n: sp.fingerprint for n, sp in plan_fingerprints(load_recipe(recipe).stages).items()}
 
 
 def weights_dir(d: Path) -> Path:
@@ -142,7 +142,7 @@ def test_a_weights_name_is_not_a_path(tmp_path, monkeypatch):
                       "  bert: {kind: bert, needs: [world], model: {pretrained: prajjwal1/bert-tiny}}\n")
     r = load_recipe(recipe)
     assert r.stages["bert"].model.pretrained == "prajjwal1/bert-tiny"
-    _, payload = plan_fingerprints(r.stages)["bert"]
+    payload = plan_fingerprints(r.stages)["bert"].payload
     assert payload["data"]["model.pretrained"]["name"] == "prajjwal1/bert-tiny"
 
 
@@ -163,7 +163,7 @@ def test_relative_paths_are_relative_to_the_recipe_folder(tmp_path, monkeypatch)
     assert r.stages["world"].paths.corpus == str(folder / "data" / "corpus")
     assert r.stages["cnn"].model.init == str(folder / "w.pt")
     assert r.raw["stages"]["world"]["paths"]["corpus"] == str(folder / "data" / "corpus"), "the snapshot too"
-    _, payload = plan_fingerprints(r.stages)["world"]
+    payload = plan_fingerprints(r.stages)["world"].payload
     assert payload["data"]["paths.corpus"] not in ("missing", data_digest(elsewhere / "data" / "corpus"))
     assert load_recipe(recipe, raw=r.raw).stages == r.stages, "resolving again changes nothing"
 

@@ -1,6 +1,6 @@
-"""Robustness of `baton run` as a whole: SIGKILLs anywhere (flows.faults), two runs at once, `baton resume`.
+"""Robustness of `baton run` as a whole: SIGKILLs anywhere (tools.faults), two runs at once, `baton resume`.
 
-The runs here use a snapshot of flows/ + stages/ (flows.faults.snapshot_code), so that edits to the
+The runs here use a snapshot of flows/ + stages/ (tools.faults.snapshot_code), so that edits to the
 working tree while a test runs do not change fingerprints between its runs.
 
 Determinism: the comparisons are exact (metrics and every output file). ``runtime.deterministic=true``
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.faults import ROOT, check_consistency, run_harness, snapshot_code
+from tools.faults import ROOT, check_consistency, run_harness, snapshot_code
 
 CONFIG = "configs/vlp-micro.yaml"
 STAGES = ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]

@@ -17,7 +17,7 @@ stages:
 def fps(tmp_path: Path, *overrides: str) -> dict[str, str]:
     p = tmp_path / "r.yaml"
     p.write_text(RECIPE)
-    return {n: fp for n, (fp, _) in plan_fingerprints(load_recipe(p, list(overrides)).stages).items()}
+    return {n: sp.fingerprint for n, sp in plan_fingerprints(load_recipe(p, list(overrides)).stages).items()}
 
 
 def test_runtime_is_not_part_of_the_fingerprint(tmp_path):
@@ -84,7 +84,7 @@ stages:
   world: {{kind: world, source: real, paths: {{corpus: {corpus}}}}}
   bert: {{kind: bert, needs: [world]}}
 """)
-    plan = lambda: {n: fp for n, (fp, _) in plan_fingerprints(load_recipe(p).stages).items()}  # noqa: E731
+    plan = lambda: {n: sp.fingerprint for n, sp in plan_fingerprints(load_recipe(p).stages).items()}  # noqa: E731
     first = plan()
     assert plan() == first
     (corpus / "train.txt").write_text("a b c d\n")

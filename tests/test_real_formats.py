@@ -27,6 +27,7 @@ from stages.data.regions import (
     import_bua_tsv,
     read_class_vocab,
 )
+from stages.fsio import temp_path, temps_of
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -270,7 +271,7 @@ def test_bua_tsv_errors_name_the_line(tmp_path):
         import_bua_tsv(short, tmp_path / "out")
     with pytest.raises(StageError, match="not found"):
         import_bua_tsv(tmp_path / "nope.tsv", tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not (tmp_path / "out").exists() and not temps_of(tmp_path / "out")
 
 
 def test_bua_tsv_cli(tmp_path):
@@ -318,7 +319,7 @@ def test_sigkill_mid_write_never_leaves_a_complete_looking_store(tmp_path):
     proc = _writer(out, 2000, 0.01)  # ~20 s if left alone
     assert proc.stdout.readline().startswith("tmp ")
     assert proc.stdout.readline().strip() == "writing"
-    tmp = out.with_name(f"regions.tmp-{proc.pid}")
+    tmp = temp_path(out, pid=proc.pid)
     assert tmp.is_dir()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -333,7 +334,7 @@ def test_sigkill_mid_write_never_leaves_a_complete_looking_store(tmp_path):
     assert not tmp.exists()
     w.add(7, np.ones((2, 4)), np.ones((2, 6)), np.ones((2, 1)))
     w.close()
-    assert RegionStore(out).image_ids == [7] and not list(tmp_path.glob("regions.*-*"))
+    assert RegionStore(out).image_ids == [7] and not temps_of(out)
 
 
 def test_sigkill_at_any_moment_leaves_the_previous_store_or_the_new_one(tmp_path):
@@ -442,7 +443,7 @@ def test_vlp_base_recipe_validates_with_the_paper_sizes():
     s = r.stages
     assert list(s) == ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]
     fps = plan_fingerprints(s)
-    assert len({fp for fp, _ in fps.values()}) == len(s)
+    assert len({sp.fingerprint for sp in fps.values()}) == len(s)
 
     assert s["world"].source == "real"
     assert {k for k, v in s["world"].paths.model_dump().items() if v} == {"imagenet", "vg", "corpus", "coco", "vqa"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.faults import ROOT, Watch, check_consistency, snapshot_code
+from tools.faults import ROOT, Watch, check_consistency, snapshot_code
 
 CONFIG = "configs/vlp-micro.yaml"
 OVER = ["stages.vqa.train.steps=30", "runtime.checkpoint_every=2"]

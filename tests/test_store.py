@@ -71,3 +71,28 @@ def test_temps_of_killed_writers_are_removed_and_weights_writes_leave_none(tmp_p
         removed = sd.remove_stale_temps()
     assert sorted(removed) == sorted(leftovers)
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_one_temp_name_rule_for_every_writer_and_the_names_already_on_disk(tmp_path):
+    """stages.fsio owns the rule: the names its writers make, the names earlier versions wrote, and
+    the Rust tempfile crate's are all temp names; the pid-tagged ones name their writer."""
+    from stages.fsio import is_temp_name, temp_owner, temp_path, temp_target, temps_of
+
+    pid = os.getpid()
+    made = [temp_path(tmp_path / "result.json"), temp_path(tmp_path / "checkpoints" / "00000004"),
+            temp_path(tmp_path / "outputs"), temp_path(tmp_path / "regions", "old")]
+    for p in made:
+        assert is_temp_name(p.name) and temp_owner(p.name) == pid, p.name
+    assert temp_target(made[1].name) == "00000004" and temp_target(".tmp-00000004-4242") == "00000004"
+    on_disk = {".result.json.tmp-4242": 4242, ".tmp-00000004-4242": 4242, "outputs.tmp-4242": 4242,
+               "regions.old-4242": 4242, ".model.safetensors.tmp-4242": 4242, ".tmpRJfnKa": None}
+    for name, owner in on_disk.items():
+        assert is_temp_name(name) and temp_owner(name) == owner, name
+    for name in ("result.json", "00000004", "outputs", "model.safetensors", "tmp", "regions", "run.json"):
+        assert not is_temp_name(name) and temp_owner(name) is None, name
+    (tmp_path / "regions").mkdir()
+    for name in (".regions.tmp-5", "regions.tmp-1", "regions.old-2", "regionsX.tmp-3", "other.tmp-4"):
+        (tmp_path / name).mkdir()
+    assert sorted(p.name for p in temps_of(tmp_path / "regions")) == [".regions.tmp-5", "regions.old-2",
+                                                                       "regions.tmp-1"]
+    assert temp_path(tmp_path / "regions").name.startswith(".")  # hidden: a reader's glob never sees it

@@ -106,11 +106,11 @@ def test_the_code_digest_follows_the_users_modules(tmp_path, monkeypatch):
     assert str(recipe.parent / "src") in sys.path and r.raw["python_path"] == [str(recipe.parent / "src")]
     assert {"my_project.stages.probe", "my_project.heads", "stages.train.loop"} <= set(
         fingerprint.code_digest("my_project.stages.probe"))
-    before = {n: fp for n, (fp, _) in fingerprint.plan_fingerprints(r.stages).items()}
+    before = {n: sp.fingerprint for n, sp in fingerprint.plan_fingerprints(r.stages).items()}
     heads = recipe.parent / "src" / "my_project" / "heads.py"
     heads.write_text(heads.read_text().replace("nn.Linear(dim, 1)", "nn.Linear(dim, 1, bias=False)"))
     fingerprint._module_digest.cache_clear()
-    after = {n: fp for n, (fp, _) in fingerprint.plan_fingerprints(r.stages).items()}
+    after = {n: sp.fingerprint for n, sp in fingerprint.plan_fingerprints(r.stages).items()}
     assert {n for n in before if before[n] != after[n]} == {"probe"}
 
 

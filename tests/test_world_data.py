@@ -16,6 +16,7 @@ from stages.contract import StageContext, StageError
 from stages.data import captions, imagenet, text, visual_genome
 from stages.data import vqa as vqa_data
 from stages.data.synthetic import PLURALS
+from stages.fsio import temps_of
 from stages.world import run
 
 SMALL = dict(classification={"train": 60, "val": 20}, scenes={"train": 12, "val": 6}, corpus={"documents": 20},
@@ -63,7 +64,7 @@ def test_result_and_counts(world):
     assert set(res.outputs) == {"imagenet", "vg", "corpus", "coco", "vqa"}
     for v in res.outputs.values():
         assert (d / v).is_dir()
-    assert not list(d.glob("outputs.tmp-*"))
+    assert not temps_of(d / "outputs")
     m = res.metrics
     assert m["classification_train"] == 60 and m["classification_val"] == 20
     assert m["scenes_train"] == 12 and m["scenes_val"] == 6
@@ -78,7 +79,7 @@ def test_rerun_replaces_stale_outputs(tmp_path):
     (d / "outputs").mkdir()
     (d / "outputs" / "junk").write_text("partial")
     run(make_ctx(d, classification={"train": 36, "val": 36}, scenes={"train": 2, "val": 1}, corpus={"documents": 2}))
-    assert not (d / "outputs" / "junk").exists() and not list(d.glob("outputs.tmp-*"))
+    assert not (d / "outputs" / "junk").exists() and not temps_of(d / "outputs")
     assert (d / "outputs" / "vg" / "objects.json").is_file()
 
 

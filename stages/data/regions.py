@@ -7,7 +7,7 @@ to the i-th image of ``index.json``):
     probs.npy      (N*K, C+1)   class probabilities (column 0 = background)
     index.json     {"image_ids": [...], "num_boxes": [...], "k": K, "feature_dim": D,
                     "num_classes": C, "classes": [...], "format": 1}
-Rows past ``num_boxes[i]`` are zero padding. The store is written into ``<dir>.tmp-<pid>`` and
+Rows past ``num_boxes[i]`` are zero padding. The store is written into ``.<dir>.tmp-<pid>`` and
 renamed into place after everything is fsynced, and ``index.json`` is written last, so a store that
 has an index is complete; a writer killed at any point leaves either no store or the previous one.
 
@@ -34,31 +34,18 @@ from pathlib import Path
 import numpy as np
 
 from stages.contract import StageError
-from stages.fsio import fsync_dir
+from stages.fsio import fsync_dir, pid_alive, temp_owner, temp_path, temps_of
 
 FORMAT = 1
 GEOMETRY_DIM = 6
 STORE_FILES = ("features.npy", "geometry.npy", "probs.npy")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(path: Path) -> None:
-    """Leftovers of writers of ``path`` that died (``<name>.tmp-<pid>`` / ``<name>.old-<pid>``, pid gone)."""
-    if not path.parent.is_dir():
-        return
-    pat = re.compile(re.escape(path.name) + r"\.(tmp|old)-(\d+)$")
-    for d in path.parent.iterdir():
-        m = pat.fullmatch(d.name)
-        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+    """Leftovers of writers of ``path`` that died (its temp names whose writer pid is gone)."""
+    for d in temps_of(path):
+        pid = temp_owner(d.name)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -70,7 +57,7 @@ class RegionStoreWriter:
 
     def __init__(self, path: Path, n_images: int, k: int, feature_dim: int, classes: list[str]):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         _remove_stale(self.path)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -125,7 +112,7 @@ class RegionStoreWriter:
         fsync_dir(self.tmp)
         # publish: move an old store aside (one rename), move the new one in (one rename), then delete
         # the old one. A reader sees the old store, no store, or the new store; never a half-deleted one.
-        old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+        old = temp_path(self.path, "old")
         if self.path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.path, old)

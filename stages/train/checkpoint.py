@@ -6,8 +6,8 @@ A checkpoint is a directory ``checkpoints/<step:08d>/`` holding
                       RNG states, step, ...; plain tensors/containers: loads with ``torch.load(weights_only=True)``)
   best.json           (keep_best only) the best checkpoint's step as of this one: kept from pruning
   manifest.json       sizes + sha256 of the two files, written last
-It is written to ``.tmp-<step>-<pid>/``, fsynced, then renamed into place, so a kill during
-the write leaves either the previous checkpoint or the new one, never a half one. ``latest()``
+It is written to a temp name (``.<step>.tmp-<pid>/``, stages.fsio.temp_path), fsynced, then renamed into
+place, so a kill during the write leaves either the previous checkpoint or the new one, never a half one. ``latest()``
 verifies the manifest and falls back to the previous checkpoint (with a warning) when the newest
 is corrupt."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stages.contract import StageError
-from stages.fsio import _fsync_file, fsync_dir, sha256_file
+from stages.fsio import _fsync_file, fsync_dir, is_temp_name, sha256_file, temp_owner, temp_path
 
 log = logging.getLogger("baton")
 
@@ -53,7 +53,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     # a pid-tagged temp *directory*: safetensors itself writes through a temp file (.tmpXXXXXX) next to its
     # target, which a kill would leave behind in outputs/; inside this dir it goes with the dir
-    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp_dir = temp_path(path)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     try:
@@ -128,7 +128,7 @@ class CheckpointManager:
         pruning for as long as this one is kept."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.path_of(step)
-        tmp = self.root / f".tmp-{step:08d}-{os.getpid()}"
+        tmp = temp_path(final)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
@@ -173,9 +173,8 @@ class CheckpointManager:
         for s in steps:
             if s not in protected:
                 shutil.rmtree(self.path_of(s), ignore_errors=True)
-        for p in self.root.glob(".tmp-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid != str(os.getpid()):
+        for p in self.root.iterdir():
+            if is_temp_name(p.name) and temp_owner(p.name) != os.getpid():
                 shutil.rmtree(p, ignore_errors=True)
 
     def verify(self, path: Path) -> str | None:

@@ -1,0 +1,132 @@
+"""Executing one stage: lock, cached?, tracker, run, LoggedModel, result.json.
+
+``execute_stage`` runs inside the stage process (flows.worker). Under the stage directory's lock it
+  - returns the stage's ``result.json`` if it is already complete (the truth: nothing trains), or
+  - runs the stage kind's ``run(ctx)`` (which resumes from its newest checkpoint if an earlier run was
+    killed), logs metrics, the LoggedModel and lineage to MLflow, and writes ``result.json`` last.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flows.fingerprint import StagePlan, plan_fingerprints
+from flows.store import StageDir
+from stages import kind_module
+from stages.contract import NullTracker, StageConfig, StageContext, StageError, StageResult, Tracker, seed_stage
+from stages.recipe import Recipe
+
+log = logging.getLogger("baton")
+
+
+def stage_dirs(recipe: Recipe, artifacts: Path, plans: dict[str, StagePlan] | None = None) -> dict[str, StageDir]:
+    """{stage: its store directory} for every stage of the recipe."""
+    plans = plans if plans is not None else plan_fingerprints(recipe.stages)
+    return {n: StageDir(Path(artifacts), n, p.fingerprint) for n, p in plans.items()}
+
+
+def incomplete_kinds(recipe: Recipe, artifacts: Path, plans: dict[str, StagePlan] | None = None) -> list[str]:
+    """The kinds of the stages that have no result.json yet (the ones that will need a process)."""
+    dirs = stage_dirs(recipe, artifacts, plans)
+    return sorted({c.kind for n, c in recipe.stages.items() if dirs[n].result() is None})
+
+
+def cached_result(name: str, sd: StageDir, tracking, parent_id: str) -> StageResult | None:
+    """The stage's result if it is complete (result.json is the truth), tagged on the parent run."""
+    done = sd.result()
+    if done is not None:
+        log.info("[%s] cached: %s", name, sd.path)
+        if tracking is not None:
+            tracking.client.set_tag(parent_id, f"stage.{name}", f"cached run={done.info.get('mlflow_run_id')}")
+            tracking.finish_if_running(done.info.get("mlflow_run_id"), sd.path)
+    return done
+
+
+def _upstream(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path
+              ) -> tuple[dict[str, StageDir], dict[str, StageResult]]:
+    dirs = {u: StageDir(artifacts, u, plans[u].fingerprint) for u in cfg.needs}
+    results = {}
+    for u, d in dirs.items():
+        r = d.result()
+        if r is None:
+            raise StageError(f"stage {name!r}: upstream {u!r} is not complete in {d.path}")
+        results[u] = r
+    return dirs, results
+
+
+def _open_tracker(name: str, sd: StageDir, resolved: dict, tracking, parent_id: str,
+                  up_dirs: dict[str, StageDir], up_results: dict[str, StageResult]) -> tuple[Tracker, str | None]:
+    """(tracker, MLflow run id): the stage's own run, continued if a killed run left its id in run.json."""
+    if tracking is None:
+        return NullTracker(), None
+    from flows.tracking import MlflowTracker
+
+    run_id = sd.run_id()
+    if run_id is None or not tracking.reopen(run_id, parent_id):
+        run_id = tracking.start_stage_run(parent_id, name, sd.fingerprint, resolved)
+        sd.save_run_id(run_id)
+        tracking.log_lineage(
+            run_id,
+            {u: r.info.get("mlflow_model_id") for u, r in up_results.items()},
+            {f"{u}/{k}": (str(up_dirs[u].path / v), r.fingerprint) for u, r in up_results.items()
+             if "mlflow_model_id" not in r.info for k, v in r.outputs.items()})
+    tracking.client.set_tag(parent_id, f"stage.{name}", f"ran run={run_id}")
+    return MlflowTracker(tracking.client, run_id), run_id
+
+
+def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> StageResult:
+    t0 = time.perf_counter()
+    try:
+        seed_stage(cfg)
+        res: StageResult = kind_module(cfg.kind).run(ctx)
+        ctx.tracker.flush()
+    except BaseException:
+        if tracking is not None:
+            ctx.tracker.flush()
+            tracking.end_run(run_id, "FAILED")
+        raise
+    res.info["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _log_result(name: str, sd: StageDir, res: StageResult, tracker: Tracker, tracking, run_id: str) -> None:
+    """Final metrics and baselines, and the weights as a LoggedModel (its id goes into result.json)."""
+    res.info["mlflow_run_id"] = run_id
+    step = int(res.info.get("steps", 0))
+    tracker.log_metrics({**res.metrics, **{f"baseline/{k}": v for k, v in res.baselines.items()}}, step=step)
+    tracker.flush()
+    if "model" in res.outputs:
+        res.info["mlflow_model_id"] = tracking.log_model(run_id, name, sd.fingerprint, sd.path / res.outputs["model"],
+                                                         step, res.metrics)
+
+
+def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking,
+                  parent_id: str) -> tuple[dict, bool]:
+    """Run stage ``name`` (config ``cfg``) under its directory lock. ``plans`` holds this stage's and its
+    upstream stages' fingerprints; ``tracking`` is a flows.tracking.Tracking or None (no MLflow).
+    Returns (result as a dict, whether it was already complete)."""
+    sd = StageDir(artifacts, name, plans[name].fingerprint)
+    with sd.lock():
+        sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
+        done = cached_result(name, sd, tracking, parent_id)  # another run may have finished it while we waited
+        if done is not None:
+            return done.model_dump(mode="json"), True
+        up_dirs, up_results = _upstream(name, cfg, plans, artifacts)
+        resolved = cfg.model_dump(mode="json")
+        sd.write_config(plans[name].payload, resolved)
+        tracker, run_id = _open_tracker(name, sd, resolved, tracking, parent_id, up_dirs, up_results)
+        ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,
+                           upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
+                           tracker=tracker)
+        res = _run(cfg, ctx, tracking, run_id)
+        if tracking is not None:
+            _log_result(name, sd, res, tracker, tracking, run_id)
+        sd.write_result(res)
+        if tracking is not None:
+            tracking.client.log_artifact(run_id, str(sd.path / "result.json"))
+            tracking.client.log_artifact(run_id, str(sd.path / "config.json"))
+            tracking.end_run(run_id, "FINISHED")
+        log.info("[%s] done in %.1fs: %s", name, res.info["seconds"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()))
+        return res.model_dump(mode="json"), False

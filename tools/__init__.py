@@ -1,0 +1,1 @@
+"""Developer tools (the fault harness, probes): not shipped in the wheel."""

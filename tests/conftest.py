@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# One torch thread in the test process (set before any test imports torch): on a small shared CPU two
+# intra-op threads spin against each other (test_detector's stage run: 99 s on 2 threads beside other
+# jobs, 6 s on one). Stage processes started by the CLI get their threads from the pipeline.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 BATON = [sys.executable, "-m", "flows.cli"]
 
 

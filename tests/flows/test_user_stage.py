@@ -29,7 +29,7 @@ def project(tmp_path: Path, stages: dict, **settings) -> Path:
     """A recipe at tmp_path/project/recipe.yaml (beside a copy of the user package in src/)."""
     folder = tmp_path / "project"
     shutil.copytree(FIXTURE / "src", folder / "src")
-    recipe = {"recipe": "user", "seed": 0, "runtime": {"device": "cpu", "log_every": 5, "checkpoint_every": 5},
+    recipe = {"recipe": "user", "seed": 0, "runtime": {"device": "cpu", "threads": 1, "log_every": 5, "checkpoint_every": 5},
               **settings, "stages": stages}
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (tmp_path / "elsewhere").mkdir()

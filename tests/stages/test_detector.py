@@ -22,7 +22,7 @@ from stages.train.transfer import Transfer, build_plan
 CNN = cnn.ModelConfig(widths=[8, 16, 16, 32])
 TINY = {"fpn_channels": 16, "representation_size": 32, "rpn_batch_size_per_image": 32,
         "box_batch_size_per_image": 32}
-RUNTIME = {"checkpoint_every": 10, "log_every": 10, "device": "cpu"}
+RUNTIME = {"checkpoint_every": 10, "log_every": 10, "device": "cpu", "threads": 1}
 
 
 @pytest.fixture(scope="module")

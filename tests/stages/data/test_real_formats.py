@@ -35,7 +35,7 @@ _spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixt
 mf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mf)
 
-RUNTIME = {"device": "cpu", "checkpoint_every": 50, "log_every": 50}
+RUNTIME = {"device": "cpu", "threads": 1, "checkpoint_every": 50, "log_every": 50}
 
 
 def real_world(tmp_path: Path, **paths) -> tuple:

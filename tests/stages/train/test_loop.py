@@ -46,7 +46,7 @@ class Data(torch.utils.data.Dataset):
 
 
 def ctx_for(path, **runtime):
-    rt = {"checkpoint_every": 5, "log_every": 5, "device": "cpu"} | runtime
+    rt = {"checkpoint_every": 5, "log_every": 5, "device": "cpu", "threads": 1} | runtime
     cfg = Cfg(runtime=rt)
     return StageContext(name="toy", config=cfg, stage_dir=path, upstream={}, upstream_dirs={}, fingerprint="t",
                         checkpoints=CheckpointManager(Path(path) / "checkpoints", keep=cfg.runtime.keep_checkpoints))

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from flows import interrupt
+from flows.interrupt import Interrupted
 from stages.contract import StageError
 from stages.recipe import RecipeError, load_recipe
 
@@ -342,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        interrupt.exit_now()  # 130, without Prefect's slow shutdown
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.prefect_env import configure_prefect, hold_flow_run_lock, start_embedded_server
@@ -91,15 +92,22 @@ class StageTask:
         self.slots = threading.Semaphore(max_concurrency)
 
     def __call__(self, stage: str) -> Any:
-        from prefect.states import Completed
+        from prefect.states import Cancelled, Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
         with sd.lock():
             sd.remove_stale_temps()
             done = cached_result(stage, sd, self.tracking, self.parent_id)
         if done is None:
-            with self.slots:
-                was_complete = run_stage_process(stage, self.snapshot, self.art, self.parent_id, self.threads[stage])
+            try:
+                with self.slots:
+                    if interrupt.requested():
+                        return Cancelled(message=f"stage {stage!r} not started: interrupted")
+                    was_complete = run_stage_process(stage, self.snapshot, self.art, self.parent_id,
+                                                     self.threads[stage])
+            except interrupt.Interrupted as e:  # Ctrl-C: the stage stopped where it was (not a failure, no retry)
+                interrupt.stage_stopped(str(e))
+                return Cancelled(message=str(e))
             done = sd.result()
             if done is None:
                 raise RuntimeError(f"stage {stage!r}: worker finished but {sd.path}/result.json is missing")
@@ -119,6 +127,9 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
     failed, skipped = None, set()
     needs = {n: [u for u in recipe.stages[n].needs if u in wanted] for n in pending}
     while True:
+        if interrupt.requested():  # Ctrl-C: nothing new starts
+            skipped.update(pending)
+            pending.clear()
         for name in list(pending):
             if any(u in skipped for u in needs[name]):
                 pending.remove(name)
@@ -152,6 +163,7 @@ def build_flow():
                        track: bool = True) -> dict[str, Any]:
         """Run (or resume) every stage of a recipe; complete stages are Cached."""
         from prefect.runtime import flow_run
+        from prefect.states import Cancelled
 
         recipe = load_recipe(recipe_path, raw=recipe_snapshot)
         art = Path(artifacts)
@@ -171,11 +183,20 @@ def build_flow():
                      cache_policy=None, persist_result=False)
             return t.submit(name, wait_for=upstream)
 
-        results, failed = run_in_order(recipe, wanted, submit)
-        snapshot.unlink(missing_ok=True)
-        if tracking is not None:
-            tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
-        alive.close()
+        status = "FAILED"
+        try:
+            results, failed = run_in_order(recipe, wanted, submit)
+            status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            snapshot.unlink(missing_ok=True)
+            if tracking is not None:
+                tracking.end_run(parent_id, status)
+            alive.close()
+        if status == "KILLED":
+            return Cancelled(message=interrupt.summary())
         if failed:
             raise failed[1]
         return {"results": results, "parent_run_id": parent_id}
@@ -184,6 +205,18 @@ def build_flow():
 
 
 def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True) -> dict[str, Any]:
+    """Run (or resume) the recipe in this process; Ctrl-C stops it cleanly (flows.interrupt) and raises
+    ``interrupt.Interrupted`` saying which stages stopped at which step."""
+    with interrupt.handling():
+        try:
+            return _run_pipeline(recipe, artifacts, only, track)
+        except BaseException:
+            if interrupt.requested():
+                raise interrupt.Interrupted(interrupt.summary()) from None
+            raise
+
+
+def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool) -> dict[str, Any]:
     configure_prefect(artifacts)
     # three things that take seconds each, at once: the Prefect server (its own process) starts in a
     # thread, the fork server imports the stages' libraries (its own process), this thread imports

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 from pathlib import Path
 
 # Quiet, fast embedded Prefect: no analytics, no UI build, no background services a single local
@@ -55,7 +56,14 @@ def start_embedded_server() -> None:
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".server-start.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        SubprocessASGIServer().start()
+        # the server inherits this thread's signal mask: with SIGINT blocked, a terminal's Ctrl-C (sent to
+        # the whole foreground process group) cannot stop it before the flow has recorded its final state;
+        # it stops when this process exits (Prefect's atexit: SIGTERM)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            SubprocessASGIServer().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def flow_run_lock_path(artifacts: Path, flow_run_id: str) -> Path:

@@ -18,8 +18,8 @@ STAGE = textwrap.dedent("""
     import signal, sys, time
     if sys.argv[1:] == ["stubborn"]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)
         time.sleep(60)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -50,8 +50,8 @@ def test_first_ctrl_c_is_passed_to_the_running_stage_processes():
             time.sleep(0.2)
             assert interrupt.requested()
             assert stage.wait(timeout=10) == 130
-            interrupt.remove_stage_process(stage.pid)
     finally:
+        interrupt.remove_stage_process(stage.pid)
         stage.kill()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 

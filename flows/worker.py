@@ -24,6 +24,7 @@ import collections
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -85,7 +86,7 @@ def prewarm_workers(kinds: list[str]) -> None:
     if not kinds or _worker_start_method() != "forkserver":
         return
     import multiprocessing as mp
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     from stages import KINDS
 
@@ -106,9 +107,15 @@ def prewarm_workers(kinds: list[str]) -> None:
         # availability check, if anything calls it at import, asks NVML instead of the driver
         nvml = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+        # the terminal's Ctrl-C reaches the whole foreground process group: the fork server (which ignores
+        # SIGINT only once its imports are done) starts with it blocked; forked_main unblocks it. (The
+        # resource tracker first: starting it unblocks SIGINT in the calling thread.)
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             forkserver.ensure_running()  # returns at once; the server imports, then serves
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             if nvml is None:
                 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
             else:
@@ -188,7 +195,6 @@ def _die_with_parent() -> None:
     """Linux: get SIGKILLed when the flow process dies, so no orphan keeps writing a stage dir."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -237,6 +243,7 @@ def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:
     import os
 
     os.setpgid(0, 0)  # its own process group: a terminal's Ctrl-C reaches the flow, which passes it on
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked in the fork server (prewarm_workers)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)

@@ -5,17 +5,25 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/vlp-tiny.yaml
 
-.PHONY: install run test test-slow ui status clean
+.PHONY: install lock run test test-slow ui status clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the versions the tests passed with (`make lock` regenerates it from $(VENV))
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (torch from the local wheel cache where pip finds one)"
 	@start=$$(date +%s); \
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' && \
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' && \
 	echo "install took $$(( $$(date +%s) - start ))s"
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# after changing dependencies (or upgrading them in $(VENV)) and passing `make test`: pin what passed
+lock:
+	@{ echo "# Versions the test suite passed with: \`make install\` installs with \`-c constraints.txt\`."; \
+	  echo "# Regenerate with \`make lock\` (pip freeze of .venv) after changing dependencies and passing \`make test\`."; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check; } > constraints.txt.tmp
+	@mv constraints.txt.tmp constraints.txt && echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
 
 run: install
 	@start=$$(date +%s); \

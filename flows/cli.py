@@ -1,28 +1,40 @@
-"""``baton`` command line.
+"""``baton`` command line (typer). ``baton --help`` lists the commands, ``baton COMMAND --help`` shows one
+with an example; ``baton --install-completion`` installs shell completion.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
+    baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
+    baton dag CONFIG [overrides] [--dot]      the planned DAG: stage, kind, fingerprint, state, needs
+    baton lineage RUN_ID|MODEL_ID|STAGE       the chain of upstream stages: fingerprints, runs, LoggedModels, metrics
+    baton gc [--dry-run] [CONFIG ...]         remove stage dirs no recipe plans and complete stages' checkpoints
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
-                                              (its MLflow parent or stage run id, or its Prefect flow run id)
-    baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run: the same
-                                              flow run (id, parameters) runs again; finished stages are Cached
+    baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run, in place
     baton prefect ARGS...                     the Prefect CLI against baton's embedded Prefect database
-    baton serve [--port 4200]                 a Prefect server with its UI on 127.0.0.1 (unless PREFECT_API_URL
-                                              is set) serving the deployment baton/baton: it executes submitted
-                                              runs and the runs retried from the UI's Retry button
+    baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
+
+Adding a command: a function decorated with ``@command("baton NAME example args")``; its docstring's first
+line is its help. It raises ``RecipeError`` for bad input (exit 2), ``StageError`` / ``OSError`` for a
+failure (exit 1), and returns its exit status (None = 0). ``main`` maps errors to exit codes, in one place.
+Options that every command takes (``--artifacts``) are accepted before and after the command name.
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Any
+
+import typer
 
 from flows import interrupt
 from flows.interrupt import Interrupted
@@ -31,9 +43,55 @@ from stages.recipe import RecipeError, load_recipe
 
 log = logging.getLogger("baton")
 
+app = typer.Typer(name="baton", no_args_is_help=True, rich_markup_mode=None,
+                  help="Run multi-stage pretrain -> fine-tune recipes as cached, restartable stages "
+                       "(Prefect + MLflow). `baton COMMAND --help` shows a command with an example.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
-def _artifacts(args) -> Path:
-    return Path(args.artifacts or os.environ.get("BATON_ARTIFACTS", "artifacts"))
+# exit status of each error kind: the one place that says it (usage errors are click's: 2)
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = ((RecipeError, 2), (StageError, 1), (OSError, 1))
+# commands whose output Prefect's console handler already formats (it prints our 'baton' logger)
+_PREFECT_LOGGING = {"run", "resume", "retry", "serve"}
+
+Artifacts = Annotated[Path | None, typer.Option(
+    "--artifacts", metavar="DIR", show_default=False,
+    help="artifact root (default: $BATON_ARTIFACTS or ./artifacts); also accepted before the command")]
+Config = Annotated[Path, typer.Argument(show_default=False, help="recipe YAML (`baton ls`)")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    metavar="[dotted.key=value]...", show_default=False, help="overrides, e.g. stages.vqa.train.lr=3e-4")]
+Only = Annotated[list[str] | None, typer.Option(
+    "--only", metavar="STAGE", show_default=False, help="run only this stage (and what it needs); repeatable")]
+NoTrack = Annotated[bool, typer.Option("--no-track", help="no MLflow tracking")]
+AsJson = Annotated[bool, typer.Option("--json", help="one JSON document on stdout (logs go to stderr)")]
+Host = Annotated[str, typer.Option(help="bind address")]
+
+
+def command(example: str, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """Register a ``baton`` subcommand named after the function (``kwargs`` go to ``Typer.command``, e.g.
+    ``name=``); ``example`` is shown as the last line of its help."""
+    def register(fn: Callable) -> Callable:
+        app.command(epilog=f"Example: {example}", **kwargs)(fn)
+        return fn
+    return register
+
+
+_given_before: dict[str, Any] = {}  # the options given before the command name, for this invocation
+
+
+@app.callback()
+def _global(ctx: typer.Context, artifacts: Artifacts = None) -> None:
+    _given_before.clear()
+    _given_before["artifacts"] = artifacts
+    if ctx.invoked_subcommand not in _PREFECT_LOGGING:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s",
+                            datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+
+
+def artifacts_root(given: Path | None) -> Path:
+    """``--artifacts`` after the command, else before it, else $BATON_ARTIFACTS, else ./artifacts."""
+    before = _given_before.get("artifacts")
+    return Path(given or before or os.environ.get("BATON_ARTIFACTS", "artifacts"))
 
 
 def _check_writable(art: Path) -> None:
@@ -46,36 +104,153 @@ def _check_writable(art: Path) -> None:
         raise RecipeError(f"artifacts directory {art} is not writable: {e.strerror}") from None
 
 
-def cmd_status(args) -> int:
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Everything written to stdout in here (this process and the processes it starts) goes to stderr, so
+    that stdout carries only the JSON document printed afterwards."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError):  # no real fd 1 (e.g. captured by a test runner): Python-level only
+        saved = None
+    real, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = real
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, default=str), flush=True)
+
+
+@command("baton status configs/vlp-tiny.yaml --json")
+def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """Per stage: fingerprint and complete / partial at step k / not started, without running anything."""
     from flows.execute import stage_dirs
+    from flows.store import describe_state
 
-    recipe = load_recipe(args.config, args.overrides)
-    dirs = stage_dirs(recipe, _artifacts(args))
-    width = max(len(n) for n in dirs)
-    print(f"recipe {recipe.name} ({args.config})")
-    for name, d in dirs.items():
-        print(f"  {name:<{width}}  {d.fingerprint[:16]}  {d.status()}")
-    return 0
+    recipe = load_recipe(config, overrides or ())
+    art = artifacts_root(artifacts)
+    rows = []
+    for name, d in stage_dirs(recipe, art).items():
+        state, step = d.state()
+        rows.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": d.fingerprint,
+                     "state": state, "step": step, "dir": str(d.path)})
+    if as_json:
+        _print_json({"recipe": recipe.name, "config": str(config), "artifacts": str(art), "stages": rows})
+        return
+    width = max(len(r["name"]) for r in rows)
+    print(f"recipe {recipe.name} ({config})")
+    for r in rows:
+        print(f"  {r['name']:<{width}}  {r['fingerprint'][:16]}  {describe_state(r['state'], r['step'])}")
 
 
-def cmd_run(args) -> int:
-    recipe = load_recipe(args.config, args.overrides)
-    art = _artifacts(args)
+@command("baton run configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --only vqa")
+def run(config: Config, overrides: Overrides = None, only: Only = None, no_track: NoTrack = False,
+        artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
+    recipe = load_recipe(config, overrides or ())
+    art = artifacts_root(artifacts)
     _check_writable(art)
-    for name in args.only or []:
+    for name in only or []:
         if name not in recipe.stages:
-            raise RecipeError(f"--only {name}: no such stage in {args.config} ({', '.join(recipe.stages)})")
+            raise RecipeError(f"--only {name}: no such stage in {config} ({', '.join(recipe.stages)})")
+    from flows.execute import stage_dirs
     from flows.pipeline import run_pipeline
 
+    done_before = {n for n, d in stage_dirs(recipe, art).items() if d.result() is not None}
     t0 = time.perf_counter()
-    out = run_pipeline(recipe, art, only=args.only, track=not args.no_track)
-    print(f"\nrecipe {recipe.name}: {len(out['results'])} stages in {time.perf_counter() - t0:.1f}s "
-          f"(MLflow parent run {out['parent_run_id'] or '-'})")
-    for name, res in out["results"].items():
-        m = ", ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items())
-        b = ", ".join(f"{k}={v:.4g}" for k, v in res["baselines"].items())
-        print(f"  {name:<10} {m}" + (f"   [baseline {b}]" if b else ""))
-    return 0
+    with _stdout_to_stderr() if as_json else _no_redirect():
+        out = run_pipeline(recipe, art, only=only, track=not no_track)
+    summary = run_summary(recipe, out, done_before, time.perf_counter() - t0)
+    if as_json:
+        _print_json(summary)
+        return
+    print(f"\nrecipe {recipe.name}: {len(summary['stages'])} stages in {summary['seconds']:.1f}s "
+          f"(MLflow parent run {summary['mlflow_parent_run_id'] or '-'})")
+    for s in summary["stages"]:
+        m = ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items())
+        b = ", ".join(f"{k}={v:.4g}" for k, v in s["baselines"].items())
+        print(f"  {s['name']:<10} {s['state']:<6} {m}" + (f"   [baseline {b}]" if b else ""))
+
+
+@contextmanager
+def _no_redirect() -> Iterator[None]:
+    yield
+
+
+def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dict[str, Any]:
+    """The JSON run summary: per stage whether it ran or was cached, its seconds (of the run that made it),
+    metrics, baselines and MLflow ids."""
+    stages = []
+    for name in (n for n in recipe.stages if n in out["results"]):  # recipe order, not completion order
+        res = out["results"][name]
+        info = res.get("info", {})
+        stages.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": res.get("fingerprint"),
+                       "state": "cached" if name in done_before else "ran", "seconds": info.get("seconds"),
+                       "metrics": res.get("metrics", {}), "baselines": res.get("baselines", {}),
+                       "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id")})
+    return {"recipe": recipe.name, "config": str(recipe.path), "seconds": round(seconds, 2),
+            "mlflow_parent_run_id": out.get("parent_run_id") or None, "stages": stages}
+
+
+def shipped_recipes() -> Path:
+    """The recipes shipped with baton: ``configs/`` of a checkout, which the wheel installs as
+    ``flows/configs/`` (pyproject.toml: package-dir)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+def recipe_summary(path: Path) -> str:
+    """A recipe's first comment line that is not a command line."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text.startswith("#"):
+            if text:
+                break
+            continue
+        text = text.lstrip("#").strip()
+        if text and text.split()[0] not in ("baton", "make", "python"):
+            return text
+    return ""
+
+
+@command("baton ls")
+def ls() -> None:
+    """The shipped recipes: name and what each one is (copy one with `baton cp`)."""
+    paths = sorted(shipped_recipes().glob("*.yaml"))
+    width = max((len(p.stem) for p in paths), default=0)
+    for p in paths:
+        print(f"{p.stem:<{width}}  {recipe_summary(p)}")
+
+
+@command("baton cp vlp-tiny my-recipe.yaml")
+def cp(name: Annotated[str, typer.Argument(help="a recipe from `baton ls`")],
+       dest: Annotated[Path | None, typer.Argument(help="file or directory (default: ./NAME.yaml)")] = None,
+       force: Annotated[bool, typer.Option("--force", help="overwrite DEST")] = False) -> None:
+    """Copy a shipped recipe here, to edit it and run it with `baton run`."""
+    import difflib
+
+    known = {p.stem: p for p in shipped_recipes().glob("*.yaml")}
+    src = known.get(name.removesuffix(".yaml"))
+    if src is None:
+        close = difflib.get_close_matches(name, known, n=1)
+        raise RecipeError(f"cp {name}: no shipped recipe {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                          + f" (`baton ls`: {', '.join(sorted(known))})")
+    target = dest or Path(src.name)
+    if target.is_dir():
+        target = target / src.name
+    if target.exists() and not force:
+        raise RecipeError(f"cp {name}: {target} exists (--force overwrites it)")
+    shutil.copyfile(src, target)
+    print(f"{target}  (run it: baton run {target})")
 
 
 def _invocation_run(client, run_id: str):
@@ -99,7 +274,10 @@ def _invocation_run(client, run_id: str):
     return client.get_run(parent) if parent else run
 
 
-def cmd_resume(args) -> int:
+@command("baton resume 3f2a9c0d5e6b4a7f8e9d0c1b2a3f4e5d")
+def resume(run_id: Annotated[str, typer.Argument(help="MLflow run id (parent or stage) or Prefect flow run id")],
+           artifacts: Artifacts = None) -> None:
+    """Rerun the exact recipe snapshot of an earlier invocation."""
     import tempfile
 
     import yaml
@@ -107,18 +285,18 @@ def cmd_resume(args) -> int:
 
     from flows.tracking import tracking_uri
 
-    art = _artifacts(args)
+    art = artifacts_root(artifacts)
     if not (art / "mlflow.db").exists():
-        raise RecipeError(f"resume {args.run_id}: no MLflow store in {art} (set --artifacts or BATON_ARTIFACTS)")
+        raise RecipeError(f"resume {run_id}: no MLflow store in {art} (set --artifacts or BATON_ARTIFACTS)")
     with open(art / ".mlflow-init.lock", "w") as lock:  # see flows.tracking.Tracking
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = MlflowClient(tracking_uri=tracking_uri(art))
-    prun = _invocation_run(client, args.run_id)
+    prun = _invocation_run(client, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(prun.info.run_id, "recipe.yaml", tmp)
         except Exception as e:  # noqa: BLE001
-            raise RecipeError(f"resume {args.run_id}: run {prun.info.run_id} has no recipe.yaml snapshot ({e})") from None
+            raise RecipeError(f"resume {run_id}: run {prun.info.run_id} has no recipe.yaml snapshot ({e})") from None
         raw = yaml.safe_load(Path(path).read_text())
     recipe = load_recipe(prun.data.tags.get("baton.recipe", "recipe.yaml"), raw=raw)
     _check_writable(art)
@@ -127,7 +305,6 @@ def cmd_resume(args) -> int:
     print(f"resuming {recipe.name} from the snapshot of run {prun.info.run_id} ({prun.info.status})")
     out = run_pipeline(recipe, art)
     print(f"resumed {recipe.name}: {len(out['results'])} stages complete (MLflow parent run {out['parent_run_id']})")
-    return 0
 
 
 def _prefect_env(art: Path) -> dict[str, str]:
@@ -146,22 +323,32 @@ def _prefect_env(art: Path) -> dict[str, str]:
     return os.environ | {"PREFECT_API_URL": url}
 
 
-def cmd_prefect(args) -> int:
-    art = _artifacts(args)
+def _prefect_cli() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+@command("baton prefect flow-run ls", add_help_option=False,
+         context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def prefect(ctx: typer.Context, artifacts: Artifacts = None) -> int:
+    """The Prefect CLI against baton's embedded Prefect database (arguments pass through, --help too)."""
+    art = artifacts_root(artifacts)
     _check_writable(art)
-    prefect = Path(sys.executable).with_name("prefect")
-    return subprocess.call([str(prefect), *args.args], env=_prefect_env(art))
+    return subprocess.call([_prefect_cli(), *ctx.args], env=_prefect_env(art))
 
 
-def cmd_retry(args) -> int:
+@command("baton retry 0b6c1f4e-5a2d-4c3b-9e8f-7a6b5c4d3e2f")
+def retry(flow_run_id: Annotated[str, typer.Argument(help="the Prefect flow run id (a UUID)")],
+          artifacts: Artifacts = None) -> int:
+    """Retry a failed (or killed) Prefect flow run in place: same flow run id and recipe snapshot; finished
+    stages are Cached."""
     import uuid
 
-    art = _artifacts(args)
+    art = artifacts_root(artifacts)
     _check_writable(art)
     try:
-        fid = uuid.UUID(args.flow_run_id)
+        fid = uuid.UUID(flow_run_id)
     except ValueError:
-        raise RecipeError(f"retry {args.flow_run_id!r}: not a Prefect flow run id (a UUID)") from None
+        raise RecipeError(f"retry {flow_run_id!r}: not a Prefect flow run id (a UUID)") from None
     env = _prefect_env(art)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
@@ -181,8 +368,7 @@ def cmd_retry(args) -> int:
             client.set_flow_run_state(fid, Crashed(message="its process is gone (found by baton retry)"), force=True)
             print(f"flow run {fid} was {fr.state.type.value} but its process is gone: marked CRASHED")
     entry = Path(__file__).resolve().parent / "entry.py"
-    prefect = Path(sys.executable).with_name("prefect")
-    rc = subprocess.call([str(prefect), "flow-run", "retry", str(fid), "--entrypoint", f"{entry}:baton_pipeline"],
+    rc = subprocess.call([_prefect_cli(), "flow-run", "retry", str(fid), "--entrypoint", f"{entry}:baton_pipeline"],
                          env=env)
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(fid)
@@ -209,40 +395,30 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise RecipeError(f"no Prefect server answered at {url} within {timeout:.0f}s")
 
 
-def cmd_serve(args) -> int:
-    """A Prefect server with its UI (started here on loopback unless PREFECT_API_URL names one), and a
-    process serving the flow as deployment baton/baton. Runs of that deployment (``baton submit``, the UI's
-    Run) execute here; so do the ones the UI's Retry button puts back to Scheduled: finished stages are
-    Cached and the failed one continues from its checkpoint, in the same flow run."""
+@command("baton serve --port 4200 --limit 2")
+def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+          limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
+          artifacts: Artifacts = None) -> None:
+    """Prefect server + UI on loopback (unless PREFECT_API_URL names one), serving the deployment baton/baton.
+
+    Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
+    puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint."""
     from flows.prefect_env import configure_prefect
 
-    art = _artifacts(args).resolve()
+    art = artifacts_root(artifacts).resolve()
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
     server = None
     url = os.environ.get("PREFECT_API_URL")
     if not url:
-        url = f"http://{args.host}:{args.port}/api"
-        prefect = Path(sys.executable).with_name("prefect")
-        server = subprocess.Popen([str(prefect), "server", "start", "--host", args.host, "--port", str(args.port)],
+        url = f"http://{host}:{port}/api"
+        server = subprocess.Popen([_prefect_cli(), "server", "start", "--host", host, "--port", str(port)],
                                   env=os.environ | {"PREFECT_SERVER_UI_ENABLED": "true"}, stdout=subprocess.DEVNULL)
         os.environ["PREFECT_API_URL"] = url
     try:
         _wait_healthy(url, server, timeout=180)
         print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
-        from prefect import serve
-
-        from flows.entry import baton_pipeline
-
-        dep = baton_pipeline.to_deployment(
-            name="baton", enforce_parameter_schema=False,
-            description="baton recipe runs: `baton submit CONFIG` (or the UI's Run with the same parameters)")
-        # each flow run executes in a fresh process that loads the flow by its entrypoint, relative to here
-        root = Path(__file__).resolve().parents[1]
-        os.chdir(root)
-        dep.entrypoint = "flows/entry.py:baton_pipeline"
-        serve(dep, limit=args.limit, print_starting_message=False)
-        return 0
+        _serve_deployment(limit)
     finally:
         if server is not None:
             server.terminate()
@@ -252,14 +428,33 @@ def cmd_serve(args) -> int:
                 server.kill()
 
 
-def cmd_submit(args) -> int:
-    """Create a flow run of deployment baton/baton for this recipe (executed by ``baton serve``)."""
-    recipe = load_recipe(args.config, args.overrides)
-    art = _artifacts(args).resolve()
+def _serve_deployment(limit: int | None) -> None:
+    from prefect import serve as prefect_serve
+
+    from flows.entry import baton_pipeline
+
+    dep = baton_pipeline.to_deployment(
+        name="baton", enforce_parameter_schema=False,
+        description="baton recipe runs: `baton submit CONFIG` (or the UI's Run with the same parameters)")
+    # each flow run executes in a fresh process that loads the flow by its entrypoint, relative to here
+    os.chdir(Path(__file__).resolve().parents[1])
+    dep.entrypoint = "flows/entry.py:baton_pipeline"
+    prefect_serve(dep, limit=limit, print_starting_message=False)
+
+
+@command("baton submit configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --wait")
+def submit(config: Config, overrides: Overrides = None, only: Only = None, no_track: NoTrack = False,
+           wait: Annotated[bool, typer.Option(help="wait for the flow run to finish; exit 1 unless it completed")]
+           = False,
+           port: Annotated[int, typer.Option(help="the `baton serve` port (when PREFECT_API_URL is unset)")] = 4200,
+           artifacts: Artifacts = None) -> int:
+    """Run a recipe through the deployment baton/baton that `baton serve` serves (retryable from the UI)."""
+    recipe = load_recipe(config, overrides or ())
+    art = artifacts_root(artifacts).resolve()
     _check_writable(art)
     from flows.prefect_env import configure_prefect
 
-    url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
+    url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
     configure_prefect(art)
     os.environ["PREFECT_API_URL"] = url
     _wait_healthy(url, None, timeout=10)
@@ -270,11 +465,11 @@ def cmd_submit(args) -> int:
     try:
         fr = run_deployment(DEPLOYMENT, timeout=0, flow_run_name=recipe.name, parameters={
             "recipe_path": str(recipe.path), "recipe_snapshot": recipe.raw, "artifacts": str(art),
-            "only": args.only, "track": not args.no_track})
+            "only": only, "track": not no_track})
     except ObjectNotFound:
         raise RecipeError(f"no deployment {DEPLOYMENT} at {url}: start `baton serve` first") from None
     print(f"flow run {fr.id} ({fr.name}) submitted: {url.removesuffix('/api')}/runs/flow-run/{fr.id}", flush=True)
-    if not args.wait:
+    if not wait:
         return 0
     with get_client(sync_client=True) as client:
         while True:
@@ -286,73 +481,95 @@ def cmd_submit(args) -> int:
     return 0 if fr.state.is_completed() else 1
 
 
-def cmd_ui(args) -> int:
+Ref = Annotated[str, typer.Argument(metavar="RUN_ID|MODEL_ID|STAGE", show_default=False,
+                                    help="an MLflow stage run id, a LoggedModel id, a stage name or a stage dir")]
+KeepDays = Annotated[float, typer.Option("--keep-days", metavar="N", help="keep dirs with MLflow run or file activity "
+                                                                          "within N days")]
+
+
+@command("baton dag configs/vlp-tiny.yaml --dot | dot -Tsvg > dag.svg")
+def dag(config: Config, overrides: Overrides = None, artifacts: Artifacts = None, as_json: AsJson = False,
+        dot: Annotated[bool, typer.Option("--dot", help="Graphviz text instead of the tree")] = False) -> None:
+    """The recipe's stages as planned: kind, fingerprint, state, and the stages each needs."""
+    from flows.lineage import plan_dag, render_dot, render_tree
+
+    graph = plan_dag(load_recipe(config, overrides or ()), artifacts_root(artifacts))
+    if as_json:
+        _print_json(graph.to_json())
+    else:
+        print(render_dot(graph) if dot else render_tree(graph))
+
+
+@command("baton lineage vqa --config configs/vlp-tiny.yaml")
+def lineage(ref: Ref, config: Annotated[Path | None, typer.Option(
+                "--config", show_default=False, help="a stage name means this recipe's planned stage (default: "
+                                                      "the stage's newest complete dir)")] = None,
+            artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """The chain of upstream stages of a stage run, LoggedModel or stage: fingerprints, runs, models, metrics."""
+    from flows.lineage import lineage_chain, render_chain
+
+    chain = lineage_chain(artifacts_root(artifacts), ref, load_recipe(config) if config else None)
+    if as_json:
+        _print_json({"of": chain[-1].to_json(), "chain": [n.to_json() for n in chain]})
+    else:
+        print(render_chain(chain))
+
+
+@command("baton gc --dry-run --keep-days 3 configs/vlp-tiny.yaml")
+def gc(configs: Annotated[list[Path] | None, typer.Argument(
+           metavar="[CONFIG]...", show_default=False,
+           help="recipes whose stages are kept (default: every ./configs/*.yaml, else the shipped ones)")] = None,
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go and the bytes it would free")] = False,
+       keep_days: KeepDays = 7.0, artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """Remove stage dirs no recipe references and finished stages' checkpoints; never a referenced, recent
+    (--keep-days) or locked dir."""
+    from flows.gc import collect, recipes_for_gc, render_garbage
+
+    configs_dir = Path("configs") if Path("configs").is_dir() else shipped_recipes()
+    recipes = recipes_for_gc(configs or [], configs_dir)
+    items, freed = collect(artifacts_root(artifacts), recipes, keep_days=keep_days, dry_run=dry_run)
+    if as_json:
+        _print_json({"dry_run": dry_run, "bytes": freed, "recipes": [str(r.path) for r in recipes], "items": [
+            {"path": str(g.path), "what": g.what, "bytes": g.bytes, "why": g.why} for g in items]})
+    else:
+        print(f"keeping the stages of {', '.join(str(r.path) for r in recipes)}")
+        print(render_garbage(items, freed, dry_run))
+
+
+@command("baton ui --port 5000")
+def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+       artifacts: Artifacts = None) -> int:
+    """MLflow UI over the artifact root's tracking store (runs, metrics, LoggedModels, lineage)."""
     from flows.tracking import tracking_uri
 
-    art = _artifacts(args).resolve()
+    art = artifacts_root(artifacts).resolve()
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
-           "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port}  ({' '.join(cmd)})")
+           "--host", host, "--port", str(port)]
+    print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd)})")
     return subprocess.call(cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="baton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", help="artifact root (default: $BATON_ARTIFACTS or ./artifacts)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run or resume a recipe")
-    r.add_argument("config")
-    r.add_argument("overrides", nargs="*", help="dotted.key=value")
-    r.add_argument("--only", action="append", help="run only this stage (and what it needs); repeatable")
-    r.add_argument("--no-track", action="store_true", help="no MLflow tracking")
-    s = sub.add_parser("status", help="stage status without running anything")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-    u = sub.add_parser("ui", help="MLflow UI")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
-    rs = sub.add_parser("resume", help="rerun the recipe snapshot of an invocation: MLflow run id (parent or "
-                                       "stage) or Prefect flow run id")
-    rs.add_argument("run_id")
-    rt = sub.add_parser("retry", help="retry a failed (or killed) Prefect flow run in place: same flow run id and "
-                                      "recipe snapshot; finished stages are Cached")
-    rt.add_argument("flow_run_id")
-    pf = sub.add_parser("prefect", help="the Prefect CLI against baton's embedded Prefect database "
-                                        "(e.g. baton prefect flow-run ls)")
-    pf.add_argument("args", nargs=argparse.REMAINDER)
-    sv = sub.add_parser("serve", help="Prefect server + UI on loopback, serving deployment baton/baton (runs "
-                                      "from `baton submit`, retries from the UI)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=4200)
-    sv.add_argument("--limit", type=int, default=None, help="flow runs executed at once (default: no limit)")
-    sm = sub.add_parser("submit", help="run a recipe through the served deployment baton/baton")
-    sm.add_argument("config")
-    sm.add_argument("overrides", nargs="*", help="dotted.key=value")
-    sm.add_argument("--only", action="append")
-    sm.add_argument("--no-track", action="store_true")
-    sm.add_argument("--wait", action="store_true", help="wait for the flow run to finish; exit 1 unless it completed")
-    sm.add_argument("--port", type=int, default=4200, help="the `baton serve` port (when PREFECT_API_URL is unset)")
-    args = p.parse_args(argv)
-    if args.cmd not in ("run", "resume", "retry", "serve"):  # under Prefect, Prefect's console handler prints our 'baton' logger
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s | %(levelname)-7s | %(message)s",
-                            datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO)
+    """``baton``: the exit status of the command (errors mapped by ``EXIT_CODES``; usage errors 2)."""
+    cli = typer.main.get_command(app)
     try:
-        return {"run": cmd_run, "status": cmd_status, "ui": cmd_ui, "resume": cmd_resume, "retry": cmd_retry,
-                "prefect": cmd_prefect, "serve": cmd_serve, "submit": cmd_submit}[args.cmd](args)
-    except RecipeError as e:
+        rv = cli.main(args=argv, prog_name="baton", standalone_mode=False)
+    except typer.Exit as e:  # --help, completion
+        return e.exit_code
+    except typer.TyperException as e:  # usage: unknown command (with "did you mean"), missing argument, ...
+        e.show() if hasattr(e, "show") else print(f"error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        return 130
+    except tuple(kind for kind, _ in EXIT_CODES) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
+        return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
+    except Interrupted as e:  # Ctrl-C during run / resume: the flow has recorded its final state
         print(f"interrupted: {e}", file=sys.stderr)
         interrupt.exit_now()  # 130, without Prefect's slow shutdown
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions, ...: the message names the path
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

@@ -17,15 +17,23 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from stages.contract import StageResult
 from stages.fsio import is_temp_name, remove_path, temp_owner, write_json_atomic
 
 log = logging.getLogger("baton")
 LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
+
+def describe_state(state: str, step: int | None) -> str:
+    """``StageDir.state()`` in words: complete / partial at step k / started, no checkpoint / not started."""
+    if state == "partial":
+        return f"partial at step {step}"
+    return "started, no checkpoint" if state == "started" else state
+
 
 class StageDir:
     def __init__(self, root: Path, stage: str, fingerprint: str):
@@ -84,36 +92,58 @@ class StageDir:
 
         return CheckpointManager(self.path / "checkpoints").steps()
 
-    def status(self) -> str:
-        if self.result() is not None:
-            return "complete"
-        steps = self.checkpoint_steps()
+    def state(self) -> tuple[str, int | None]:
+        """(complete | partial | started | not started, the step: the result's steps or the newest checkpoint)."""
+        res = self.result()
+        if res is not None:
+            steps = res.info.get("steps")
+            return "complete", int(steps) if isinstance(steps, (int, float)) else None
+        steps = self.checkpoint_steps() if (self.path / "checkpoints").is_dir() else []  # (imports torch)
         if steps:
-            return f"partial at step {steps[-1]}"
-        return "started, no checkpoint" if self.path.exists() else "not started"
+            return "partial", steps[-1]
+        return ("started" if self.path.exists() else "not started"), None
+
+    def status(self) -> str:
+        return describe_state(*self.state())
 
     @contextmanager
     def lock(self, poll: float = 2.0) -> Iterator[None]:
         """Exclusive lock on this stage directory. A second process waits (and says so)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         try:
             waited = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
                 except BlockingIOError:
                     if not waited:
                         holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
                         log.info("[%s] another process holds %s (%s); waiting for it", self.stage, self.path, holder)
                         waited = True
                     time.sleep(poll)
+                    continue
+                if _is_file(fd, self.path / ".lock"):
+                    break
+                os.close(fd)  # `baton gc` removed the dir while we waited for its lock: lock the dir anew
+                fd = self._open_lock()
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{LOCK_PID}{os.getpid()} host={socket.gethostname()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock
+
+    def _open_lock(self) -> int:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def _is_file(fd: int, path: Path) -> bool:
+    """Whether open file ``fd`` is the file at ``path`` now (not one renamed away or deleted)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
 
 
 # ------------------------------------------------------------------------------ the store seen from outside

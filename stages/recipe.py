@@ -21,6 +21,7 @@ Pure python + pydantic: no Prefect, no MLflow, so ``python -m stages`` and GPU m
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,17 +76,30 @@ def _fmt_loc(prefix: str, loc: tuple) -> str:
     return ".".join([prefix, *(str(p) for p in loc)]) if prefix else ".".join(str(p) for p in loc)
 
 
-def _raise_validation(path: Path, prefix: str, e: ValidationError) -> None:
+def _fields_at(model: type | None, loc: tuple) -> list[str]:
+    """The field names of the pydantic model found at ``loc`` under ``model`` ([] where it is not one)."""
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def _raise_validation(path: Path, prefix: str, e: ValidationError, model: type | None = None) -> None:
     lines = []
     for err in e.errors():
         key = _fmt_loc(prefix, err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(err["loc"][-1], _fields_at(model, err["loc"][:-1]))
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
         lines.append(f"{path}: {key}: {msg}")
     raise RecipeError("\n".join(lines))
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -96,6 +110,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise RecipeError(f"override {override!r}: empty key segment")
+    stages = raw.get("stages")
+    if parts[0] == "stages" and len(parts) > 2 and parts[2] != "kind" and isinstance(stages, dict) \
+            and parts[1] not in stages:  # a new stage names its kind; anything else is a misspelt stage
+        raise RecipeError(f"override {override!r}: no stage {parts[1]!r} in the recipe{_did_you_mean(parts[1], stages)}"
+                          f" (stages: {', '.join(map(str, stages))})")
     node = raw
     for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
@@ -178,11 +197,11 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
     try:
         settings = RecipeSettings.model_validate(raw)
     except ValidationError as e:
-        _raise_validation(path, "", e)
+        _raise_validation(path, "", e, RecipeSettings)
     try:
         Runtime.model_validate(settings.runtime)
     except ValidationError as e:
-        _raise_validation(path, "runtime", e)
+        _raise_validation(path, "runtime", e, Runtime)
 
     base = path.parent.resolve()
     python_path = [str((base / Path(p).expanduser()).resolve()) for p in settings.python_path]
@@ -200,8 +219,8 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
         block = dict(block)
         kind = block.setdefault("kind", name if name in KINDS else None)
         if not isinstance(kind, str):
-            raise RecipeError(f"{path}: {prefix}.kind: unknown stage kind: missing (built-in kinds: {', '.join(KINDS)}; or a module path "
-                              "such as my_project.stages.segmenter)")
+            raise RecipeError(f"{path}: {prefix}.kind: unknown stage kind: missing{_did_you_mean(name, KINDS)} "
+                              f"(built-in kinds: {', '.join(KINDS)}; or a module path such as my_project.stages.segmenter)")
         block.setdefault("seed", settings.seed)
         block["runtime"] = {**settings.runtime, **(block.get("runtime") or {})}
         try:
@@ -222,7 +241,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = (), r
                 _set_dotted(raw["stages"][name], key, value)
             configs[name] = model.model_validate(block) if resolved else cfg
         except ValidationError as e:
-            _raise_validation(path, prefix, e)
+            _raise_validation(path, prefix, e, model)
 
     order = _toposort(path, configs)
     return Recipe(path=path, name=settings.recipe, seed=settings.seed, max_concurrency=settings.max_concurrency,

@@ -4,6 +4,7 @@ One session-scoped run feeds several assertions: lineage in MLflow, a second run
 nothing (every stage Cached), an override that reruns only the stage and its downstream, and a
 SIGKILL during `vl` training that the next run resumes from its checkpoint, continuing the same
 MLflow run with one continuous metric history."""
+import json
 import os
 import re
 import signal
@@ -41,8 +42,6 @@ def mlflow_client(art: Path):
 
 
 def results(art: Path) -> dict:
-    import json
-
     out = {}
     for f in art.glob("stages/*/*/result.json"):
         out.setdefault(f.parts[-3], []).append(json.loads(f.read_text()))
@@ -84,12 +83,17 @@ def test_lineage_vl_inputs_are_detector_and_bert_models(first_run):
 def test_second_run_trains_nothing_and_every_stage_is_cached(first_run):
     art, _, _ = first_run
     t0 = time.perf_counter()
-    p = baton(["run", CONFIG], art)
+    p = baton(["run", CONFIG, "--json"], art)
     out = p.stderr + p.stdout
     assert ran(out) == set()
     assert cached(out) == set(STAGES)
     assert out.count("Finished in state Cached") == len(STAGES)
     assert time.perf_counter() - t0 < 60
+    summary = json.loads(p.stdout)  # stdout is the JSON document alone: the logs went to stderr
+    assert [s["name"] for s in summary["stages"]] == STAGES and summary["mlflow_parent_run_id"]
+    assert {s["state"] for s in summary["stages"]} == {"cached"}
+    vqa = summary["stages"][-1]
+    assert vqa["mlflow_run_id"] and vqa["metrics"] and vqa["seconds"] > 0
 
 
 def test_status_reports_without_running(first_run):
@@ -98,6 +102,9 @@ def test_status_reports_without_running(first_run):
     assert p.stdout.count("complete") == len(STAGES)
     p = baton(["status", CONFIG, "stages.vqa.train.lr=0.01"], art)
     assert re.search(r"vqa\s+\w{16}\s+not started", p.stdout)
+    doc = json.loads(baton(["status", CONFIG, "stages.vqa.train.lr=0.01", "--json"], art).stdout)
+    states = {s["name"]: s["state"] for s in doc["stages"]}
+    assert states == {**{n: "complete" for n in STAGES}, "vqa": "not started"}
 
 
 def test_override_reruns_stage_and_downstream_only(first_run):
@@ -161,6 +168,36 @@ def test_transient_failure_is_retried_by_prefect_and_resumes(first_run):
     assert "worker exited with status -9" in out and re.search(r"Retry 1/1 will start", out), out[-4000:]
     assert re.search(r"\[vqa\] resumed from checkpoint at step [1-9]", out), out[-4000:]
     assert (killed / "result.json").exists()
+
+
+def test_dag_lineage_and_gc_read_the_real_run(first_run):
+    """dag and lineage render the store's stages with their MLflow runs and LoggedModels; gc of the recipe
+    removes every stage dir it does not plan (the variants of the tests above) and the finished checkpoints,
+    and the recipe stays complete."""
+    import json
+
+    art, _, _ = first_run
+    dag = json.loads(baton(["dag", CONFIG, "--json"], art).stdout)
+    nodes = {n["stage"]: n for n in dag["nodes"]}
+    assert list(nodes) == STAGES and {n["state"] for n in nodes.values()} == {"complete"}
+    assert ["vl", "vqa"] in dag["edges"] and ["bert", "caption"] not in dag["edges"]
+    chain = json.loads(baton(["lineage", nodes["vqa"]["model_id"], "--json"], art).stdout)["chain"]
+    assert [n["stage"] for n in chain] == ["world", "cnn", "detector", "bert", "vl", "vqa"]
+    for n in chain:
+        assert (n["fingerprint"], n["run_id"], n["model_id"]) == tuple(nodes[n["stage"]][k] for k in (
+            "fingerprint", "run_id", "model_id")) and n["mlflow"]["status"] == "FINISHED"
+
+    planned = {Path(n["path"]) for n in nodes.values()}
+    others = {d for d in art.glob("stages/*/*") if d.is_dir() and d not in planned}
+    plan = json.loads(baton(["gc", "--dry-run", "--keep-days", "0", CONFIG, "--json"], art).stdout)
+    assert {Path(i["path"]) for i in plan["items"] if i["what"] == "stage dir"} == others
+    assert {Path(i["path"]).parent for i in plan["items"] if i["what"] == "checkpoints"} == \
+        {d for d in planned if (d / "checkpoints").is_dir()}
+    assert plan["bytes"] == sum(i["bytes"] for i in plan["items"]) > 0 and all(d.exists() for d in others)
+    p = baton(["gc", "--keep-days", "0", CONFIG], art)
+    assert "freed" in p.stdout and not any(d.exists() for d in others)
+    assert not any((d / "checkpoints").exists() for d in planned)
+    assert baton(["status", CONFIG], art).stdout.count("complete") == len(STAGES)
 
 
 @pytest.mark.slow  # three CLI runs, ~1-2 min

@@ -10,7 +10,10 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton gc [--dry-run] [CONFIG ...]         remove stage dirs no recipe plans and complete stages' checkpoints
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
     baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run, in place
-    baton prefect ARGS...                     the Prefect CLI against baton's embedded Prefect database
+    baton prefect ARGS...                     the Prefect CLI against the artifacts dir's Prefect server
+    baton server status|stop                  the artifacts dir's background Prefect server (flows.server): the
+                                              first `baton run` starts it, later runs reuse it, it exits after
+                                              $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) idle
     baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 
@@ -38,6 +41,7 @@ import typer
 
 from flows import interrupt
 from flows.interrupt import Interrupted
+from flows.server import ServerError
 from stages.contract import StageError
 from stages.recipe import RecipeError, load_recipe
 
@@ -49,7 +53,8 @@ app = typer.Typer(name="baton", no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 # exit status of each error kind: the one place that says it (usage errors are click's: 2)
-EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = ((RecipeError, 2), (StageError, 1), (OSError, 1))
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = ((RecipeError, 2), (StageError, 1), (ServerError, 1),
+                                                           (OSError, 1))
 # commands whose output Prefect's console handler already formats (it prints our 'baton' logger)
 _PREFECT_LOGGING = {"run", "resume", "retry", "serve"}
 
@@ -64,6 +69,10 @@ Only = Annotated[list[str] | None, typer.Option(
 NoTrack = Annotated[bool, typer.Option("--no-track", help="no MLflow tracking")]
 AsJson = Annotated[bool, typer.Option("--json", help="one JSON document on stdout (logs go to stderr)")]
 Host = Annotated[str, typer.Option(help="bind address")]
+Server = Annotated[str | None, typer.Option(
+    "--server", metavar="URL", show_default=False,
+    help="Prefect API URL (default: $PREFECT_API_URL, else the artifacts dir's background server, started if "
+         "none answers)")]
 
 
 def command(example: str, **kwargs: Any) -> Callable[[Callable], Callable]:
@@ -153,7 +162,7 @@ def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = N
 
 @command("baton run configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --only vqa")
 def run(config: Config, overrides: Overrides = None, only: Only = None, no_track: NoTrack = False,
-        artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+        artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None) -> None:
     """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
@@ -167,13 +176,13 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     done_before = {n for n, d in stage_dirs(recipe, art).items() if d.result() is not None}
     t0 = time.perf_counter()
     with _stdout_to_stderr() if as_json else _no_redirect():
-        out = run_pipeline(recipe, art, only=only, track=not no_track)
+        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server)
     summary = run_summary(recipe, out, done_before, time.perf_counter() - t0)
     if as_json:
         _print_json(summary)
         return
     print(f"\nrecipe {recipe.name}: {len(summary['stages'])} stages in {summary['seconds']:.1f}s "
-          f"(MLflow parent run {summary['mlflow_parent_run_id'] or '-'})")
+          f"(MLflow parent run {summary['mlflow_parent_run_id'] or '-'}; Prefect server {summary['prefect_api_url']})")
     for s in summary["stages"]:
         m = ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items())
         b = ", ".join(f"{k}={v:.4g}" for k, v in s["baselines"].items())
@@ -197,7 +206,8 @@ def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dic
                        "metrics": res.get("metrics", {}), "baselines": res.get("baselines", {}),
                        "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id")})
     return {"recipe": recipe.name, "config": str(recipe.path), "seconds": round(seconds, 2),
-            "mlflow_parent_run_id": out.get("parent_run_id") or None, "stages": stages}
+            "mlflow_parent_run_id": out.get("parent_run_id") or None,
+            "prefect_api_url": os.environ.get("PREFECT_API_URL"), "stages": stages}
 
 
 def shipped_recipes() -> Path:
@@ -307,20 +317,48 @@ def resume(run_id: Annotated[str, typer.Argument(help="MLflow run id (parent or 
     print(f"resumed {recipe.name}: {len(out['results'])} stages complete (MLflow parent run {out['parent_run_id']})")
 
 
+_HELD: list = []  # the Prefect server's users lock (flows.server), held while this process runs
+
+
 def _prefect_env(art: Path) -> dict[str, str]:
-    """Environment for a Prefect CLI process that talks to baton's embedded server (started here)."""
-    from flows.prefect_env import configure_prefect, start_embedded_server
+    """Environment for a Prefect CLI process that talks to the artifacts dir's server (found or started here)."""
+    from flows.prefect_env import configure_prefect
+    from flows.server import ensure_server
 
     configure_prefect(art)
-    start_embedded_server()
-    from prefect.settings import PREFECT_API_URL
+    _HELD.append(ensure_server(art))
+    return os.environ.copy()
 
-    url = PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
 
-        url = SubprocessASGIServer().api_url
-    return os.environ | {"PREFECT_API_URL": url}
+server_app = typer.Typer(help="The artifacts dir's background Prefect server: the first `baton run` starts it, "
+                              "later runs reuse it; it exits after $BATON_SERVER_IDLE_TIMEOUT seconds "
+                              "(default 1800) without requests or runs.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("status", epilog="Example: baton server status")
+def server_status(artifacts: Artifacts = None) -> int:
+    """Its URL, pid and idle timeout; exit 3 when none is running."""
+    from flows import server
+
+    art = artifacts_root(artifacts)
+    info = server.live_server(art)
+    if info is None:
+        print(f"no Prefect server for {art} (the next `baton run` starts one)")
+        return 3
+    idle = f", exits after {info['idle_timeout']:.0f}s idle" if info.get("idle_timeout") else ""
+    print(f"Prefect server {info['url']} (pid {info['pid']}, started {info['started']}{idle})")
+    return 0
+
+
+@server_app.command("stop", epilog="Example: baton server stop")
+def server_stop(artifacts: Artifacts = None) -> None:
+    """Stop it (the next `baton run` starts a fresh one)."""
+    from flows import server
+
+    art = artifacts_root(artifacts)
+    info = server.stop(art)
+    print(f"stopped the Prefect server {info['url']} (pid {info['pid']})" if info else f"no Prefect server for {art}")
 
 
 def _prefect_cli() -> str:
@@ -399,7 +437,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
 def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
           limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
           artifacts: Artifacts = None) -> None:
-    """Prefect server + UI on loopback (unless PREFECT_API_URL names one), serving the deployment baton/baton.
+    """Prefect server + UI on loopback (unless PREFECT_API_URL or a running server of the artifacts dir answers),
+    serving the deployment baton/baton.
 
     Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
     puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint."""
@@ -408,24 +447,41 @@ def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Pref
     art = artifacts_root(artifacts).resolve()
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
-    server = None
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        url = f"http://{host}:{port}/api"
-        server = subprocess.Popen([_prefect_cli(), "server", "start", "--host", host, "--port", str(port)],
-                                  env=os.environ | {"PREFECT_SERVER_UI_ENABLED": "true"}, stdout=subprocess.DEVNULL)
-        os.environ["PREFECT_API_URL"] = url
+    url, proc = _serve_server(art, host, port)
+    os.environ["PREFECT_API_URL"] = url
     try:
-        _wait_healthy(url, server, timeout=180)
+        _wait_healthy(url, proc, timeout=180)
         print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
         _serve_deployment(limit)
     finally:
-        if server is not None:
-            server.terminate()
+        if proc is not None:
+            proc.terminate()
             try:
-                server.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                server.kill()
+                proc.kill()
+
+
+def _serve_server(art: Path, host: str, port: int) -> tuple[str, subprocess.Popen | None]:
+    """(url, our server process or None) for ``baton serve``: PREFECT_API_URL, the artifacts dir's running
+    server, or a server with its UI started here (flows.server, no idle timeout) on ``port``."""
+    from flows import server
+
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url, None
+    _HELD.append(server.hold_users_lock(art))
+    info = server.live_server(art)
+    if info is not None:
+        print(f"using the running Prefect server of {art} ({info['url']}; started by `baton run`, so without "
+              f"the UI: `baton server stop` first for the UI)", flush=True)
+        return info["url"], None
+    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, detached=False)
+    try:
+        return server.wait_started(art, proc)["url"], proc
+    except BaseException:
+        proc.terminate()
+        raise
 
 
 def _serve_deployment(limit: int | None) -> None:
@@ -572,5 +628,24 @@ def main(argv: list[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def program() -> None:
+    """``python -m flows.cli`` / the ``baton`` script: ``main`` on sys.argv, then ``_exit_now``."""
+    _exit_now(main())
+
+
+def _exit_now(rc: int) -> None:
+    """End the process as the interpreter would (wait for non-daemon threads, run the exit handlers: Prefect
+    and MLflow flush there), minus the teardown of the ~5000 modules Prefect and MLflow imported, which
+    takes seconds after a run."""
+    import atexit
+    import threading
+
+    threading._shutdown()  # what Py_Finalize does first
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flows.inputs import inputs_digest
+from flows.inputs import _HashCache, cache_file, inputs_digest
 from stages import UnknownKind, kind_module_name
 from stages.contract import ExternalInput, StageConfig
 
@@ -78,8 +78,19 @@ def source_digest(source: str) -> str:
 
 @lru_cache(maxsize=None)
 def _module_digest(name: str, packages: tuple[str, ...]) -> tuple[str, frozenset[str]]:
-    source = _module_file(name).read_text()
-    return source_digest(source), frozenset(_project_imports(ast.parse(source), name, packages))
+    """(digest, project imports) of one module, cached across processes by the file's stamp (flows.inputs):
+    parsing and normalising ~40 modules is most of ``baton status``."""
+    def compute(f: Path) -> list:
+        source = f.read_text()
+        return [source_digest(source), sorted(_project_imports(ast.parse(source), name, packages))]
+
+    digest, deps = _code_cache().get(_module_file(name), compute, tag=f"|{name}|{','.join(packages)}")
+    return digest, frozenset(deps)
+
+
+@lru_cache(maxsize=None)
+def _code_cache() -> _HashCache:
+    return _HashCache(cache_file("code.json"))
 
 
 def code_digest(kind: str) -> dict[str, str]:
@@ -99,6 +110,7 @@ def code_digest(kind: str) -> dict[str, str]:
         digest, deps = _module_digest(m, packages)
         seen[m] = digest
         todo.extend(deps)
+    _code_cache().save()
     return dict(sorted(seen.items()))
 
 

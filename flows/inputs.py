@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,12 @@ from stages.contract import ExternalInput
 from stages.fsio import sha256_file, write_json_atomic
 
 
-def cache_file() -> Path:
+def cache_file(name: str = "sha256.json") -> Path:
+    """The digest cache ``name`` (sha256.json: file hashes, code.json: module code digests), next to
+    ``$BATON_DIGEST_CACHE`` (default ``~/.cache/baton/sha256.json``)."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "baton" / "sha256.json"
-    return Path(os.environ.get("BATON_DIGEST_CACHE") or default)
+    return Path(os.environ.get("BATON_DIGEST_CACHE") or default).with_name(name) if name != "sha256.json" \
+        else Path(os.environ.get("BATON_DIGEST_CACHE") or default)
 
 
 class _HashCache:
@@ -45,14 +49,18 @@ class _HashCache:
         return data if isinstance(data, dict) else {}
 
     def sha256(self, f: Path) -> str:
+        return self.get(f, sha256_file)
+
+    def get(self, f: Path, compute: Callable[[Path], Any], tag: str = "") -> Any:
+        """``compute(f)`` (JSON-serialisable), cached under the file's path + ``tag`` and its stamp."""
         st = f.stat()
-        key, stamp = str(f.resolve()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key, stamp = str(f.resolve()) + tag, [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         hit = self.entries.get(key)
         if isinstance(hit, list) and hit[:4] == stamp:
             return hit[4]
-        digest = sha256_file(f)
-        self.entries[key] = self.new[key] = stamp + [digest]
-        return digest
+        value = compute(f)
+        self.entries[key] = self.new[key] = stamp + [value]
+        return value
 
     def save(self) -> None:
         if not self.new:

@@ -1,15 +1,15 @@
 """Ctrl-C in the process that runs the flow (``baton run``, ``baton resume``).
 
-The terminal sends SIGINT to its foreground process group. Only this process gets it: the embedded
-Prefect server ignores it (flows.prefect_env), the fork server ignores it (multiprocessing), and each
-stage process runs in its own process group (flows.worker). So one owner decides what a Ctrl-C means:
+The terminal sends SIGINT to its foreground process group. Only this process acts on it: the Prefect
+server runs in its own session and stays up (flows.server), the fork server blocks it (flows.worker), and
+each stage process runs in its own process group (flows.worker). So one owner decides what a Ctrl-C means:
 
 - the first one is passed on to the stage processes that are running: each stops where it is, ends its
   MLflow run KILLED and exits with :data:`EXIT_INTERRUPTED`, its last line saying the step it reached and
   its newest checkpoint. No new stage starts; the flow ends the parent run KILLED, removes its recipe
   snapshot and finishes Cancelled; ``baton run`` prints one line and exits 130. With no stage process
   running, it is a plain KeyboardInterrupt (Prefect records the flow run Crashed).
-- a second one kills the stage processes and the Prefect server and exits at once (130).
+- a second one kills the stage processes and exits at once (130).
 """
 from __future__ import annotations
 
@@ -65,21 +65,6 @@ def _signal_group(pgid: int, sig: int) -> None:
             os.kill(pgid, sig)
 
 
-def _stop_servers(grace_s: float) -> None:
-    """The embedded Prefect server(s) this process started (SIGTERM, then SIGKILL after ``grace_s``)."""
-    server = sys.modules.get("prefect.server.api.server")
-    for inst in list(getattr(getattr(server, "SubprocessASGIServer", None), "_instances", {}).values()):
-        proc = getattr(inst, "server_process", None)
-        if proc is None:
-            continue
-        with contextlib.suppress(OSError):
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace_s)
-            except Exception:  # noqa: BLE001 - TimeoutExpired
-                proc.kill()
-
-
 def _stop_fork_server() -> None:
     """The stage processes' fork server (flows.worker): left alone it spends seconds unloading torch."""
     fs = sys.modules.get("multiprocessing.forkserver")
@@ -89,25 +74,24 @@ def _stop_fork_server() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _stop_everything(grace_s: float) -> None:
+def _stop_everything() -> None:
     for pgid in list(_stage_pgids):
         _signal_group(pgid, signal.SIGKILL)
     _stop_fork_server()
-    _stop_servers(grace_s)
 
 
 def exit_now() -> None:
-    """After the flow has recorded its final state: exit 130 now. (Prefect's own shutdown, which drains its
-    log and event queues into a server it is stopping, takes ~10 s; nothing it still holds matters.)"""
-    _stop_everything(grace_s=2)
+    """After the flow has recorded its final state: exit 130 now, without waiting for the fork server to
+    unload torch (seconds) or Prefect to drain its log queues (nothing there matters any more)."""
+    _stop_everything()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_INTERRUPTED)
 
 
 def _stop_now() -> None:
-    """Second Ctrl-C: stage processes and the embedded Prefect server go now, and so does this process."""
-    _stop_everything(grace_s=0)
+    """Second Ctrl-C: the stage processes go now, and so does this process."""
+    _stop_everything()
     print(f"\ninterrupted again: stopped at once; {RESUME_HINT}", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED)
 

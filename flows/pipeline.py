@@ -19,7 +19,7 @@ from typing import Any
 from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
-from flows.prefect_env import configure_prefect, hold_flow_run_lock, start_embedded_server
+from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
 from flows.worker import prewarm_workers, run_stage_process, write_snapshot
 from stages.contract import StageError
@@ -204,51 +204,57 @@ def build_flow():
     return baton_pipeline
 
 
-def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True) -> dict[str, Any]:
-    """Run (or resume) the recipe in this process; Ctrl-C stops it cleanly (flows.interrupt) and raises
-    ``interrupt.Interrupted`` saying which stages stopped at which step."""
+def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True,
+                 server: str | None = None) -> dict[str, Any]:
+    """Run the flow against a Prefect server that answers (``server``, PREFECT_API_URL, or the artifacts dir's
+    background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
+    raises ``interrupt.Interrupted`` saying which stages stopped at which step."""
     with interrupt.handling():
         try:
-            return _run_pipeline(recipe, artifacts, only, track)
+            return _run_pipeline(recipe, artifacts, only, track, server)
         except BaseException:
             if interrupt.requested():
                 raise interrupt.Interrupted(interrupt.summary()) from None
             raise
 
 
-def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool) -> dict[str, Any]:
+def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
+                  server: str | None) -> dict[str, Any]:
+    from flows.server import ensure_server
+
     configure_prefect(artifacts)
-    # three things that take seconds each, at once: the Prefect server (its own process) starts in a
-    # thread, the fork server imports the stages' libraries (its own process), this thread imports
-    # MLflow. Prefect itself is imported here first: importing it from two threads at once breaks its
-    # plugin initialisation (a circular import seen half-done)
-    import importlib
+    found: list = []
 
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    if not os.environ.get("PREFECT_API_URL"):
-        importlib.import_module("prefect.server.api.server")
-
-    started: list[BaseException | None] = []
-
-    def start() -> None:
+    def find() -> None:
         try:
-            start_embedded_server()
-            started.append(None)
+            found.append(ensure_server(artifacts, server))
         except BaseException as e:  # noqa: BLE001 - re-raised below
-            started.append(e)
+            found.append(e)
 
-    server = threading.Thread(target=start, name="baton-prefect-server", daemon=True)
-    server.start()
-    prewarm_workers(incomplete_kinds(recipe, artifacts))
-    if track:
-        __import__("mlflow")
-    server.join()
-    if started and started[0] is not None:
-        raise started[0]
+    # at once: finding (or starting) the server, the fork server importing the stages' libraries (its own
+    # process), this thread importing MLflow. A server named by --server or PREFECT_API_URL is only checked
+    # (one request): done first, so a wrong URL fails before anything starts. Prefect is imported only after
+    # PREFECT_API_URL is set: its settings are read when it is imported
+    finder = threading.Thread(target=find, name="baton-prefect-server", daemon=True)
+    finder.start()
+    if server or os.environ.get("PREFECT_API_URL"):
+        finder.join()
+    if not (found and isinstance(found[0], BaseException)):
+        prewarm_workers(incomplete_kinds(recipe, artifacts))
+        if track:
+            __import__("mlflow")
+    finder.join()
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    users = found[0]  # the background server's users lock: it stays up while this run lasts
+    from prefect.task_runners import ThreadPoolTaskRunner
 
     # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's
     # slots cap how many stage processes run at once (recipe.max_concurrency).
     flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
-    return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track)
+    try:
+        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track)
+    finally:
+        if users is not None:
+            users.close()

@@ -1,22 +1,19 @@
-"""Prefect's side of a baton process: settings, the embedded server, and the flow-run liveness lock.
+"""Prefect's side of a baton process: settings and the flow-run liveness lock.
 
-``configure_prefect`` must run before Prefect is imported. The embedded server keeps its SQLite database
-in ``artifacts/prefect`` (PREFECT_HOME). The liveness lock lets ``baton retry`` tell a flow run that is
+``configure_prefect`` must run before Prefect is imported. The artifacts dir's Prefect server (flows.server)
+keeps its SQLite database in ``artifacts/prefect`` (PREFECT_HOME). The liveness lock lets ``baton retry`` tell a flow run that is
 still executing from one that Prefect shows as Running because its process was killed.
 """
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
 from pathlib import Path
 
 # Quiet, fast embedded Prefect: no analytics, no UI build, no background services a single local
 # run does not need (they poll SQLite and cause "database is locked" noise).
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
@@ -40,30 +37,6 @@ def configure_prefect(artifacts: Path) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports from research clusters
-
-
-def start_embedded_server() -> None:
-    """Start the embedded Prefect server now, holding a file lock in PREFECT_HOME: it creates and migrates
-    PREFECT_HOME's SQLite database on startup, and two ``baton run`` on one artifacts dir must not do
-    that at the same time (the loser's server fails its startup). The flow then reuses this server."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    home = Path(os.environ["PREFECT_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".server-start.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        # the server inherits this thread's signal mask: with SIGINT blocked, a terminal's Ctrl-C (sent to
-        # the whole foreground process group) cannot stop it before the flow has recorded its final state;
-        # it stops when this process exits (Prefect's atexit: SIGTERM)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            SubprocessASGIServer().start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def flow_run_lock_path(artifacts: Path, flow_run_id: str) -> Path:

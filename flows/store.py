@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.contract import StageResult
-from stages.fsio import is_temp_name, remove_path, temp_owner, write_json_atomic
+from stages.fsio import checkpoint_steps, is_temp_name, remove_path, temp_owner, write_json_atomic
 
 log = logging.getLogger("baton")
 LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
@@ -88,9 +88,7 @@ class StageDir:
         return removed
 
     def checkpoint_steps(self) -> list[int]:
-        from stages.train.checkpoint import CheckpointManager  # imports torch: not at the top of the flow's process
-
-        return CheckpointManager(self.path / "checkpoints").steps()
+        return checkpoint_steps(self.path / "checkpoints")
 
     def state(self) -> tuple[str, int | None]:
         """(complete | partial | started | not started, the step: the result's steps or the newest checkpoint)."""

@@ -165,7 +165,22 @@ class Tracking:
                            tags=[InputTag("mlflow.data.context", "train")]) for n, (s, d) in datasets.items()]
         models = [LoggedModelInput(mid) for mid in upstream_models.values() if mid]
         if ds or models:
-            self.client.log_inputs(run_id, datasets=ds or None, models=models or None)
+            self._log_inputs(run_id, ds, models)
+
+    def _log_inputs(self, run_id: str, ds: list, models: list, attempts: int = 5) -> None:
+        """MLflow's SQL store checks whether a dataset exists, then inserts it: two stage processes logging
+        the same dataset (world/coco) at once can both miss it, and the second insert fails on the
+        (experiment, name, digest) UNIQUE constraint. Retried, the row is found and linked."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                self.client.log_inputs(run_id, datasets=ds or None, models=models or None)
+                return
+            except MlflowException as e:
+                if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def log_model(self, run_id: str, stage: str, fingerprint: str, model_dir: Path, step: int,
                   metrics: dict[str, float]) -> str:

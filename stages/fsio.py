@@ -110,3 +110,12 @@ def sha256_file(path: Path) -> str:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """The steps of the checkpoints under ``root`` (``<root>/<step:08d>/``), sorted; no torch import, so
+    ``baton status`` lists them in milliseconds."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())

@@ -22,3 +22,15 @@ def baton(args: list[str], artifacts: Path, timeout: int = 600, check: bool = Tr
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_background_servers(tmp_path_factory):
+    """`baton run` leaves a background Prefect server per artifacts dir (flows.server): stop every one the
+    session started under its temp dirs; the short idle timeout is the safety net if this never runs."""
+    os.environ.setdefault("BATON_SERVER_IDLE_TIMEOUT", "300")
+    yield
+    from flows import server
+
+    for found in tmp_path_factory.getbasetemp().glob("**/prefect/server.json"):
+        server.stop(found.parent.parent)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stages.contract import StageError
-from stages.fsio import _fsync_file, fsync_dir, is_temp_name, sha256_file, temp_owner, temp_path
+from stages.fsio import _fsync_file, checkpoint_steps, fsync_dir, is_temp_name, sha256_file, temp_owner, temp_path
 
 log = logging.getLogger("baton")
 
@@ -116,9 +116,7 @@ class CheckpointManager:
         self.keep = keep
 
     def steps(self) -> list[int]:
-        if not self.root.exists():
-            return []
-        return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+        return checkpoint_steps(self.root)
 
     def path_of(self, step: int) -> Path:
         return self.root / f"{step:08d}"

@@ -2,6 +2,7 @@
 with an example; ``baton --install-completion`` installs shell completion.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
+              [--dry-run] [--force STAGE]     the plan only (cached / will run, and why) / rerun STAGE + downstream
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
@@ -68,6 +69,13 @@ Only = Annotated[list[str] | None, typer.Option(
     "--only", metavar="STAGE", show_default=False, help="run only this stage (and what it needs); repeatable")]
 NoTrack = Annotated[bool, typer.Option("--no-track", help="no MLflow tracking")]
 AsJson = Annotated[bool, typer.Option("--json", help="one JSON document on stdout (logs go to stderr)")]
+Force = Annotated[list[str] | None, typer.Option(
+    "--force", metavar="STAGE", show_default=False,
+    help="rerun this stage and everything downstream of it even if complete (the old directories stay until "
+         "the new result.json exists); repeatable")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the plan: per stage cached or will run, and why "
+                                                        "(which config key, code module, upstream or data input "
+                                                        "changed); nothing runs")]
 Host = Annotated[str, typer.Option(help="bind address")]
 Server = Annotated[str | None, typer.Option(
     "--server", metavar="URL", show_default=False,
@@ -160,23 +168,29 @@ def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = N
         print(f"  {r['name']:<{width}}  {r['fingerprint'][:16]}  {describe_state(r['state'], r['step'])}")
 
 
-@command("baton run configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --only vqa")
+@command("baton run configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --only vqa --dry-run")
 def run(config: Config, overrides: Overrides = None, only: Only = None, no_track: NoTrack = False,
-        artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None) -> None:
+        artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None,
+        force: Force = None, dry_run: DryRun = False) -> None:
     """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
+    for opt, names in (("--only", only), ("--force", force)):
+        for name in names or []:
+            if name not in recipe.stages:
+                raise RecipeError(f"{opt} {name}: no such stage in {config} ({', '.join(recipe.stages)})")
+    if dry_run:
+        return print_plan(recipe, art, only, force, as_json)
     _check_writable(art)
-    for name in only or []:
-        if name not in recipe.stages:
-            raise RecipeError(f"--only {name}: no such stage in {config} ({', '.join(recipe.stages)})")
     from flows.execute import stage_dirs
     from flows.pipeline import run_pipeline
+    from flows.plan import downstream_of
 
     done_before = {n for n, d in stage_dirs(recipe, art).items() if d.result() is not None}
+    done_before -= downstream_of(recipe, force or [])
     t0 = time.perf_counter()
     with _stdout_to_stderr() if as_json else _no_redirect():
-        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server)
+        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server, force=force)
     summary = run_summary(recipe, out, done_before, time.perf_counter() - t0)
     if as_json:
         _print_json(summary)
@@ -187,6 +201,19 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
         m = ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items())
         b = ", ".join(f"{k}={v:.4g}" for k, v in s["baselines"].items())
         print(f"  {s['name']:<10} {s['state']:<6} {m}" + (f"   [baseline {b}]" if b else ""))
+
+
+def print_plan(recipe, art: Path, only: list[str] | None, force: list[str] | None, as_json: bool) -> None:
+    """``baton run --dry-run``: per stage cached or will run, and why (flows.plan); nothing runs or is written."""
+    from flows.fingerprint import plan_fingerprints
+    from flows.plan import dry_run, needed_stages, render
+
+    verdicts = dry_run(recipe, art, plan_fingerprints(recipe.stages), needed_stages(recipe, only), force)
+    if as_json:
+        _print_json({"recipe": recipe.name, "config": str(recipe.path), "artifacts": str(art), "dry_run": True,
+                     "stages": [v.to_json() for v in verdicts]})
+        return
+    print(f"recipe {recipe.name} ({recipe.path}): dry run, nothing runs\n{render(verdicts)}")
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.store import StageDir
 from stages import kind_module
 from stages.contract import NullTracker, StageConfig, StageContext, StageError, StageResult, Tracker, seed_stage
+from stages.fsio import remove_path, replace_dir, temp_path
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
@@ -101,32 +102,62 @@ def _log_result(name: str, sd: StageDir, res: StageResult, tracker: Tracker, tra
                                                          step, res.metrics)
 
 
+def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking, parent_id: str,
+             sd: StageDir) -> StageResult:
+    """Run the stage into ``sd`` (its directory, or a forced rerun's temp directory) and write result.json."""
+    up_dirs, up_results = _upstream(name, cfg, plans, artifacts)
+    resolved = cfg.model_dump(mode="json")
+    sd.write_config(plans[name].payload, resolved)
+    tracker, run_id = _open_tracker(name, sd, resolved, tracking, parent_id, up_dirs, up_results)
+    ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,
+                       upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
+                       tracker=tracker)
+    res = _run(cfg, ctx, tracking, run_id)
+    if tracking is not None:
+        _log_result(name, sd, res, tracker, tracking, run_id)
+    sd.write_result(res)
+    if tracking is not None:
+        tracking.client.log_artifact(run_id, str(sd.path / "result.json"))
+        tracking.client.log_artifact(run_id, str(sd.path / "config.json"))
+        tracking.end_run(run_id, "FINISHED")
+    log.info("[%s] done in %.1fs: %s", name, res.info["seconds"],
+             ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()))
+    return res
+
+
+def _force(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking, parent_id: str,
+           sd: StageDir, old: StageResult) -> StageResult:
+    """Rerun a complete stage into a fresh temp directory next to it (the store's temp-name rule) and swap
+    it in once its result.json exists: until then, and after a crash, the old complete directory stays.
+    The replaced MLflow run is tagged ``baton.replaced_by=<new run id>``."""
+    new = sd.at(temp_path(sd.path))  # an earlier one that died went with sd.remove_stale_temps()
+    remove_path(new.path)
+    log.info("[%s] forced: rerunning into %s (the complete %s stays until it is done)", name, new.path.name,
+             sd.path.name)
+    res = _execute(name, cfg, plans, artifacts, tracking, parent_id, new)
+    replace_dir(new.path, sd.path)
+    old_run, new_run = old.info.get("mlflow_run_id"), res.info.get("mlflow_run_id")
+    if tracking is not None and old_run and new_run:
+        try:
+            tracking.client.set_tag(old_run, "baton.replaced_by", new_run)
+        except Exception as e:  # noqa: BLE001 - the old run may be gone from this store
+            log.warning("[%s] could not tag replaced run %s: %s", name, old_run, e)
+    return res
+
+
 def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking,
-                  parent_id: str) -> tuple[dict, bool]:
+                  parent_id: str, force: bool = False) -> tuple[dict, bool]:
     """Run stage ``name`` (config ``cfg``) under its directory lock. ``plans`` holds this stage's and its
-    upstream stages' fingerprints; ``tracking`` is a flows.tracking.Tracking or None (no MLflow).
+    upstream stages' fingerprints; ``tracking`` is a flows.tracking.Tracking or None (no MLflow);
+    ``force``: rerun it even if it is complete (see :func:`_force`).
     Returns (result as a dict, whether it was already complete)."""
     sd = StageDir(artifacts, name, plans[name].fingerprint)
     with sd.lock():
         sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
+        old = sd.result() if force else None
+        if old is not None:
+            return _force(name, cfg, plans, artifacts, tracking, parent_id, sd, old).model_dump(mode="json"), False
         done = cached_result(name, sd, tracking, parent_id)  # another run may have finished it while we waited
         if done is not None:
             return done.model_dump(mode="json"), True
-        up_dirs, up_results = _upstream(name, cfg, plans, artifacts)
-        resolved = cfg.model_dump(mode="json")
-        sd.write_config(plans[name].payload, resolved)
-        tracker, run_id = _open_tracker(name, sd, resolved, tracking, parent_id, up_dirs, up_results)
-        ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,
-                           upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
-                           tracker=tracker)
-        res = _run(cfg, ctx, tracking, run_id)
-        if tracking is not None:
-            _log_result(name, sd, res, tracker, tracking, run_id)
-        sd.write_result(res)
-        if tracking is not None:
-            tracking.client.log_artifact(run_id, str(sd.path / "result.json"))
-            tracking.client.log_artifact(run_id, str(sd.path / "config.json"))
-            tracking.end_run(run_id, "FINISHED")
-        log.info("[%s] done in %.1fs: %s", name, res.info["seconds"],
-                 ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()))
-        return res.model_dump(mode="json"), False
+        return _execute(name, cfg, plans, artifacts, tracking, parent_id, sd).model_dump(mode="json"), False

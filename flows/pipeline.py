@@ -19,6 +19,7 @@ from typing import Any
 from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
+from flows.plan import downstream_of, needed_stages
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
 from flows.worker import prewarm_workers, run_stage_process, write_snapshot
@@ -53,18 +54,11 @@ def _threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
     return out
 
 
-def needed_stages(recipe: Recipe, only: list[str] | None) -> set[str]:
-    """The stages to run: all of them, or the ``only`` ones and everything they need."""
-    if not only:
-        return set(recipe.stages)
-    wanted: set[str] = set()
-    stack = list(only)
-    while stack:
-        s = stack.pop()
-        if s not in wanted:
-            wanted.add(s)
-            stack.extend(recipe.stages[s].needs)
-    return wanted
+def _kinds_to_run(recipe: Recipe, art: Path, plans: dict[str, StagePlan] | None, force: list[str] | None
+                  ) -> list[str]:
+    """The kinds of the stages that will need a process: the incomplete ones and the forced ones."""
+    forced = {recipe.stages[n].kind for n in downstream_of(recipe, force or [])}
+    return sorted(set(incomplete_kinds(recipe, art, plans)) | forced)
 
 
 def start_tracking(recipe: Recipe, recipe_path: str, art: Path, plans: dict[str, StagePlan], flow_run_id: str):
@@ -86,8 +80,9 @@ class StageTask:
     (The recipe, tracking client etc. stay out of Prefect's task parameters.)"""
 
     def __init__(self, art: Path, plans: dict[str, StagePlan], tracking, parent_id: str, snapshot: Path,
-                 threads: dict[str, int], max_concurrency: int):
+                 threads: dict[str, int], max_concurrency: int, forced: set[str] = frozenset()):
         self.art, self.plans, self.tracking, self.parent_id = art, plans, tracking, parent_id
+        self.forced = forced
         self.snapshot, self.threads = snapshot, threads
         self.slots = threading.Semaphore(max_concurrency)
 
@@ -95,9 +90,11 @@ class StageTask:
         from prefect.states import Cancelled, Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
-        with sd.lock():
-            sd.remove_stale_temps()
-            done = cached_result(stage, sd, self.tracking, self.parent_id)
+        done = None
+        if stage not in self.forced:  # a forced stage's process reruns it (flows.execute._force)
+            with sd.lock():
+                sd.remove_stale_temps()
+                done = cached_result(stage, sd, self.tracking, self.parent_id)
         if done is None:
             try:
                 with self.slots:
@@ -160,8 +157,9 @@ def build_flow():
     # threads only wait on stage processes; StageTask's slots cap how many run (run_pipeline sets the same)
     @flow(name="baton", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=32))
     def baton_pipeline(recipe_path: str, recipe_snapshot: dict, artifacts: str, only: list[str] | None = None,
-                       track: bool = True) -> dict[str, Any]:
-        """Run (or resume) every stage of a recipe; complete stages are Cached."""
+                       track: bool = True, force: list[str] | None = None) -> dict[str, Any]:
+        """Run (or resume) every stage of a recipe; complete stages are Cached, except the ``force``d ones
+        and their downstream stages, which run again."""
         from prefect.runtime import flow_run
         from prefect.states import Cancelled
 
@@ -169,13 +167,14 @@ def build_flow():
         art = Path(artifacts)
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
-        prewarm_workers(incomplete_kinds(recipe, art, plans))  # no-op if run_pipeline already started it
+        prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
         wanted = needed_stages(recipe, only)
-        snapshot = write_snapshot(art, recipe, plans)
+        forced = downstream_of(recipe, force or []) & wanted
+        snapshot = write_snapshot(art, recipe, plans, forced)
         run_stage = StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
-                              recipe.max_concurrency)
+                              recipe.max_concurrency, forced)
 
         def submit(name: str, upstream: list) -> Any:
             t = task(run_stage, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
@@ -205,7 +204,7 @@ def build_flow():
 
 
 def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True,
-                 server: str | None = None) -> dict[str, Any]:
+                 server: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
     """Run the flow against a Prefect server that answers (``server``, PREFECT_API_URL, or the artifacts dir's
     background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
     raises ``interrupt.Interrupted`` saying which stages stopped at which step."""
@@ -240,7 +239,7 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     if server or os.environ.get("PREFECT_API_URL"):
         finder.join()
     if not (found and isinstance(found[0], BaseException)):
-        prewarm_workers(incomplete_kinds(recipe, artifacts))
+        prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
         if track:
             __import__("mlflow")
     finder.join()
@@ -254,7 +253,7 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
     try:
-        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track)
+        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
     finally:
         if users is not None:
             users.close()

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.contract import StageResult
-from stages.fsio import checkpoint_steps, is_temp_name, remove_path, temp_owner, write_json_atomic
+from stages.fsio import checkpoint_steps, is_temp_name, remove_path, temp_owner, temps_of, write_json_atomic
 
 log = logging.getLogger("baton")
 LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
@@ -65,6 +66,12 @@ class StageDir:
         write_json_atomic(self.path / "config.json", {"stage": self.stage, "fingerprint": self.fingerprint,
                                                       "resolved": resolved, "fingerprint_inputs": payload})
 
+    def at(self, path: Path) -> StageDir:
+        """The same stage and fingerprint in another directory (a forced rerun's temp directory)."""
+        other = copy.copy(self)
+        other.path = Path(path)
+        return other
+
     def run_id(self) -> str | None:
         f = self.path / "run.json"
         return json.loads(f.read_text()).get("mlflow_run_id") if f.exists() else None
@@ -74,17 +81,18 @@ class StageDir:
         write_json_atomic(self.path / "run.json", {"mlflow_run_id": run_id})
 
     def remove_stale_temps(self) -> list[Path]:
-        """Delete temp files/dirs that killed writers left behind. Call it holding :meth:`lock`: then no
-        other process writes here, so every temp name is garbage (a complete stage keeps none)."""
+        """Delete temp files/dirs that killed writers left behind, here and next to this directory (a forced
+        rerun's, flows.execute). Call it holding :meth:`lock`: then no other process writes here, so every
+        temp name is garbage (a complete stage keeps none)."""
         removed = []
-        for d in temp_dirs(self.path):
-            for p in d.iterdir():
-                if is_temp_name(p.name) and temp_owner(p.name) != os.getpid():
-                    remove_path(p)
-                    removed.append(p)
+        candidates = [p for d in temp_dirs(self.path) for p in d.iterdir()] + temps_of(self.path)
+        for p in candidates:
+            if is_temp_name(p.name) and temp_owner(p.name) != os.getpid():
+                remove_path(p)
+                removed.append(p)
         if removed:
             log.info("[%s] removed %d temp file(s) left by an interrupted run: %s", self.stage, len(removed),
-                     ", ".join(str(p.relative_to(self.path)) for p in removed[:5]))
+                     ", ".join(str(p.relative_to(self.path.parent)) for p in removed[:5]))
         return removed
 
     def checkpoint_steps(self) -> list[int]:

@@ -48,12 +48,15 @@ INTERRUPTED_PREFIX = "interrupted: "  # its last word on Ctrl-C: the step it rea
 # ---------------------------------------------------------------------------------------------- launching
 
 
-def write_snapshot(artifacts: Path, recipe: Recipe, plans: dict[str, StagePlan]) -> Path:
-    """What a stage process needs, already resolved (configs and fingerprints): it imports only its kind."""
+def write_snapshot(artifacts: Path, recipe: Recipe, plans: dict[str, StagePlan], force: set[str] = frozenset()
+                   ) -> Path:
+    """What a stage process needs, already resolved (configs and fingerprints, the stages to rerun even if
+    complete): it imports only its kind."""
     snapshot = Path(artifacts) / "tmp" / f"recipe-{os.getpid()}-{time.time_ns()}.json"
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     snapshot.write_text(json.dumps({
         "recipe": recipe.name, "plans": {n: p.to_json() for n, p in plans.items()}, "python_path": recipe.python_path,
+        "force": sorted(force),
         "stages": {n: c.model_dump(mode="json", exclude_unset=True) for n, c in recipe.stages.items()}}))
     return snapshot
 
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.tracking import Tracking
 
             tracking = Tracking(args.artifacts, snap["recipe"])
-        _, was_complete = execute_stage(args.stage, cfg, plans, args.artifacts, tracking, args.parent_run_id)
+        _, was_complete = execute_stage(args.stage, cfg, plans, args.artifacts, tracking, args.parent_run_id,
+                                        force=args.stage in snap.get("force", ()))
         return EXIT_CACHED if was_complete else EXIT_OK
     except (StageError, RecipeError) as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr)

@@ -88,6 +88,37 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE): a reader sees the old
+    ``b`` or the new one, never neither. False where the kernel or filesystem cannot do it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put directory ``new`` in place of directory ``path`` (which may not exist) and delete the old one.
+    The old one is whole until the new one is in place: exchanged atomically where the kernel can,
+    else moved aside to its temp name (``.x.old-<pid>``) first."""
+    new, path = Path(new), Path(path)
+    old = temp_path(path, "old")
+    if path.exists() and exchange_paths(new, path):
+        os.rename(new, old)
+    elif path.exists():
+        os.rename(path, old)
+        os.rename(new, path)
+    else:
+        os.rename(new, path)
+    fsync_dir(path.parent)
+    remove_path(old)
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

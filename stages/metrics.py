@@ -144,7 +144,7 @@ def vqa_accuracy(pred: str, gt_answers: Sequence[str], *, official_gt_processing
 
     ``official_gt_processing=True`` reproduces the official tool at master (GT-Vision-Lab/VQA,
     ``vqaEval.py`` after commit a013f00 "Fixed processing answers bug", 2021; what current papers
-    report), checked against a literal transcription on random cases (tests/test_metrics.py): when
+    report), checked against a literal transcription on random cases (tests/stages/test_metrics.py): when
     the human answers are all identical, the stripped raw strings are compared (``'yes.'`` vs ten
     ``'yes'`` scores 0); otherwise both sides are normalised. The 2016 revision (prediction always
     normalised, human answers punctuation-only) is not reproduced.

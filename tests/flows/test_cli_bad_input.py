@@ -19,7 +19,7 @@ from flows.cli import main
 from stages.fsio import is_temp_name
 from tools.faults import check_consistency
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CNN = {"kind": "cnn", "needs": ["world"], "model": {"widths": [8, 8, 8, 8]}, "train": {"steps": 2, "batch_size": 8}}
 DETECTOR = {"kind": "detector", "needs": ["world"], "backbone_from": None,

@@ -115,6 +115,39 @@ def test_override_reruns_stage_and_downstream_only(first_run):
     assert cached(out) == {"world", "cnn", "detector"}
 
 
+@pytest.mark.slow  # one more CLI run of three stages, ~70 s beside other jobs (the fast unit test is in test_plan.py)
+def test_force_mid_stage_reruns_it_and_downstream_and_tags_the_replaced_runs(first_run):
+    """`--force vl`: vl, caption and vqa run again into their same directories (new result.json, new
+    MLflow runs; each replaced run tagged baton.replaced_by); the stages upstream of vl stay cached."""
+    from flows.fingerprint import plan_fingerprints
+    from stages.recipe import load_recipe
+
+    art, _, _ = first_run
+    fps = {n: p.fingerprint for n, p in plan_fingerprints(load_recipe(ROOT / CONFIG).stages).items()}
+
+    def base_results() -> dict:
+        return {n: next(r for r in rs if r["fingerprint"] == fps[n]) for n, rs in results(art).items()}
+
+    before = base_results()
+    p = baton(["run", "--dry-run", CONFIG, "--force", "vl"], art)
+    assert "3 of 7 stages will run" in p.stdout, p.stdout
+    p = baton(["run", CONFIG, "--force", "vl", "--json"], art)
+    out = p.stderr + p.stdout
+    assert ran(out) == {"vl", "caption", "vqa"}, out[-3000:]
+    assert cached(out) == {"world", "cnn", "detector", "bert"}
+    summary = {s["name"]: s["state"] for s in json.loads(p.stdout)["stages"]}
+    assert summary == {n: "ran" if n in ("vl", "caption", "vqa") else "cached" for n in STAGES}
+    after, client = base_results(), mlflow_client(art)
+    for n in STAGES:
+        old_run, new_run = before[n]["info"]["mlflow_run_id"], after[n]["info"]["mlflow_run_id"]
+        if n in ("vl", "caption", "vqa"):
+            assert new_run != old_run, n
+            assert client.get_run(old_run).data.tags["baton.replaced_by"] == new_run, n
+        else:
+            assert new_run == old_run, n
+    assert not [d for d in art.glob("stages/*/.*") if d.is_dir()]  # no forced temp dir left
+
+
 def run_until_checkpoint(art: Path, stage: str, over: list[str], min_step: int = 1, timeout: float = 300):
     """Start `baton run CONFIG over` in the background (its own process group); return (process, stage dir,
     step) as soon as ``stage`` has a checkpoint at step >= min_step and no result.json yet."""

@@ -29,7 +29,7 @@ from stages.data.regions import (
 )
 from stages.fsio import temp_path, temps_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FIX = ROOT / "tests" / "fixtures"
 _spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
 mf = importlib.util.module_from_spec(_spec)

@@ -28,7 +28,7 @@ from stages.data import imagenet as imagenet_data
 from stages.train.checkpoint import load_weights
 from stages.train.sampler import ResumableBatchSampler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FIX = ROOT / "tests" / "fixtures"
 _spec = importlib.util.spec_from_file_location("make_fixtures", FIX / "make_fixtures.py")
 mf = importlib.util.module_from_spec(_spec)

@@ -12,7 +12,7 @@ from stages.contract import StageError
 from stages.data.regions import import_bua_tsv
 from stages.data.visual_genome import load_vg
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def vg(tmp_path: Path, merged) -> Path:

@@ -72,7 +72,7 @@ def test_cli_exit_code_and_message(tmp_path, capsys):
     assert not (tmp_path / "a").exists(), "a refused recipe must leave nothing behind"
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     r = load_recipe(path)
     assert r.stages
@@ -101,7 +101,7 @@ def test_validating_and_fingerprinting_a_recipe_does_not_import_torch():
             "    plan_fingerprints(load_recipe(f).stages)\n"
             "heavy = sorted(m for m in ('torch', 'torchvision', 'transformers') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
-    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr[-3000:]
 

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 from flows.store import StageDir
 
@@ -37,7 +38,7 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
             time.sleep(60)
     """)
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+                         cwd=str(Path(__file__).resolve().parents[2]))
     assert p.stdout.readline().strip() == "locked"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()

@@ -16,7 +16,7 @@ from stages.contract import NullTracker, StageContext, StageError, StageResult
 from stages.data import captions, synthetic
 from stages.data.regions import RegionStoreWriter
 
-FIX = Path(__file__).resolve().parent / "fixtures"
+FIX = Path(__file__).resolve().parents[2] / "fixtures"
 KARPATHY = FIX / "karpathy" / "dataset_coco.json"
 CC = FIX / "cc"
 

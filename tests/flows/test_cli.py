@@ -13,7 +13,7 @@ from flows.store import StageDir
 from stages.contract import StageResult
 from stages.recipe import RecipeError, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs/vlp-micro.yaml")
 STAGES = ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]
 

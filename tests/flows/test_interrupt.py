@@ -13,7 +13,7 @@ import pytest
 
 from flows import interrupt, worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE = textwrap.dedent("""
     import signal, sys, time
     if sys.argv[1:] == ["stubborn"]:

@@ -40,6 +40,8 @@ from typing import Annotated, Any
 
 import typer
 
+from flows import interrupt
+from flows.interrupt import Interrupted
 from flows.server import ServerError
 from stages.contract import StageError
 from stages.recipe import RecipeError, load_recipe
@@ -647,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     except tuple(kind for kind, _ in EXIT_CODES) as e:
         print(f"error: {e}", file=sys.stderr)
         return next(code for kind, code in EXIT_CODES if isinstance(e, kind))
+    except Interrupted as e:  # Ctrl-C during run / resume: the flow has recorded its final state
+        print(f"interrupted: {e}", file=sys.stderr)
+        interrupt.exit_now()  # 130, without Prefect's slow shutdown
     return rv if isinstance(rv, int) else 0
 
 

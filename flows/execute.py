@@ -82,10 +82,10 @@ def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> S
         seed_stage(cfg)
         res: StageResult = kind_module(cfg.kind).run(ctx)
         ctx.tracker.flush()
-    except BaseException:
+    except BaseException as e:
         if tracking is not None:
             ctx.tracker.flush()
-            tracking.end_run(run_id, "FAILED")
+            tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     res.info["seconds"] = round(time.perf_counter() - t0, 2)
     return res

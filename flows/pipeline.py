@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.plan import downstream_of, needed_stages
@@ -86,7 +87,7 @@ class StageTask:
         self.slots = threading.Semaphore(max_concurrency)
 
     def __call__(self, stage: str) -> Any:
-        from prefect.states import Completed
+        from prefect.states import Cancelled, Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
         done = None
@@ -95,8 +96,15 @@ class StageTask:
                 sd.remove_stale_temps()
                 done = cached_result(stage, sd, self.tracking, self.parent_id)
         if done is None:
-            with self.slots:
-                was_complete = run_stage_process(stage, self.snapshot, self.art, self.parent_id, self.threads[stage])
+            try:
+                with self.slots:
+                    if interrupt.requested():
+                        return Cancelled(message=f"stage {stage!r} not started: interrupted")
+                    was_complete = run_stage_process(stage, self.snapshot, self.art, self.parent_id,
+                                                     self.threads[stage])
+            except interrupt.Interrupted as e:  # Ctrl-C: the stage stopped where it was (not a failure, no retry)
+                interrupt.stage_stopped(str(e))
+                return Cancelled(message=str(e))
             done = sd.result()
             if done is None:
                 raise RuntimeError(f"stage {stage!r}: worker finished but {sd.path}/result.json is missing")
@@ -116,6 +124,9 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
     failed, skipped = None, set()
     needs = {n: [u for u in recipe.stages[n].needs if u in wanted] for n in pending}
     while True:
+        if interrupt.requested():  # Ctrl-C: nothing new starts
+            skipped.update(pending)
+            pending.clear()
         for name in list(pending):
             if any(u in skipped for u in needs[name]):
                 pending.remove(name)
@@ -150,6 +161,7 @@ def build_flow():
         """Run (or resume) every stage of a recipe; complete stages are Cached, except the ``force``d ones
         and their downstream stages, which run again."""
         from prefect.runtime import flow_run
+        from prefect.states import Cancelled
 
         recipe = load_recipe(recipe_path, raw=recipe_snapshot)
         art = Path(artifacts)
@@ -170,11 +182,20 @@ def build_flow():
                      cache_policy=None, persist_result=False)
             return t.submit(name, wait_for=upstream)
 
-        results, failed = run_in_order(recipe, wanted, submit)
-        snapshot.unlink(missing_ok=True)
-        if tracking is not None:
-            tracking.end_run(parent_id, "FAILED" if failed else "FINISHED")
-        alive.close()
+        status = "FAILED"
+        try:
+            results, failed = run_in_order(recipe, wanted, submit)
+            status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            snapshot.unlink(missing_ok=True)
+            if tracking is not None:
+                tracking.end_run(parent_id, status)
+            alive.close()
+        if status == "KILLED":
+            return Cancelled(message=interrupt.summary())
         if failed:
             raise failed[1]
         return {"results": results, "parent_run_id": parent_id}
@@ -185,7 +206,19 @@ def build_flow():
 def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True,
                  server: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
     """Run the flow against a Prefect server that answers (``server``, PREFECT_API_URL, or the artifacts dir's
-    background server, started if none answers: flows.server)."""
+    background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
+    raises ``interrupt.Interrupted`` saying which stages stopped at which step."""
+    with interrupt.handling():
+        try:
+            return _run_pipeline(recipe, artifacts, only, track, server)
+        except BaseException:
+            if interrupt.requested():
+                raise interrupt.Interrupted(interrupt.summary()) from None
+            raise
+
+
+def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
+                  server: str | None) -> dict[str, Any]:
     from flows.server import ensure_server
 
     configure_prefect(artifacts)

@@ -13,8 +13,9 @@ The process is forked from a fork server that imported torch, MLflow and the sta
 (:func:`prewarm_workers`), or with ``BATON_WORKER_START=spawn`` a fresh interpreter. Its input is a
 snapshot file (:func:`write_snapshot`): resolved configs and fingerprints, so it imports only its kind.
 
-Exit status (:data:`EXIT_OK`, :data:`EXIT_BAD_INPUT`, :data:`EXIT_CACHED`, anything else = a crash):
-0 done, 2 a config or data error (never retried), 3 already complete, 1 anything else.
+Exit status (:data:`EXIT_OK`, :data:`EXIT_BAD_INPUT`, :data:`EXIT_CACHED`, :data:`EXIT_INTERRUPTED`, anything
+else = a crash): 0 done, 2 a config or data error (never retried), 3 already complete, 130 stopped by SIGINT
+(Ctrl-C, passed on by the flow: the process leads its own process group, see flows.interrupt), 1 anything else.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import collections
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows import interrupt
 from flows.fingerprint import StagePlan
+from flows.interrupt import EXIT_INTERRUPTED
 from stages import kind_module, use_python_path
 from stages.contract import StageError
 from stages.recipe import Recipe, RecipeError
@@ -38,6 +42,7 @@ from stages.recipe import Recipe, RecipeError
 log = logging.getLogger("baton")
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CACHED = 0, 2, 3
 ERROR_PREFIX = "error: "  # the child's last word on bad input, read back by the launching end
+INTERRUPTED_PREFIX = "interrupted: "  # its last word on Ctrl-C: the step it reached, its newest checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- launching
@@ -84,7 +89,7 @@ def prewarm_workers(kinds: list[str]) -> None:
     if not kinds or _worker_start_method() != "forkserver":
         return
     import multiprocessing as mp
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     from stages import KINDS
 
@@ -105,9 +110,15 @@ def prewarm_workers(kinds: list[str]) -> None:
         # availability check, if anything calls it at import, asks NVML instead of the driver
         nvml = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+        # the terminal's Ctrl-C reaches the whole foreground process group: the fork server (which ignores
+        # SIGINT only once its imports are done) starts with it blocked; forked_main unblocks it. (The
+        # resource tracker first: starting it unblocks SIGINT in the calling thread.)
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             forkserver.ensure_running()  # returns at once; the server imports, then serves
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             if nvml is None:
                 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
             else:
@@ -133,8 +144,12 @@ def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, th
 
     if _worker_start_method() == "spawn":
         with subprocess.Popen([sys.executable, "-m", "flows.worker", *argv], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd) as p:
-            forward(p.stdout)
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, process_group=0) as p:
+            interrupt.add_stage_process(p.pid)
+            try:
+                forward(p.stdout)
+            finally:
+                interrupt.remove_stage_process(p.pid)
         return p.returncode, list(tail)
 
     import multiprocessing as mp
@@ -146,6 +161,7 @@ def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, th
     with _workers_lock:
         proc.start()
         _active_workers += 1
+    interrupt.add_stage_process(proc.pid)  # forked_main makes it a process group leader first thing
     try:
         w.close()
         with os.fdopen(os.dup(r.fileno()), "r", errors="replace") as f:
@@ -153,6 +169,7 @@ def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, th
             forward(f)
         proc.join()
     finally:
+        interrupt.remove_stage_process(proc.pid)
         with _workers_lock:
             _active_workers -= 1
     return proc.exitcode, list(tail)
@@ -164,6 +181,10 @@ def run_stage_process(name: str, snapshot: Path, artifacts: Path, parent_id: str
     rc, tail = launch_worker(name, snapshot, artifacts, parent_id, threads)
     if rc in (EXIT_OK, EXIT_CACHED):
         return rc == EXIT_CACHED
+    if rc == EXIT_INTERRUPTED or interrupt.requested():
+        said = next((ln[len(INTERRUPTED_PREFIX):] for ln in reversed(tail) if ln.startswith(INTERRUPTED_PREFIX)),
+                    f"stage {name!r} interrupted (exit status {rc})")
+        raise interrupt.Interrupted(said)
     msg = next((ln[len(ERROR_PREFIX):] for ln in reversed(tail) if ln.startswith(ERROR_PREFIX)), None)
     if rc == EXIT_BAD_INPUT and msg:
         raise StageError(msg)
@@ -177,7 +198,6 @@ def _die_with_parent() -> None:
     """Linux: get SIGKILLed when the flow process dies, so no orphan keeps writing a stage dir."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -216,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StageError, RecipeError) as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:  # SIGINT from the flow (Ctrl-C); a StageInterrupted names the step
+        print(f"{INTERRUPTED_PREFIX}{e or f'stage {args.stage!r} interrupted before training'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:
@@ -223,6 +246,8 @@ def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:
     launching flow's environment and working directory, send fds 1 and 2 into its pipe ``out``, run."""
     import os
 
+    os.setpgid(0, 0)  # its own process group: a terminal's Ctrl-C reaches the flow, which passes it on
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked in the fork server (prewarm_workers)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)

@@ -157,6 +157,19 @@ class StageError(Exception):
     """A config or data error: clear message, not retried."""
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step the stage reached and its newest checkpoint (where a rerun resumes).
+    A KeyboardInterrupt, so whatever already handles one (cleanup, exit status 130) handles this too."""
+
+    def __init__(self, stage: str, step: int, steps: int, checkpoint: int | None):
+        super().__init__(stage, step, steps, checkpoint)
+        self.stage, self.step, self.steps, self.checkpoint = stage, step, steps, checkpoint
+
+    def __str__(self) -> str:
+        last = f"last checkpoint at step {self.checkpoint}" if self.checkpoint else "no checkpoint yet"
+        return f"stage {self.stage!r} interrupted at step {self.step}/{self.steps}, {last}"
+
+
 @dataclass
 class StageContext:
     name: str

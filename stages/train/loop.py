@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from stages.config.train import TrainConfig
-from stages.contract import StageContext, StageError
+from stages.contract import StageContext, StageError, StageInterrupted
 from stages.train.checkpoint import CheckpointManager
 from stages.train.progress import LogWindow
 from stages.train.state import TrainState, rng_state, set_rng_state
@@ -126,13 +126,18 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     model.train()
     t0 = time.perf_counter()
     window.start(start)
-    for step in range(start, cfg.steps):
-        out = train_step(step)
-        window.add(out.loss)
-        done = step + 1
-        window.maybe_log(done, out.logs)
-        new_best = validator.maybe_validate(done)
-        checkpointer.maybe_save(done, force=new_best)
+    done = start
+    try:
+        for step in range(start, cfg.steps):
+            out = train_step(step)
+            window.add(out.loss)
+            done = step + 1
+            window.maybe_log(done, out.logs)
+            new_best = validator.maybe_validate(done)
+            checkpointer.maybe_save(done, force=new_best)
+    except KeyboardInterrupt:  # Ctrl-C: say where we were and what a rerun resumes from
+        saved = ctx.checkpoints.steps()
+        raise StageInterrupted(ctx.name, done, cfg.steps, saved[-1] if saved else None) from None
     plan.apply(cfg.steps)
     secs = time.perf_counter() - t0
     validator.restore_best()

@@ -249,3 +249,52 @@ def test_stage_processes_can_be_spawned_instead_of_forked(tmp_path):
     p = baton(["run", CONFIG, "--only", "world", "--no-track"], tmp_path / "bad", check=False,
               env={"BATON_WORKER_START": "thread"})
     assert p.returncode == 2 and "BATON_WORKER_START='thread'" in p.stderr, p.stderr[-2000:]
+
+
+def stage_process_alive(lock: Path) -> bool:
+    m = re.match(r"pid=(\d+)", lock.read_text())
+    try:
+        return Path(f"/proc/{m.group(1)}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # two CLI runs, ~1.5 min; the pieces have fast tests in test_interrupt.py
+def test_ctrl_c_during_vl_stops_cleanly_at_once_and_rerun_resumes(first_run):
+    import sqlite3
+
+    art, _, _ = first_run
+    over = ["stages.vl.train.steps=120", "stages.vl.runtime.checkpoint_every=4", "--only", "vl"]
+    proc, vl_dir, _ = run_until_checkpoint(art, "vl", over, min_step=4)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole foreground process group
+    t0 = time.monotonic()
+    try:
+        out = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.monotonic() - t0
+    assert proc.returncode == 130 and took < 10, f"exit {proc.returncode} after {took:.1f}s\n{out[-3000:]}"
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"interrupted: stage 'vl' interrupted at step (\d+)/120, last checkpoint at step (\d+): "
+                     r"run the same `baton run` again to resume", last)
+    assert m and int(m.group(1)) >= int(m.group(2)) >= 4, out[-3000:]
+    assert "Traceback" not in out and "ConnectError" not in out, out[-3000:]
+    assert not stage_process_alive(vl_dir / ".lock")
+    assert not list((art / "tmp").glob("recipe-*")), list((art / "tmp").iterdir())
+
+    import json
+
+    client = mlflow_client(art)
+    vl_run = client.get_run(json.loads((vl_dir / "run.json").read_text())["mlflow_run_id"])
+    parent = client.get_run(vl_run.data.tags["mlflow.parentRunId"])
+    assert (vl_run.info.status, parent.info.status) == ("KILLED", "KILLED")
+    flow_run_id = parent.data.tags["baton.prefect_flow_run_id"]
+    with sqlite3.connect(art / "prefect" / "prefect.db") as db:
+        (state,) = db.execute("select state_type from flow_run where id = ?", (flow_run_id,)).fetchone()
+    assert state in ("CANCELLED", "CRASHED")
+
+    p = baton(["run", CONFIG, *over], art)
+    out = p.stderr + p.stdout
+    assert f"[vl] resumed from checkpoint at step {m.group(2)}/120" in out, out[-3000:]
+    assert (vl_dir / "result.json").exists()

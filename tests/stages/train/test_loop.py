@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from stages.config.train import TrainConfig
-from stages.contract import StageConfig, StageContext, StageError
+from stages.contract import StageConfig, StageContext, StageError, StageInterrupted
 from stages.train.checkpoint import CheckpointManager, load_weights, save_weights
 from stages.train.loop import fit
 from stages.train.sampler import ResumableBatchSampler
@@ -87,6 +87,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, caplo
     assert res.resumed_from == 5 and "resumed from checkpoint at step 5" in caplog.text
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_ctrl_c_says_the_step_reached_and_the_checkpoint_a_rerun_resumes_from(tmp_path):
+    with pytest.raises(StageInterrupted) as e:
+        train(tmp_path, crash_at=8)  # SIGINT during step 9: 8 steps done, checkpoint at 5
+    assert (e.value.step, e.value.steps, e.value.checkpoint) == (8, 12, 5)
+    assert str(e.value) == "stage 'toy' interrupted at step 8/12, last checkpoint at step 5"
+    assert isinstance(e.value, KeyboardInterrupt)  # whatever handles a Ctrl-C handles this
 
 
 def test_resumed_run_logs_the_same_loss_history_as_an_unbroken_one(tmp_path):

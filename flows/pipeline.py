@@ -210,7 +210,7 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     raises ``interrupt.Interrupted`` saying which stages stopped at which step."""
     with interrupt.handling():
         try:
-            return _run_pipeline(recipe, artifacts, only, track, server)
+            return _run_pipeline(recipe, artifacts, only, track, server, force)
         except BaseException:
             if interrupt.requested():
                 raise interrupt.Interrupted(interrupt.summary()) from None
@@ -218,7 +218,7 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
 
 
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
-                  server: str | None) -> dict[str, Any]:
+                  server: str | None, force: list[str] | None) -> dict[str, Any]:
     from flows.server import ensure_server
 
     configure_prefect(artifacts)

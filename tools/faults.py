@@ -144,15 +144,53 @@ class Watch:
 
 
 def in_run(pid: int | None, run_pid: int) -> bool:
-    """``pid`` is the run's CLI process or one of its children (start_new_session: the CLI leads the group)."""
+    """``pid`` is the run's CLI process or one of its descendants. The run is started with
+    start_new_session, so its session id is the CLI's pid; stage processes lead process groups of their
+    own (a terminal's Ctrl-C goes to the flow, which passes it on) but stay in that session."""
     if pid is None:
         return False
     if pid == run_pid:
         return True
     try:
-        return os.getpgid(pid) == run_pid
+        return os.getsid(pid) == run_pid
     except OSError:
         return False
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session ``sid`` (the CLI, the fork server, the stage processes' groups)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def signal_run(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to every process group of the run's session (as a crash of the machine would); again
+    while a stage process forked between the scan and the signal shows up as a new group."""
+    done: set[int] = set()
+    for _ in range(3):
+        groups = {_pgid(p) for p in session_pids(proc.pid)} - {None} - done or ({proc.pid} - done)
+        if not groups:
+            return
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        done |= groups
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _in_outputs(t: Path) -> bool:
@@ -222,10 +260,7 @@ class Runner:
 
 
 def killpg(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    signal_run(proc, signal.SIGKILL)
     proc.wait()
 
 
@@ -685,10 +720,7 @@ class Campaign:
         """Freeze the whole run first (takes effect as fast as SIGKILL, and nothing runs afterwards), note
         which stages its processes were executing (they must still exist for that), then kill. Returns
         {stage: the phase the kill interrupted}."""
-        try:
-            os.killpg(proc.pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass
+        signal_run(proc, signal.SIGSTOP)
         writers = {s: ws.executing(proc.pid, self.workers) for s, ws in self.plan.watches.items()}
         killpg(proc)
         text = log.read_text(errors="replace")

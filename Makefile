@@ -34,7 +34,7 @@ status: install
 	$(VENV)/bin/baton status $(CONFIG) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-slow: install
 	$(PY) -m pytest -q -p no:cacheprovider -m slow

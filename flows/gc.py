@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flows.lineage import Node, attach_mlflow, scan_store
 from flows.store import stage_paths
-from stages.fsio import is_temp_name, pid_alive, temp_owner, temp_path
+from stages.fsio import flock_held, is_temp_name, pid_alive, temp_owner, temp_path
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
@@ -101,15 +101,7 @@ def find_garbage(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0,
 
 def is_locked(stage_dir: Path) -> bool:
     """True when a process holds the stage's ``.lock`` (flows.store.StageDir.lock)."""
-    lock = stage_dir / ".lock"
-    if not lock.exists():
-        return False
-    with open(lock, "rb") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
+    return flock_held(stage_dir / ".lock")
 
 
 def _remove(g: Garbage, cutoff: float) -> bool:

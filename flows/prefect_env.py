@@ -10,6 +10,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from stages.fsio import flock_held
+
 # Quiet, fast embedded Prefect: no analytics, no UI build, no background services a single local
 # run does not need (they poll SQLite and cause "database is locked" noise).
 PREFECT_DEFAULTS = {
@@ -54,12 +56,4 @@ def hold_flow_run_lock(artifacts: Path, flow_run_id: str):
 
 
 def flow_run_is_alive(artifacts: Path, flow_run_id: str) -> bool:
-    path = flow_run_lock_path(artifacts, flow_run_id)
-    if not path.exists():
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
+    return flock_held(flow_run_lock_path(artifacts, flow_run_id))

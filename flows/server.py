@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.fsio import write_json_atomic
+from stages.fsio import pid_alive, write_json_atomic
 
 IDLE_ENV = "BATON_SERVER_IDLE_TIMEOUT"  # seconds without requests or users before the background server exits
 DEFAULT_IDLE = 1800.0
@@ -50,20 +50,6 @@ def _lock_file(artifacts: Path, name: str):
     home = prefect_home(artifacts)
     home.mkdir(parents=True, exist_ok=True)
     return open(home / f"server.{name}.lock", "a")
-
-
-def pid_alive(pid: int) -> bool:
-    """True if process ``pid`` exists and is not a zombie (exited, not yet reaped by its parent)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:

@@ -5,6 +5,7 @@ made by :func:`temp_name` and renames it into place; every cleaner and checker r
 with :func:`is_temp_name` and the writer's pid with :func:`temp_owner`."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -59,13 +60,31 @@ def temps_of(path: Path) -> list[Path]:
 
 
 def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie (exited, not yet reaped by its parent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def flock_held(path: Path) -> bool:
+    """True while some process holds an flock on ``path`` (probed without blocking; False if no such file)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
 
 
 def remove_path(p: Path) -> None:

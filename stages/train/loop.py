@@ -87,8 +87,6 @@ def _check_options(ctx: StageContext, cfg: TrainConfig, evaluate: Evaluate | Non
     if cfg.keep_best and best_metric is None:
         raise StageError(f"stage {ctx.name!r}: train.keep_best is set but this stage kind names no metric to "
                          "select the best checkpoint by")
-    if cfg.batch_size % cfg.grad_accum:
-        raise StageError(f"train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}")
 
 
 def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | None, loss_fn: LossFn,

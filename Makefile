@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (torch from the local wheel cache where pip finds one)"
 	@start=$$(date +%s); \
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' && \
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,cluster,metrics]' && \
 	echo "install took $$(( $$(date +%s) - start ))s"
 	@touch $(STAMP)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("baton")
 
@@ -39,6 +39,31 @@ class Runtime(Strict):
     cache_images_mb: float = Field(2048.0, ge=0, description="decoded-image cache budget (MiB) per stage: a dataset "
                                                              "whose decoded pixels fit is decoded once and kept in RAM, "
                                                              "a larger one is decoded per item in DataLoader workers")
+    # one stage on several devices (torch.distributed.run) and on a cluster (Ray): where, not what
+    nproc_per_node: int | None = Field(None, ge=1, description="ranks of this stage on one node (DDP through "
+                                                                "torch.distributed.run); None = runtime.gpus, else 1")
+    nnodes: int = Field(1, ge=1, description="nodes this stage spans (--cluster only: one Ray task per node, "
+                                             "c10d rendezvous)")
+    max_restarts: int = Field(0, ge=0, description="elastic restarts of a multi-rank stage before it fails")
+    compile: bool = Field(False, description="torch.compile the model in the training loop (checkpoints keep "
+                                             "the uncompiled state dict)")
+    gpus: float = Field(0, ge=0, description="GPUs per node this stage asks the cluster for (--cluster)")
+    cpus: float = Field(1, ge=0, description="CPUs per node this stage asks the cluster for (--cluster)")
+    memory_gb: float = Field(0, ge=0, description="memory per node this stage asks the cluster for (--cluster)")
+
+    @model_validator(mode="after")
+    def _ranks_agree(self) -> "Runtime":
+        if self.nproc_per_node is not None and self.gpus and self.nproc_per_node != self.gpus:
+            raise ValueError(f"nproc_per_node is {self.nproc_per_node} but gpus is {self.gpus:g}: runtime.gpus is "
+                             "the default for runtime.nproc_per_node; set one, or make them equal")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """Ranks per node: nproc_per_node, else the GPUs asked for, else 1."""
+        if self.nproc_per_node is not None:
+            return self.nproc_per_node
+        return max(1, int(self.gpus))
 
 
 @dataclass(frozen=True)

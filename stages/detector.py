@@ -86,7 +86,7 @@ def predict_all(ctx: StageContext, model: FasterRCNN, pixels, regions: RegionsCo
     for batch in loader:
         xs = [x.to(ctx.device, non_blocking=True).float().div_(255.0) for x in batch]
         with autocast(ctx):
-            dets = detect(model, xs, regions.k, regions.lower, regions.score_thresh)
+            dets = detect(model, xs, regions.k, regions.lower, regions.score_thresh, regions.nms)
         for d in dets:
             yield {key: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for key, v in d.items()}
 
@@ -94,10 +94,10 @@ def predict_all(ctx: StageContext, model: FasterRCNN, pixels, regions: RegionsCo
 def region_rows(det: dict[str, np.ndarray], width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's selected detections -> (features (m, D), geometry (m, 6), probs (m, C+1)); geometry =
     x1, y1, x2, y2 / image size, box area / image area, detection score."""
-    m = len(det["features"])
-    b = det["boxes"][:m] / np.array([width, height, width, height], dtype=np.float32)
+    idx = det["region_index"]
+    b = det["boxes"][idx] / np.array([width, height, width, height], dtype=np.float32)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    geometry = np.concatenate([b, area[:, None], det["scores"][:m, None]], 1)
+    geometry = np.concatenate([b, area[:, None], det["scores"][idx, None]], 1)
     return det["features"], geometry, det["probs"]
 
 

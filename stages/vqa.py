@@ -61,7 +61,7 @@ def save_outputs(ctx: StageContext, model: VQAModel, tok, answers: list[str], pr
                  val_recs: list) -> None:
     """model/ (the VLP encoder dir + head.safetensors, answers in config.json), tokenizer/, results_val.json."""
     out = ctx.outputs
-    vqa_meta = {"answers": answers, "head_hidden": model.head[0].out_features}
+    vqa_meta = {"answers": answers, "head_hidden": model.head.hidden, "counters": model.head.counters}
     save_vl(model.vlp.cpu(), out / "model", extra={"vqa": vqa_meta})
     save_weights(model.head.cpu().state_dict(), out / "model" / "head.safetensors")
     tok.save_pretrained(out / "tokenizer")
@@ -85,7 +85,7 @@ def run(ctx: StageContext) -> StageResult:
     train_ds = vqa_data(tok, train_recs, table, index, cfg.max_question_len)
     val_ds = vqa_data(tok, val_recs, table, index, cfg.max_question_len)
     torch.manual_seed(ctx.seed + 1)
-    model = VQAModel(built.model, len(answers), cfg.head_hidden or 2 * built.model.hidden_size)
+    model = VQAModel(built.model, len(answers), cfg.head_hidden or 2 * built.model.hidden_size, cfg.counters)
     ctx.tracker.log_params({"data.train_questions": len(train_ds), "data.val_questions": len(val_ds),
                             "answers": len(answers), "init.origin": built.origin,
                             "model.params": sum(p.numel() for p in model.parameters())})

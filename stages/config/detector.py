@@ -71,6 +71,9 @@ class RegionsConfig(Strict):
                                                       "score_thresh, as far as there are detections); null = k")
     score_thresh: float = Field(0.0, ge=0.0, lt=1.0, description="keep detections scoring >= this (between min_k "
                                                                  "and k); bottom-up attention: 10..100 at 0.2")
+    nms: float | None = Field(0.5, gt=0.0, le=1.0, description="class-agnostic NMS IoU over the detections before "
+                                                             "the top k, so each object is one region (a proposal "
+                                                             "yields a box per class); null = per-class NMS only")
 
     @model_validator(mode="after")
     def _check(self):

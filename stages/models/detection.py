@@ -15,6 +15,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from stages.config.cnn import ModelConfig as BackboneConfig
@@ -264,20 +265,31 @@ def num_regions(scores: torch.Tensor | np.ndarray, k: int, min_k: int, score_thr
 
 @torch.no_grad()
 def detect(model: FasterRCNN, images: list[torch.Tensor], k: int, min_k: int | None = None,
-           score_thresh: float = 0.0) -> list[dict[str, torch.Tensor]]:
+           score_thresh: float = 0.0, nms: float | None = None) -> list[dict[str, torch.Tensor]]:
     """Eval-mode Faster R-CNN on float images (3, H, W) in [0, 1]. Per image: "boxes" (n, 4) in image
-    pixels, "scores" (n,), "labels" (n,) in 1..C, sorted by score (n <= box_detections_per_img), and for
-    the first m = :func:`num_regions` (k, min_k (None = k), score_thresh) boxes "features"
+    pixels, "scores" (n,), "labels" (n,) in 1..C, sorted by score (n <= box_detections_per_img; what mAP
+    is measured on), "region_index" (m,): the detections that become regions, and for those m boxes
+    (:func:`num_regions` of k, min_k (None = k), score_thresh) "features"
     (m, representation_size) = box head on the RoI-pooled backbone features of the final box, "probs"
     (m, C+1) = softmax of the box predictor's class logits, and with an attribute head
-    "attribute_probs" (m, A) = its sigmoid."""
+    "attribute_probs" (m, A) = its sigmoid.
+
+    With ``nms`` (IoU), regions skip every detection that overlaps a better-scoring one of *any* label
+    by more than that: Faster R-CNN regresses one box per class from each proposal and suppresses per class, so one
+    object comes back under several labels (a star also as a low-scoring "cross" at the same place), and
+    re-pooled, each copy looks like the star. Regions are meant to be one per object (bottom-up attention
+    keeps one box per proposal); without this a K=10 set holds each object two or three times."""
     original_sizes = [tuple(x.shape[-2:]) for x in images]
     batch, _ = model.transform(images)
     features = model.backbone(batch.tensors)  # {level: (b, channels, h_l, w_l)}
     proposals, _ = model.rpn(batch, features)
     dets, _ = model.roi_heads(features, proposals, batch.image_sizes)  # boxes in resized-image pixels
     lower = k if min_k is None else min_k
-    top = [d["boxes"][:num_regions(d["scores"], k, lower, score_thresh)] for d in dets]
+    for d in dets:  # the regions: detections by score, with nms one per object, then the top by num_regions
+        order = box_ops.nms(d["boxes"].float(), d["scores"].float(), nms) if nms is not None else \
+            torch.arange(len(d["scores"]), device=d["scores"].device)
+        d["region_index"] = order[:num_regions(d["scores"][order], k, lower, score_thresh)]
+    top = [d["boxes"][d["region_index"]] for d in dets]
     pooled = model.roi_heads.box_roi_pool(features, top, batch.image_sizes)  # (sum m, fpn_channels, 7, 7)
     feats = model.roi_heads.box_head(pooled)  # (sum m, representation_size)
     logits, _ = model.roi_heads.box_predictor(feats)  # (sum m, C+1)

@@ -217,18 +217,46 @@ def check_length(model: VLP, k: int, max_text: int, field: str) -> None:
                          f"max_position={have}: lower {field} or use a model with more positions")
 
 
-class VQAModel(nn.Module):
-    """VLP encoder + answer classifier on the final [CLS] state: (B, A) logits."""
+class AnswerHead(nn.Module):
+    """The VQA answer classifier: an MLP on the final [CLS] state, optionally beside ``counters`` soft counts.
 
-    def __init__(self, vlp: VLP, num_answers: int, hidden: int):
+    Attention pools with softmax weights, so "how many" is hard for a [CLS] state to carry: one matching
+    region and two weigh the same once normalised (Zhang et al. 2018, "Learning to Count Objects in Natural
+    Images for VQA"). A soft counter is a sum, not a mean: c_j = sum over the image's valid regions of
+    sigmoid(w_j . h_r + b_j) with h_r the region's final state (which has attended to the question), so
+    it grows with the number of regions that match."""
+
+    def __init__(self, h: int, hidden: int, num_answers: int, counters: int = 0):
         super().__init__()
-        h = vlp.hidden_size
+        self.counters = counters
+        self.counter = nn.Linear(h, counters) if counters else None
+        self.mlp = nn.Sequential(nn.Linear(h + counters, hidden), nn.GELU(), nn.LayerNorm(hidden),
+                                 nn.Linear(hidden, num_answers))
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp[0].out_features
+
+    def forward(self, states: torch.Tensor, n_boxes: torch.Tensor, k: int) -> torch.Tensor:
+        x = states[:, 0]
+        if self.counter is not None:
+            valid = (torch.arange(k, device=states.device)[None] < n_boxes[:, None]).to(states.dtype)  # (B, K)
+            gates = torch.sigmoid(self.counter(states[:, 1:1 + k]))  # (B, K, counters)
+            x = torch.cat([x, (gates * valid[..., None]).sum(1)], -1)
+        return self.mlp(x)
+
+
+class VQAModel(nn.Module):
+    """VLP encoder + :class:`AnswerHead` on its final states: (B, A) logits."""
+
+    def __init__(self, vlp: VLP, num_answers: int, hidden: int, counters: int = 0):
+        super().__init__()
         self.vlp = vlp
-        self.head = nn.Sequential(nn.Linear(h, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, num_answers))
+        self.head = AnswerHead(vlp.hidden_size, hidden, num_answers, counters)
 
     def forward(self, text: torch.Tensor, regions: dict[str, torch.Tensor]) -> torch.Tensor:
         bi = torch.zeros(len(text), dtype=torch.bool, device=text.device)
-        return self.head(self.vlp(text, regions, bi)[:, 0])
+        return self.head(self.vlp(text, regions, bi), regions["n_boxes"], regions["feats"].shape[1])
 
 
 def transfer_blocks(model: VLP | VQAModel, visual_pretrained: bool, train_itm: bool = False) -> TransferBlocks:

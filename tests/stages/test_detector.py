@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from torchvision.ops import boxes as box_ops
 
 from stages import cnn, detector, vl, world
 from stages.contract import NullTracker, StageContext, StageResult
@@ -44,6 +45,13 @@ def upstream(tmp_path_factory):
     resnet.save_classifier(body, CNN, [f"c{i}" for i in range(36)], root / "cnn" / "outputs" / "model")
     cres = StageResult(stage="cnn", kind="cnn", fingerprint="c", outputs={"model": "outputs/model"})
     return {"world": (wres, root / "world"), "cnn": (cres, root / "cnn")}
+
+
+def data_image(upstream) -> torch.Tensor:
+    """The world's first scene image as float (3, H, W) in [0, 1]."""
+    from PIL import Image
+    path = sorted((upstream["world"][1] / "outputs" / "vg" / "images").glob("*.jpg"))[0]
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255.0
 
 
 def make_ctx(upstream, stage_dir, **config) -> StageContext:
@@ -95,6 +103,9 @@ def test_run_writes_model_regions_and_learns(upstream, tmp_path):
         assert 2 <= n <= 5
         assert (np.asarray(geom[2:n, 5], dtype=np.float32) >= 0.3 - 1e-3).all()
         assert feats.shape == (5, 32) and geom.shape == (5, 6) and probs.shape == (5, len(classes) + 1)
+        # one region per object: no two of an image's regions overlap by more than regions.nms (0.5)
+        boxes = torch.as_tensor(np.asarray(geom[:n, :4], dtype=np.float32))
+        assert (torch.triu(box_ops.box_iou(boxes, boxes), diagonal=1) <= 0.5 + 1e-3).all()
         for a in (feats, geom, probs):
             assert np.isfinite(np.asarray(a, dtype=np.float32)).all()
         assert (np.asarray(feats[n:]) == 0).all() and (np.asarray(geom[n:]) == 0).all()
@@ -112,6 +123,13 @@ def test_run_writes_model_regions_and_learns(upstream, tmp_path):
         assert torch.equal(model.state_dict()[key], saved[key]), key
     det = detector.detect(model, [torch.rand(3, 64, 64)], k=5)[0]
     assert det["attribute_probs"].shape == (len(det["features"]), 6)
+    # class-agnostic NMS picks the regions only: the detections mAP is measured on are the same
+    img = data_image(upstream)
+    plain, dedup = (detector.detect(model, [img], k=50, nms=nms)[0] for nms in (None, 0.5))
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(plain[key], dedup[key]), key
+    assert torch.equal(plain["region_index"], torch.arange(len(plain["region_index"])))
+    assert len(dedup["region_index"]) < len(plain["region_index"])  # the per-label copies of objects are gone
 
     # rerunning the same stage dir resumes from the last checkpoint: nothing retrains, same result
     again = detector.run(make_ctx(upstream, tmp_path / "det", **RUN))

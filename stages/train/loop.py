@@ -20,6 +20,7 @@ import torch
 from stages.config.train import TrainConfig
 from stages.contract import StageContext, StageError, StageInterrupted
 from stages.train.checkpoint import CheckpointManager
+from stages.train.compile import train_module
 from stages.train.progress import LogWindow
 from stages.train.state import TrainState, rng_state, set_rng_state
 from stages.train.step import LossFn, TrainStep, build_optimizer
@@ -109,7 +110,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     opt, sched, plan = build_optimizer(ctx, model, cfg, blocks, head)
-    train_step = TrainStep(ctx, model, dataset, collate, loss_fn, cfg, opt, sched, plan)
+    train_step = TrainStep(ctx, train_module(model, rt), dataset, collate, loss_fn, cfg, opt, sched, plan)
     ctx.tracker.log_params({f"train.{k}": v for k, v in cfg.model_dump().items() if k != "transfer"} | plan.describe())
     validator = Validator(ctx, model, cfg, evaluate, best_metric, train_step.non_finite)
     window = LogWindow(ctx, cfg, train_step)

@@ -15,6 +15,7 @@ import torch
 from stages.config.train import TrainConfig
 from stages.contract import StageContext, StageError
 from stages.train.device import autocast, grad_scaler, to_device
+from stages.train.prefetch import read_ahead
 from stages.train.sampler import ResumableBatchSampler
 from stages.train.state import TrainState
 from stages.train.transfer import TransferPlan, build_plan
@@ -118,14 +119,21 @@ class TrainStep:
     def start(self, step: int) -> None:
         """Read the batches from step ``step`` on (the data position of a resumed run)."""
         rt = self.ctx.config.runtime
+        self.close()
         sampler = ResumableBatchSampler(len(self.dataset), self.cfg.batch_size, self.ctx.seed, step, self.cfg.steps,
                                         self.accum)
-        self.batches = iter(torch.utils.data.DataLoader(
+        self.batches = read_ahead(iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=rt.num_workers,
             pin_memory=self.ctx.device.type == "cuda", persistent_workers=False,
             # own generator: creating the iterator must not draw from the global RNG, or a resumed
             # run's dropout stream would differ from an unbroken one
-            generator=torch.Generator().manual_seed(self.ctx.seed)))
+            generator=torch.Generator().manual_seed(self.ctx.seed))), self.dataset, rt.num_workers)
+
+    def close(self) -> None:
+        """Stop reading ahead (a prefetch thread, see stages.train.prefetch)."""
+        if self.batches is not None and hasattr(self.batches, "close"):
+            self.batches.close()
+        self.batches = None
 
     def __call__(self, step: int) -> StepOutput:
         self.plan.apply(step)

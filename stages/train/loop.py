@@ -21,6 +21,7 @@ from stages.config.train import TrainConfig
 from stages.contract import StageContext, StageError, StageInterrupted
 from stages.train.checkpoint import CheckpointManager
 from stages.train.compile import train_module
+from stages.train.device import cudnn_autotune
 from stages.train.progress import LogWindow
 from stages.train.state import TrainState, rng_state, set_rng_state
 from stages.train.step import LossFn, TrainStep, build_optimizer
@@ -107,6 +108,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     if ctx.checkpoints is None:
         ctx.checkpoints = CheckpointManager(ctx.stage_dir / "checkpoints", keep=rt.keep_checkpoints)
     model.to(ctx.device)
+    cudnn_autotune(ctx)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     opt, sched, plan = build_optimizer(ctx, model, cfg, blocks, head)

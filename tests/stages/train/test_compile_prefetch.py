@@ -5,7 +5,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from stages.config.train import TrainConfig
 from stages.train.checkpoint import load_weights
@@ -47,7 +46,7 @@ def test_compiled_run_checkpoints_plain_keys_and_resumes_into_the_unbroken_resul
 
 
 class Flaky(Data):
-    """Data whose collate fails at batch 3; prefetchable."""
+    """The same data, saying its reads may run in a prefetch thread."""
     prefetchable = True
 
 

@@ -25,7 +25,7 @@ CONFIG = ROOT / "configs" / "vlp-micro.yaml"
 BASE = [
     "runtime.device=cuda", "runtime.precision=bf16", "runtime.threads=8", "runtime.log_every=10",
     "runtime.checkpoint_every=1000",
-    "stages.world.classification={train: 2048, val: 256, image_size: 224}",
+    "stages.world.classification={train: 1024, val: 128, image_size: 224}",
     "stages.world.scenes={train: 64, val: 16, image_size: 800, max_objects: 8}",
     "stages.world.corpus={documents: 3000}",
     "stages.cnn.model={arch: resnet50, stem: imagenet}", "stages.cnn.image_size=224",

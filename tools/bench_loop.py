@@ -1,9 +1,9 @@
 """baton's training loop (stages.train.loop.fit) on tensors already on the device, for each training stage's
 model at a given size: the loop's own overhead against the raw anchor (tools/gpu_anchor.py) at the same size.
 
-The batch the loop reads is a list of example indices (the resumable sampler's, through the DataLoader); the
-loss function gathers those examples from a pool already on the device, so no host-to-device copy and no
-loader cost is measured. Examples/s is the steady-state rate: the loop's own per-window rate
+The batch the loop reads is the example indices (the resumable sampler's, through the DataLoader, pinned and
+copied like any batch); the loss function gathers those examples from a pool already on the device, so only
+that index copy and no loader cost is measured. Examples/s is the steady-state rate: the loop's own per-window rate
 (``train/steps_per_s`` of each log line) over every window after the first (warm-up: cudnn autotuning, the
 allocator, a compile), before the final checkpoint is written. Needs only torch, torchvision, transformers,
 pydantic (stages.config)."""
@@ -32,11 +32,14 @@ class BenchConfig(StageConfig):
 class Job:
     """One loop measurement: a model, a loss over a device-resident pool, an optimizer setting."""
     model: nn.Module
-    loss: Callable  # loss_fn(m, idx: list[int], step) -> (loss, logs)
+    loss: Callable  # loss_fn(m, idx, step) -> (loss, logs)
     pool: int  # examples in the pool (the sampler's dataset size)
     batch: int
     train: dict = field(default_factory=dict)  # TrainConfig fields
     channels_last: bool = False
+    # None: the indices arrive as a (pinned, on CUDA) LongTensor copied to the device without a sync, as a real
+    # batch is; a list of ints where the loss indexes a Python list (the detector's images)
+    collate: Callable | None = None
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -71,7 +74,7 @@ def run_loop(job: Job, device: str, steps: int, log_every: int, precision: str, 
     with tempfile.TemporaryDirectory(prefix="bench-loop-", dir=workdir) as d:
         ctx = StageContext(name="bench", config=BenchConfig(runtime=rt), stage_dir=Path(d), upstream={},
                            upstream_dirs={}, fingerprint="bench", tracker=NullTracker())
-        fit(ctx, job.model, _Indices(job.pool), lambda idx: idx, job.loss, cfg)
+        fit(ctx, job.model, _Indices(job.pool), job.collate, job.loss, cfg)
         metrics = ctx.tracker.metrics
     rate = steady_rate(metrics)
     return {"examples_per_s": round(rate * job.batch, 1), "steps_per_s": round(rate, 3),
@@ -125,7 +128,7 @@ def detector_job(device: str, batch: int, size: int, base: bool) -> Job:
     def loss(m, idx, step):
         losses = m([imgs[i] for i in idx], [targets[i] for i in idx])
         return sum(losses.values()), {}
-    return Job(model, loss, batch, batch, {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0})
+    return Job(model, loss, batch, batch, {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0}, collate=list)
 
 
 def bert_job(device: str, batch: int, seq: int, sizes: BertSizes, vocab: int) -> Job:

@@ -260,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_groups(rep: Report, only: set[str], device: str, sz: dict, precision: str, smoke: bool, work: Path) -> None:
-    from tools import bench_stages as bs
-
-    ns = load_anchor(device, smoke)
-    if "anchors" in only or "loops" in only or "stages" in only or "compile" in only:
+    ns = load_anchor(device, smoke) if only & {"anchors", "loops", "stages", "compile"} else {}
+    if ns:
         anchor_items(rep, ns, sz)
     if "loops" in only:
         loop_items(rep, device, sz, precision, smoke)
-    if "stages" in only or "forkserver" in only or "kill_resume" in only:
+    if only & {"stages", "forkserver", "kill_resume"}:
+        from tools import bench_stages as bs
+
         recipe = bs.bench_recipe(smoke, work / "artifacts")
         rep.item("world", bs.world_item, recipe)
         if "stages" in only:

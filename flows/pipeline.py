@@ -19,6 +19,7 @@ from typing import Any
 from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
+from flows.invocation import publish
 from flows.plan import downstream_of, needed_stages
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
@@ -85,8 +86,23 @@ class StageTask:
         self.forced = forced
         self.snapshot, self.threads = snapshot, threads
         self.slots = threading.Semaphore(max_concurrency)
+        self.outcome: dict[str, str] = {}  # stage -> ran | cached | failed (for flows.invocation)
+        self.seconds: dict[str, float] = {}
 
     def __call__(self, stage: str) -> Any:
+        t0 = time.perf_counter()
+        try:
+            out = self._stage(stage)
+        except BaseException:
+            self.outcome[stage] = "failed"
+            raise
+        finally:
+            self.seconds[stage] = time.perf_counter() - t0
+        state_name = getattr(out, "name", None)
+        self.outcome[stage] = {"Cached": "cached", "Cancelled": "not run", None: "ran"}.get(state_name, "failed")
+        return out
+
+    def _stage(self, stage: str) -> Any:
         from prefect.states import Cancelled, Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
@@ -191,6 +207,8 @@ def build_flow():
             raise
         finally:
             snapshot.unlink(missing_ok=True)
+            if status != "KILLED":
+                publish(recipe, art, run_stage.outcome, run_stage.seconds, {}, tracking, parent_id)
             if tracking is not None:
                 tracking.end_run(parent_id, status)
             alive.close()

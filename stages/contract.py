@@ -206,6 +206,7 @@ class StageContext:
     tracker: Any = field(default_factory=NullTracker)
     device: Any = None  # torch.device, resolved by resolve_device
     checkpoints: Any = None  # stages.train.checkpoint.CheckpointManager: made by the training loop when unset
+    reads: set[tuple[str, str]] = field(default_factory=set)  # (upstream stage, output key) read through input()
 
     def __post_init__(self) -> None:
         self.stage_dir = Path(self.stage_dir)
@@ -230,6 +231,7 @@ class StageContext:
         if key not in res.outputs:
             raise StageError(f"stage {self.name!r}: upstream {stage!r} has no output {key!r} (has {sorted(res.outputs)})")
         p = Path(res.outputs[key])
+        self.reads.add((stage, key))
         return p if p.is_absolute() else self.upstream_dirs[stage] / p
 
     def result(self, outputs: dict[str, str], metrics: dict[str, float], baselines: dict[str, float] | None = None,

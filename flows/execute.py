@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from flows.fingerprint import StagePlan, plan_fingerprints
@@ -148,7 +149,8 @@ def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts
     ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,
                        upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
                        tracker=tracker)
-    res = _run(cfg, ctx, tracking, run_id)
+    with tracking.system_metrics(run_id) if tracking is not None else nullcontext():
+        res = _run(cfg, ctx, tracking, run_id)
     if tracking is not None:
         _log_result(name, sd, res, ctx, tracking, run_id)
     sd.write_result(res)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.invocation import publish
 from flows.plan import downstream_of, needed_stages
+from flows.progress import live_bars
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
 from flows.worker import prewarm_workers, run_stage_process, write_snapshot
@@ -131,9 +133,11 @@ class StageTask:
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]
                  ) -> tuple[dict[str, Any], tuple[str, BaseException] | None]:
-    """Submit each wanted stage once everything it needs has finished (so no worker thread sits blocked
-    on upstream futures; ``wait_for`` still records the edges for the Prefect UI); a failed stage's
-    downstream stages are not run. Returns ({stage: result}, the first failure or None)."""
+    """Submit every wanted stage at once, in dependency order, each waiting for the futures of the stages it
+    needs (``wait_for``): the Prefect UI shows the whole graph from the start, stages not yet started as
+    Pending (a task thread waiting on its upstream costs nothing: stage processes do the work). A failed
+    stage's downstream stages are not run (Prefect leaves them NotReady). Returns ({stage: result}, the
+    first failure or None)."""
     futures: dict[str, Any] = {}
     pending = [n for n in recipe.stages if n in wanted]
     results: dict[str, Any] = {}
@@ -148,19 +152,23 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
                 pending.remove(name)
                 skipped.add(name)
                 log.warning("[%s] not run: an upstream stage failed", name)
-            elif all(u in results for u in needs[name]):
+            elif all(u in futures for u in needs[name]):
                 pending.remove(name)
                 futures[name] = submit(name, [futures[u] for u in needs[name]])
         open_ = [n for n in futures if n not in results and n not in skipped]
         running = [n for n in open_ if not futures[n].wrapped_future.done()]
         finished = [n for n in open_ if futures[n].wrapped_future.done()]
         for name in finished:
+            if any(u in skipped for u in needs[name]):  # Prefect did not run it (NotReady)
+                skipped.add(name)
+                log.warning("[%s] not run: an upstream stage failed", name)
+                continue
             try:
                 results[name] = futures[name].result()
             except BaseException as e:  # noqa: BLE001 - re-raised by the flow
                 failed = failed or (name, e)
                 skipped.add(name)
-        if not running and not finished and not any(all(u in results for u in needs[n]) for n in pending):
+        if not running and not finished and not any(all(u in futures for u in needs[n]) for n in pending):
             return results, failed
         if running and not finished:
             futures[running[0]].wait(timeout=0.2)
@@ -271,7 +279,8 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
     try:
-        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
+        with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
+            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
     finally:
         if users is not None:
             users.close()

@@ -16,6 +16,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,10 @@ class MlflowTracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image under ``key`` at ``step`` (MLflow's image API: the run page's image grid and slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -288,6 +294,31 @@ class Tracking:
         self.describe_stage_run(run_id, result.stage, result.fingerprint, upstream, cached_from=made_by)
         self.end_run(run_id, "FINISHED")
         return run_id
+
+    @contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network through psutil; GPU through nvidia-ml-py when
+        there is one) on the stage's run every ``BATON_SYSTEM_METRICS_INTERVAL`` s (default 10; 0: off)
+        while the block runs. A resumed run continues their steps."""
+        interval = float(os.environ.get("BATON_SYSTEM_METRICS_INTERVAL", "10"))
+        monitor = None
+        if interval > 0:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+
+                monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                               tracking_uri=self.uri)
+                monitor.start()
+            except Exception as e:  # noqa: BLE001 - psutil missing (the `metrics` extra): no system metrics
+                log.info("system metrics off: %s", e)
+                monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

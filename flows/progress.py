@@ -126,13 +126,19 @@ def live_bars(enabled: bool) -> Iterator[None]:
         return
     consoles = [h.console for lg in [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
                 for h in getattr(lg, "handlers", []) if type(h).__name__ == "PrefectConsoleHandler"]
+    from rich.default_styles import DEFAULT_STYLES
+    from rich.theme import Theme
+
     bars = Bars(consoles[0] if consoles else None)
+    console = bars.progress.console
+    console.push_theme(Theme(DEFAULT_STYLES))  # Prefect's console theme (inherit=False) lacks the bars' styles
     _view = bars
     try:
         with bars.progress:
             yield
     finally:
         _view = None
+        console.pop_theme()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ def cached(output: str) -> set[str]:
 def first_run(tmp_path_factory):
     art = tmp_path_factory.mktemp("e2e") / "artifacts"
     t0 = time.perf_counter()
-    p = baton(["run", CONFIG], art)
+    p = baton(["run", CONFIG], art, env={"BATON_SYSTEM_METRICS_INTERVAL": "1"})
     return art, p.stderr + p.stdout, time.perf_counter() - t0
 
 
@@ -152,6 +152,9 @@ def test_mlflow_pages_tell_the_story(first_run):
     lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", str(art / "tmp")))
                          .read_text())
     assert {n["stage"]: n["model_id"] for n in lineage["nodes"]}["vl"] == res["vl"]["info"]["mlflow_model_id"]
+    det = res["detector"]["info"]["mlflow_run_id"]  # a few val images with their predicted boxes, system metrics
+    assert len([a for a in client.list_artifacts(det, "images") if a.path.endswith(".png")]) == 4
+    assert "system/cpu_utilization_percentage" in client.get_run(det).data.metrics
     url = live_server(art)["url"]
     arts = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"key": {"any_": ["stages-vlp-micro"]}}}).json()
     table = json.loads(arts[-1]["data"]) if isinstance(arts[-1]["data"], str) else arts[-1]["data"]

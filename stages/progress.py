@@ -45,11 +45,12 @@ def fmt_duration(seconds: float) -> str:
 
 class RateMeter:
     """Items per second, smoothed: an exponential moving average of the seconds per item over the intervals
-    between updates (tqdm's smoothing), so one slow interval (a validation, a checkpoint) moves the ETA by a
-    fraction instead of multiplying it."""
+    between updates (tqdm's smoothing), each interval clipped to within ``clip`` x the estimate, so one slow
+    interval (a validation, a checkpoint) moves the ETA by at most 1.6x instead of multiplying it; a lasting
+    change of pace still shows within a few lines."""
 
-    def __init__(self, smoothing: float = 0.3):
-        self.smoothing = smoothing
+    def __init__(self, smoothing: float = 0.3, clip: float = 3.0):
+        self.smoothing, self.clip = smoothing, clip
         self.per_item: float | None = None
         self.last_t, self.last_n = time.perf_counter(), 0
 
@@ -61,6 +62,8 @@ class RateMeter:
         now = time.perf_counter()
         if n > self.last_n:
             dt = (now - self.last_t) / (n - self.last_n)
+            if self.per_item is not None:  # one interval moves the estimate at most 1 + smoothing * (clip - 1) x
+                dt = min(max(dt, self.per_item / self.clip), self.per_item * self.clip)
             self.per_item = dt if self.per_item is None else \
                 self.smoothing * dt + (1 - self.smoothing) * self.per_item
             self.last_t, self.last_n = now, n

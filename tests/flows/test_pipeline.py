@@ -163,6 +163,26 @@ def test_mlflow_pages_tell_the_story(first_run):
     assert rows["vqa"]["mlflow run"].endswith(res["vqa"]["info"]["mlflow_run_id"])
 
 
+def test_watching_the_flow_run_prints_its_stages(first_run):
+    """What `baton submit --wait` prints while it waits (flows.progress.watch_flow_run), read from the real
+    Prefect server: the flow run's state and every stage's task-run state; a finished run: one line."""
+    import sys
+
+    from flows.server import live_server
+
+    art, _, _ = first_run
+    res, client = first_results(art), mlflow_client(art)
+    parent = client.get_run(client.get_run(res["vqa"]["info"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    code = ("import sys\nfrom prefect.client.orchestration import get_client\nfrom flows.progress import "
+            "watch_flow_run\nwith get_client(sync_client=True) as c:\n    watch_flow_run(c, sys.argv[1])")
+    env = os.environ | {"PREFECT_API_URL": live_server(art)["url"], "PREFECT_HOME": str(art / "prefect")}
+    p = subprocess.run([sys.executable, "-c", code, parent.data.tags["baton.prefect_flow_run_id"]], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"\[\d\d:\d\d:\d\d\] Completed: world Completed; ", lines[0]), p.stdout + p.stderr
+    assert {f"{s} Completed" for s in STAGES} == set(lines[0].split(": ", 1)[1].split("; "))
+
+
 def test_second_run_trains_nothing_and_every_stage_is_cached(first_run):
     art, _, _ = first_run
     t0 = time.perf_counter()

@@ -175,10 +175,10 @@ def evaluate_map(ctx: StageContext, data: VGData, val_preds: list[dict]) -> tupl
 
 
 def log_val_images(ctx: StageContext, data: VGData, val_preds: list[dict], step: int, n: int = 4,
-                   score_min: float = 0.3, max_boxes: int = 8) -> int:
-    """The first ``n`` val images with their predicted boxes, class labels and scores (torchvision's
-    draw_bounding_boxes, upscaled to >= 256 px so labels read) through the tracker's image API, key
-    ``val/detections/<image_id>``. Returns how many it logged."""
+                   max_boxes: int = 5) -> int:
+    """The first ``n`` val images with their ``max_boxes`` highest-scoring predicted boxes, class labels and
+    scores (torchvision's draw_bounding_boxes, upscaled to >= 256 px so labels read) through the tracker's
+    image API, key ``val/detections/<image_id>``. Returns how many it logged."""
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import draw_bounding_boxes
 
@@ -187,10 +187,11 @@ def log_val_images(ctx: StageContext, data: VGData, val_preds: list[dict], step:
         image = data.pixels[pos]  # (3, H, W) uint8
         scale = max(1, 256 // max(image.shape[1:]))
         big = torch.nn.functional.interpolate(image[None].float(), scale_factor=scale, mode="nearest")[0].byte()
-        keep = [i for i in np.argsort(-pred["scores"]) if pred["scores"][i] >= score_min][:max_boxes]
+        keep = list(np.argsort(-pred["scores"])[:max_boxes])  # whatever it predicts, however unsure
         boxes = torch.as_tensor(pred["boxes"][keep], dtype=torch.float32).reshape(-1, 4) * scale
         labels = [f"{data.classes[int(pred['labels'][i]) - 1]} {pred['scores'][i]:.2f}" for i in keep]
-        drawn = draw_bounding_boxes(big, boxes, labels=labels, colors="yellow", width=2) if keep else big
+        drawn = draw_bounding_boxes(big, boxes, labels=labels, colors="yellow", width=2, label_colors="black",
+                                    fill_labels=True) if keep else big
         ctx.tracker.log_image(to_pil_image(drawn), key=f"val/detections/{pred['image_id']}", step=step)
         logged += 1
     return logged

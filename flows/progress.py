@@ -34,8 +34,8 @@ class StageProgress:
     def handle(self, ev: dict[str, Any]) -> None:
         if _view is not None:
             _view.update(ev)
-        elif ev.get("line"):
-            log.info("%s", ev["line"])
+        if ev.get("line"):  # to the Prefect run's logs always; to the console only without bars (live_bars)
+            log.info("%s", ev["line"], extra={"baton_progress": True})
         self._artifact(ev)
 
     def _artifact(self, ev: dict[str, Any]) -> None:
@@ -124,8 +124,9 @@ def live_bars(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    consoles = [h.console for lg in [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
+    handlers = [h for lg in [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
                 for h in getattr(lg, "handlers", []) if type(h).__name__ == "PrefectConsoleHandler"]
+    consoles = [h.console for h in handlers]
     from rich.default_styles import DEFAULT_STYLES
     from rich.theme import Theme
 
@@ -133,12 +134,20 @@ def live_bars(enabled: bool) -> Iterator[None]:
     console = bars.progress.console
     console.push_theme(Theme(DEFAULT_STYLES))  # Prefect's console theme (inherit=False) lacks the bars' styles
     _view = bars
+    for h in handlers:  # the bars show what the periodic progress lines would say
+        h.addFilter(_no_progress_lines)
     try:
         with bars.progress:
             yield
     finally:
         _view = None
         console.pop_theme()
+        for h in handlers:
+            h.removeFilter(_no_progress_lines)
+
+
+def _no_progress_lines(record: logging.LogRecord) -> bool:
+    return not getattr(record, "baton_progress", False)
 
 
 @contextmanager

@@ -95,13 +95,13 @@ def test_final_metrics_are_logged_once_at_the_last_step_and_carried_by_the_logge
     fingerprint as a param and the resolved config; an upstream model links forward to the runs that used it."""
     art, _, _ = first_run
     res, client = first_results(art), mlflow_client(art)
-    for name in ("cnn", "vqa"):
+    for name, steps in (("cnn", 10), ("vqa", 6)):  # train.steps in the micro recipe
         info = res[name]["info"]
-        steps, run_id = info["steps"], info["mlflow_run_id"]
-        assert steps == 10 if name == "cnn" else steps == 6
+        run_id = info["mlflow_run_id"]
         for key, value in list(res[name]["metrics"].items()) + [
                 (f"baseline/{k}", v) for k, v in res[name]["baselines"].items()]:
             assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(steps, value)], key
+        assert info["steps"] == steps
         run = client.get_run(run_id)
         assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(info["mlflow_model_id"], steps)]
         model = client.get_logged_model(info["mlflow_model_id"])

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,21 @@ from flows.picture import draw_lineage, key_metric
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
+
+
+def prewarm() -> None:
+    """Import matplotlib (seconds on a busy machine) in the background while the stages run, so that drawing
+    the lineage picture at the end does not wait for it."""
+    def load() -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - publish() reports it when it draws
+            log.debug("matplotlib: %s", e)
+
+    threading.Thread(target=load, name="baton-matplotlib", daemon=True).start()
 
 
 def mlflow_ui_url() -> str:

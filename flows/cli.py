@@ -627,7 +627,9 @@ def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow 
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
            "--host", host, "--port", str(port)]
-    print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd)})")
+    from flows.tracking import ML_LAYOUT
+
+    print(f"MLflow UI on http://{host}:{port}/#/experiments{ML_LAYOUT}  ({' '.join(cmd)})")
     return subprocess.call(cmd)
 
 

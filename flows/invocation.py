@@ -20,6 +20,7 @@ from typing import Any
 
 from flows.lineage import Dag, plan_dag
 from flows.picture import draw_lineage, key_metric
+from flows.tracking import ML_LAYOUT
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
@@ -53,13 +54,13 @@ def stage_rows(dag: Dag, outcome: dict[str, str], seconds: dict[str, float], run
         if name not in outcome:
             continue
         run = runs.get(name) or n.run_id
+        link = f"#/experiments/{experiment_id}/runs/{run}{ML_LAYOUT}"
         km = key_metric({k: v for k, v in n.metrics.items() if k.startswith("val/")} or n.metrics)
         rows.append({"stage": name, "state": outcome[name].capitalize(), "fingerprint": n.fingerprint[:16],
                      "seconds": round(seconds[name], 1) if name in seconds else "",
                      "key metrics": ", ".join(f"{k}={v:.4g}" for k, v in list(n.metrics.items())[:4]),
                      "headline": f"{km[0]}={km[1]:.4g}" if km else "",
-                     "mlflow run": f"{mlflow_ui_url()}/#/experiments/{experiment_id}/runs/{run}"
-                     if run and experiment_id else ""})
+                     "mlflow run": f"{mlflow_ui_url()}/{link}" if run and experiment_id else ""})
     return rows
 
 
@@ -92,7 +93,7 @@ def _to_parent_run(dag: Dag, rows: list[dict], outcome: dict[str, str], seconds:
     note = ["| stage | state | fingerprint | seconds | headline | run |", "|---|---|---|---|---|---|"]
     note += [f"| {r['stage']} | {r['state']} | `{r['fingerprint'][:12]}` | {r['seconds']} | {r['headline']} | "
              + (f"[{r['mlflow run'].rsplit('/', 1)[-1][:8]}]({r['mlflow run'].split('/', 3)[-1]})" if r["mlflow run"]
-                else "-") + " |" for r in rows]
+                else "-") + " |" for r in rows]  # the link relative to the UI: "#/experiments/..."
     tracking.client.set_tag(parent_id, "mlflow.note.content", "\n".join(note + ["", "Lineage: `lineage.png`"]))
     with tempfile.TemporaryDirectory(prefix="baton-lineage-") as tmp:
         png = draw_lineage(dag, outcome, seconds, Path(tmp) / "lineage.png")

@@ -23,8 +23,11 @@ from typing import Any
 
 log = logging.getLogger("baton")
 # The experiment tag MLflow's UI reads to pick its layout: without it, 3.x opens in GenAI mode (models as
-# "Agent versions"); this value is its model-training layout (mlflow/server/js: ExperimentKind).
+# "Agent versions"); this value is its model-training layout (mlflow/server/js: ExperimentKind). MLflow 3.17's
+# UI (workflow-based navigation, always on) takes the layout from the URL's ``workflowType`` instead, else the
+# browser's stored choice (default GenAI): every link baton prints or writes carries ML_LAYOUT.
 EXPERIMENT_KIND = "custom_model_development"
+ML_LAYOUT = "?workflowType=machine_learning"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -156,10 +159,10 @@ class Tracking:
 
     def run_link(self, run_id: str) -> str:
         """The run's page in the MLflow UI, relative to it (``baton ui``): a link in a description."""
-        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}{ML_LAYOUT}"
 
     def model_link(self, model_id: str) -> str:
-        return f"#/experiments/{self.experiment_id}/models/{model_id}"
+        return f"#/experiments/{self.experiment_id}/models/{model_id}{ML_LAYOUT}"
 
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=source_tags() | tags)

@@ -160,7 +160,8 @@ def test_mlflow_pages_tell_the_story(first_run):
     table = json.loads(arts[-1]["data"]) if isinstance(arts[-1]["data"], str) else arts[-1]["data"]
     rows = {r["stage"]: r for r in table}
     assert list(rows) == STAGES and rows["vqa"]["fingerprint"] == res["vqa"]["fingerprint"][:16]
-    assert rows["vqa"]["mlflow run"].endswith(res["vqa"]["info"]["mlflow_run_id"])
+    assert rows["vqa"]["mlflow run"].endswith(f"/runs/{res['vqa']['info']['mlflow_run_id']}"
+                                              f"?workflowType=machine_learning")
 
 
 def test_watching_the_flow_run_prints_its_stages(first_run):

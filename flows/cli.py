@@ -554,12 +554,10 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
     print(f"flow run {fr.id} ({fr.name}) submitted: {url.removesuffix('/api')}/runs/flow-run/{fr.id}", flush=True)
     if not wait:
         return 0
+    from flows.progress import watch_flow_run
+
     with get_client(sync_client=True) as client:
-        while True:
-            fr = client.read_flow_run(fr.id)
-            if fr.state is not None and fr.state.is_final():
-                break
-            time.sleep(1)
+        fr = watch_flow_run(client, fr.id)
     print(f"flow run {fr.id}: {fr.state.type.value} ({fr.state.message or ''})".rstrip(" ()"))
     return 0 if fr.state.is_completed() else 1
 
@@ -629,7 +627,9 @@ def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow 
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
            "--host", host, "--port", str(port)]
-    print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd)})")
+    from flows.tracking import ML_LAYOUT
+
+    print(f"MLflow UI on http://{host}:{port}/#/experiments{ML_LAYOUT}  ({' '.join(cmd)})")
     return subprocess.call(cmd)
 
 

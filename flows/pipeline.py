@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from typing import Any
 from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
+from flows.invocation import prewarm, publish
 from flows.plan import downstream_of, needed_stages
+from flows.progress import live_bars
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
 from flows.worker import prewarm_workers, run_stage_process, write_snapshot
@@ -85,8 +88,23 @@ class StageTask:
         self.forced = forced
         self.snapshot, self.threads = snapshot, threads
         self.slots = threading.Semaphore(max_concurrency)
+        self.outcome: dict[str, str] = {}  # stage -> ran | cached | failed (for flows.invocation)
+        self.seconds: dict[str, float] = {}
 
     def __call__(self, stage: str) -> Any:
+        t0 = time.perf_counter()
+        try:
+            out = self._stage(stage)
+        except BaseException:
+            self.outcome[stage] = "failed"
+            raise
+        finally:
+            self.seconds[stage] = time.perf_counter() - t0
+        state_name = getattr(out, "name", None)
+        self.outcome[stage] = {"Cached": "cached", "Cancelled": "not run", None: "ran"}.get(state_name, "failed")
+        return out
+
+    def _stage(self, stage: str) -> Any:
         from prefect.states import Cancelled, Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
@@ -115,9 +133,11 @@ class StageTask:
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]
                  ) -> tuple[dict[str, Any], tuple[str, BaseException] | None]:
-    """Submit each wanted stage once everything it needs has finished (so no worker thread sits blocked
-    on upstream futures; ``wait_for`` still records the edges for the Prefect UI); a failed stage's
-    downstream stages are not run. Returns ({stage: result}, the first failure or None)."""
+    """Submit every wanted stage at once, in dependency order, each waiting for the futures of the stages it
+    needs (``wait_for``): the Prefect UI shows the whole graph from the start, stages not yet started as
+    Pending (a task thread waiting on its upstream costs nothing: stage processes do the work). A failed
+    stage's downstream stages are not run (Prefect leaves them NotReady). Returns ({stage: result}, the
+    first failure or None)."""
     futures: dict[str, Any] = {}
     pending = [n for n in recipe.stages if n in wanted]
     results: dict[str, Any] = {}
@@ -132,19 +152,23 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
                 pending.remove(name)
                 skipped.add(name)
                 log.warning("[%s] not run: an upstream stage failed", name)
-            elif all(u in results for u in needs[name]):
+            elif all(u in futures for u in needs[name]):
                 pending.remove(name)
                 futures[name] = submit(name, [futures[u] for u in needs[name]])
         open_ = [n for n in futures if n not in results and n not in skipped]
         running = [n for n in open_ if not futures[n].wrapped_future.done()]
         finished = [n for n in open_ if futures[n].wrapped_future.done()]
         for name in finished:
+            if any(u in skipped for u in needs[name]):  # Prefect did not run it (NotReady)
+                skipped.add(name)
+                log.warning("[%s] not run: an upstream stage failed", name)
+                continue
             try:
                 results[name] = futures[name].result()
             except BaseException as e:  # noqa: BLE001 - re-raised by the flow
                 failed = failed or (name, e)
                 skipped.add(name)
-        if not running and not finished and not any(all(u in results for u in needs[n]) for n in pending):
+        if not running and not finished and not any(all(u in futures for u in needs[n]) for n in pending):
             return results, failed
         if running and not finished:
             futures[running[0]].wait(timeout=0.2)
@@ -170,6 +194,8 @@ def build_flow():
         prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
+        if track:
+            prewarm()  # the lineage picture's matplotlib
         wanted = needed_stages(recipe, only)
         forced = downstream_of(recipe, force or []) & wanted
         snapshot = write_snapshot(art, recipe, plans, forced)
@@ -191,6 +217,8 @@ def build_flow():
             raise
         finally:
             snapshot.unlink(missing_ok=True)
+            if status != "KILLED":
+                publish(recipe, art, run_stage.outcome, run_stage.seconds, {}, tracking, parent_id)
             if tracking is not None:
                 tracking.end_run(parent_id, status)
             alive.close()
@@ -253,7 +281,8 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
                                      flow_run_name=f"{recipe.name}")
     try:
-        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
+        with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
+            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
     finally:
         if users is not None:
             users.close()

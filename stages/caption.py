@@ -38,6 +38,7 @@ from stages.models.masking import mask_tokens, normal_token_ids, step_generator
 from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
+from stages.progress import Progress
 
 
 def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_ids: list[int],
@@ -46,6 +47,7 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
     model.to(ctx.device).eval()
     out: dict[int, str] = {}
     t0 = time.perf_counter()
+    bar = Progress(ctx.name, "decode", len(image_ids), "captions")
     for s in range(0, len(image_ids), cfg.batch_size):
         ids = image_ids[s:s + cfg.batch_size]
         regions = to_device(table.batch(torch.tensor([table.row[i] for i in ids])), ctx.device)
@@ -56,6 +58,7 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
                 toks = beam_decode(model, regions, cfg.beam_size, cfg.max_len, cfg.length_penalty)
         for iid, t in zip(ids, toks):
             out[iid] = tok.decode(t, skip_special_tokens=True).strip()
+        bar.update(len(ids))
     secs = time.perf_counter() - t0
     return out, len(image_ids) / max(secs, 1e-9)
 

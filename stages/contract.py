@@ -151,6 +151,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_image(self, image: Any, key: str, step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def flush(self) -> None: ...
 
@@ -169,6 +170,9 @@ class NullTracker:
         self.metrics.append((step, dict(metrics)))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -206,6 +210,7 @@ class StageContext:
     tracker: Any = field(default_factory=NullTracker)
     device: Any = None  # torch.device, resolved by resolve_device
     checkpoints: Any = None  # stages.train.checkpoint.CheckpointManager: made by the training loop when unset
+    reads: set[tuple[str, str]] = field(default_factory=set)  # (upstream stage, output key) read through input()
 
     def __post_init__(self) -> None:
         self.stage_dir = Path(self.stage_dir)
@@ -230,6 +235,7 @@ class StageContext:
         if key not in res.outputs:
             raise StageError(f"stage {self.name!r}: upstream {stage!r} has no output {key!r} (has {sorted(res.outputs)})")
         p = Path(res.outputs[key])
+        self.reads.add((stage, key))
         return p if p.is_absolute() else self.upstream_dirs[stage] / p
 
     def result(self, outputs: dict[str, str], metrics: dict[str, float], baselines: dict[str, float] | None = None,

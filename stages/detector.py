@@ -55,6 +55,7 @@ from stages.models.detection import build_detector, detect, save_model, transfer
 from stages.models.resnet import build_classifier, init_weights, load_classifier
 from stages.train.device import autocast
 from stages.train.loop import fit
+from stages.progress import Progress
 
 
 def backbone_body(cfg: Config, ctx: StageContext | None = None) -> tuple[nn.Module, BackboneConfig, bool, str]:
@@ -149,7 +150,9 @@ def write_regions(ctx: StageContext, cfg: Config, model: FasterRCNN, data: VGDat
     with RegionStoreWriter(ctx.outputs / "regions", len(data.images), cfg.regions.k, cfg.model.representation_size,
                            data.classes) as writer:
         dets = predict_all(ctx, model, data.pixels, cfg.regions, cfg.eval_batch_size)
+        bar = Progress(ctx.name, "regions", len(data.images), "images")
         for i, (im, d) in enumerate(zip(data.images, dets)):
+            bar.update()
             writer.add(im.image_id, *region_rows(d, im.width, im.height))
             n_regions.append(len(d["features"]))
             if i in val_pos:
@@ -169,6 +172,29 @@ def evaluate_map(ctx: StageContext, data: VGData, val_preds: list[dict]) -> tupl
         {data.classes[c - 1]: ap for c, ap in sorted(per_class.items())}, indent=2))
     return ({f"val/{k}": v for k, v in scores.items()},
             {f"val/{k}_predict_nothing": v for k, v in empty.items() if k in ("map", "map50")})
+
+
+def log_val_images(ctx: StageContext, data: VGData, val_preds: list[dict], step: int, n: int = 4,
+                   max_boxes: int = 5) -> int:
+    """The first ``n`` val images with their ``max_boxes`` highest-scoring predicted boxes, class labels and
+    scores (torchvision's draw_bounding_boxes, upscaled to >= 256 px so labels read) through the tracker's
+    image API, key ``val/detections/<image_id>``. Returns how many it logged."""
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import draw_bounding_boxes
+
+    logged = 0
+    for pos, pred in zip(data.splits["val"][:n], val_preds[:n]):
+        image = data.pixels[pos]  # (3, H, W) uint8
+        scale = max(1, 256 // max(image.shape[1:]))
+        big = torch.nn.functional.interpolate(image[None].float(), scale_factor=scale, mode="nearest")[0].byte()
+        keep = list(np.argsort(-pred["scores"])[:max_boxes])  # whatever it predicts, however unsure
+        boxes = torch.as_tensor(pred["boxes"][keep], dtype=torch.float32).reshape(-1, 4) * scale
+        labels = [f"{data.classes[int(pred['labels'][i]) - 1]} {pred['scores'][i]:.2f}" for i in keep]
+        drawn = draw_bounding_boxes(big, boxes, labels=labels, colors="yellow", width=2, label_colors="black",
+                                    fill_labels=True) if keep else big
+        ctx.tracker.log_image(to_pil_image(drawn), key=f"val/detections/{pred['image_id']}", step=step)
+        logged += 1
+    return logged
 
 
 def loss_fn(m: FasterRCNN, batch, step: int):
@@ -199,6 +225,7 @@ def run(ctx: StageContext) -> StageResult:
     region_s = time.perf_counter() - t0
     metrics, baselines = evaluate_map(ctx, data, val_preds)
     ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
+    log_val_images(ctx, data, val_preds, res.step)
     save_model(model.cpu(), cfg.model, backbone_cfg, pretrained, classes, ctx.outputs / "model", attributes)
     rows = len(data.images) * cfg.regions.k
     return ctx.result(outputs={"model": "outputs/model", "regions": "outputs/regions"}, metrics=metrics,

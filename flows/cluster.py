@@ -78,10 +78,14 @@ def demand(cfg: StageConfig) -> dict[str, float]:
 
 
 def remote_options(cfg: StageConfig) -> dict[str, Any]:
-    """``ray.remote`` options of the stage's task. Ray does not re-execute it (max_retries=0): retries are
-    Prefect's (``recipe.retries``), so one Prefect task run never becomes two executions."""
+    """``ray.remote`` options of the stage's task: its resources, and the environment its process needs (where
+    the Prefect and MLflow servers are, ``BATON_*``: known once the Prefect server answers, after the job's
+    runtime_env was set; Ray merges a task's env_vars into the job's). Ray does not re-execute the task
+    (max_retries=0): retries are Prefect's (``recipe.retries``), so one task run never becomes two executions."""
     rt = cfg.runtime
-    opts: dict[str, Any] = {"num_cpus": rt.cpus, "num_gpus": rt.gpus, "max_retries": 0}
+    env = {k: v for k, v in os.environ.items() if SHIPPED_ENV.match(k)} | {"BATON_WORKER_START": "spawn"}
+    opts: dict[str, Any] = {"num_cpus": rt.cpus, "num_gpus": rt.gpus, "max_retries": 0,
+                            "runtime_env": {"env_vars": env}}
     if rt.memory_gb:
         opts["memory"] = int(rt.memory_gb * GIB)
     if rt.resources:
@@ -115,18 +119,27 @@ def refuse_unplaceable(recipe: Recipe, wanted: set[str], nodes: list[dict]) -> N
 
 def runtime_env(ship_code: bool | None = None) -> dict[str, Any]:
     """The job's Ray runtime_env: baton's packages as py_modules (they go first on every worker's PYTHONPATH,
-    and the stage processes inherit it) and the environment variables a stage process needs."""
+    and the stage processes inherit it); a stage task adds its environment (:func:`remote_options`)."""
     import flows
     import stages
 
     if ship_code is None:
         ship_code = os.environ.get(SHIP_CODE_ENV, "1") != "0"
-    env = {k: v for k, v in os.environ.items() if SHIPPED_ENV.match(k)} | {"BATON_WORKER_START": "spawn"}
-    out: dict[str, Any] = {"env_vars": env}
+    out: dict[str, Any] = {"env_vars": {"BATON_WORKER_START": "spawn"}}
     if ship_code:
         out["py_modules"] = [str(Path(m.__file__).parent) for m in (flows, stages)]
         out["excludes"] = ["__pycache__", "*.pyc"]
     return out
+
+
+def connect_checked(address: str, recipe: Recipe, wanted: set[str]) -> None:
+    """Connect to the cluster and refuse (disconnected again) a stage that no node can hold."""
+    connect(address)
+    try:
+        refuse_unplaceable(recipe, wanted, cluster_nodes())
+    except BaseException:
+        disconnect()
+        raise
 
 
 def connect(address: str) -> None:
@@ -227,7 +240,7 @@ def _log_to_stderr() -> None:
     log.setLevel(logging.INFO)
     if not any(getattr(h, "baton_ray", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(message)s", "%H:%M:%S"))
         handler.baton_ray = True
         log.addHandler(handler)
 

@@ -264,21 +264,17 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
             raise
 
 
-def _task_runner(recipe: Recipe, only: list[str] | None, cluster: str | None):
+def _task_runner(recipe: Recipe, cluster: str | None):
     """Threads that wait on this machine's stage processes (every stage can have one; StageTask's slots cap
-    how many run at once: recipe.max_concurrency), or prefect-ray's runner on the connected Ray cluster,
-    once every stage has been checked against what its nodes offer."""
+    how many run at once: recipe.max_concurrency), or prefect-ray's runner on the Ray cluster that
+    flows.cluster.connect_checked connected to."""
     if not cluster:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=len(recipe.stages))
     from prefect_ray import RayTaskRunner
 
-    from flows.cluster import cluster_nodes, connect, refuse_unplaceable
-
-    connect(cluster)
-    refuse_unplaceable(recipe, needed_stages(recipe, only), cluster_nodes())
-    return RayTaskRunner(address=cluster)  # reuses the connection made here (ray.is_initialized)
+    return RayTaskRunner(address=cluster)  # reuses that connection (ray.is_initialized)
 
 
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
@@ -302,22 +298,33 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     finder.start()
     if server or os.environ.get("PREFECT_API_URL"):
         finder.join()
-    if not (found and isinstance(found[0], BaseException)) and not cluster:
-        prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
+    if not (found and isinstance(found[0], BaseException)):
+        if cluster:  # connected, and every stage checked against the nodes, while the Prefect server starts
+            from flows.cluster import connect_checked
+
+            connect_checked(cluster, recipe, needed_stages(recipe, only))
+        else:
+            prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
         if track:
             __import__("mlflow")
     finder.join()
-    if isinstance(found[0], BaseException):
-        raise found[0]
-    users = found[0]  # the background server's users lock: it stays up while this run lasts
     try:
-        flow = build_flow().with_options(task_runner=_task_runner(recipe, only, cluster),
-                                         flow_run_name=f"{recipe.name}")
-        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster)
+        if isinstance(found[0], BaseException):
+            raise found[0]
+        return _run_flow(recipe, artifacts, only, track, force, cluster, users=found[0])
     finally:
-        if users is not None:
-            users.close()
         if cluster:
             from flows.cluster import disconnect
 
             disconnect()
+
+
+def _run_flow(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool, force: list[str] | None,
+              cluster: str | None, users) -> dict[str, Any]:
+    """The flow itself; ``users``: the background server's users lock (it stays up while this run lasts)."""
+    try:
+        flow = build_flow().with_options(task_runner=_task_runner(recipe, cluster), flow_run_name=f"{recipe.name}")
+        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster)
+    finally:
+        if users is not None:
+            users.close()

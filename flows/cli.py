@@ -3,6 +3,7 @@ with an example; ``baton --install-completion`` installs shell completion.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
               [--dry-run] [--force STAGE]     the plan only (cached / will run, and why) / rerun STAGE + downstream
+              [--cluster ray://HOST:10001]    the stages as Ray tasks on a cluster (prefect-ray; README "Running on a cluster")
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db

@@ -61,8 +61,7 @@ def refuse_config(recipe: Recipe, wanted: set[str]) -> None:
                               f"stages.{name}.runtime.gpus")
         if rt.nnodes > 1:
             raise RecipeError(f"stages.{name}.runtime.nnodes={rt.nnodes}: a stage across nodes needs data-parallel "
-                              "training in the stage loop, which this baton does not have yet; set nnodes: 1 "
-                              "(flows.cluster.launch_across_nodes is where it would start)")
+                              "training in the stage loop, which this baton does not have yet; set nnodes: 1")
 
 
 def threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
@@ -78,14 +77,11 @@ def demand(cfg: StageConfig) -> dict[str, float]:
 
 
 def remote_options(cfg: StageConfig) -> dict[str, Any]:
-    """``ray.remote`` options of the stage's task: its resources, and the environment its process needs (where
-    the Prefect and MLflow servers are, ``BATON_*``: known once the Prefect server answers, after the job's
-    runtime_env was set; Ray merges a task's env_vars into the job's). Ray does not re-execute the task
-    (max_retries=0): retries are Prefect's (``recipe.retries``), so one task run never becomes two executions."""
+    """``ray.remote`` options of the stage's task: its resources. Ray does not re-execute the task
+    (max_retries=0): retries are Prefect's (``recipe.retries``), so one task run never becomes two executions.
+    (No per-task runtime_env: every stage task can reuse the job's workers.)"""
     rt = cfg.runtime
-    env = {k: v for k, v in os.environ.items() if SHIPPED_ENV.match(k)} | {"BATON_WORKER_START": "spawn"}
-    opts: dict[str, Any] = {"num_cpus": rt.cpus, "num_gpus": rt.gpus, "max_retries": 0,
-                            "runtime_env": {"env_vars": env}}
+    opts: dict[str, Any] = {"num_cpus": rt.cpus, "num_gpus": rt.gpus, "max_retries": 0}
     if rt.memory_gb:
         opts["memory"] = int(rt.memory_gb * GIB)
     if rt.resources:
@@ -119,7 +115,7 @@ def refuse_unplaceable(recipe: Recipe, wanted: set[str], nodes: list[dict]) -> N
 
 def runtime_env(ship_code: bool | None = None) -> dict[str, Any]:
     """The job's Ray runtime_env: baton's packages as py_modules (they go first on every worker's PYTHONPATH,
-    and the stage processes inherit it); a stage task adds its environment (:func:`remote_options`)."""
+    and the stage processes inherit it); each stage task brings its environment (:class:`RayStageTask`)."""
     import flows
     import stages
 
@@ -198,23 +194,27 @@ def verify_code(stage: str, plan: StagePlan, node: dict[str, Any]) -> None:
 class RayStageTask:
     """The stage task's body on a Ray node: flows.pipeline's StageTask, made picklable (no tracking client, no
     semaphore: Ray places and limits the tasks); the MLflow client is made on the node from the same settings
-    as the driver's (the environment that :func:`runtime_env` ships). No ``__dict__``: Prefect's task copies
-    its function's ``__dict__`` onto itself, and the StageTask in it must not travel unstripped."""
+    as the driver's: its environment travels with the task (where the Prefect and MLflow servers are,
+    ``BATON_*``: known only once the Prefect server answered, after the job's runtime_env was set) and the
+    stage process inherits it. No ``__dict__``: Prefect's task copies its function's ``__dict__`` onto
+    itself, and the StageTask in it must not travel unstripped."""
 
-    __slots__ = ("task", "experiment")
+    __slots__ = ("task", "experiment", "env")
 
     def __init__(self, task, experiment: str):
         self.task, self.experiment = task, experiment
+        self.env = {k: v for k, v in os.environ.items() if SHIPPED_ENV.match(k)} | {"BATON_WORKER_START": "spawn"}
 
     def __getstate__(self) -> dict[str, Any]:
         task = copy.copy(self.task)
         task.tracking, task.slots = None, None
-        return {"task": task, "experiment": self.experiment}
+        return {"task": task, "experiment": self.experiment, "env": self.env}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.task, self.experiment = state["task"], state["experiment"]
+        self.task, self.experiment, self.env = state["task"], state["experiment"], state["env"]
 
     def __call__(self, stage: str) -> Any:
+        os.environ.update(self.env)  # this worker runs stage tasks of this job only (namespace, runtime_env)
         _log_to_stderr()
         node = node_info()
         log.info("[%s] on Ray node %s (%s)", stage, node["id"][:12], node["address"])
@@ -226,7 +226,6 @@ class RayStageTask:
             task.tracking = Tracking(task.art, self.experiment)
         if task.slots is None:
             task.slots = threading.Semaphore(1)
-        os.environ["BATON_WORKER_START"] = "spawn"  # the fork server lives on the driver
         out = task(stage)
         data = getattr(out, "data", out)  # a Cached state carries the result as its data
         if isinstance(data, dict):
@@ -245,8 +244,56 @@ def _log_to_stderr() -> None:
         log.addHandler(handler)
 
 
-def launch_across_nodes(stage: str, cfg: StageConfig, nnodes: int) -> None:
-    """Where ``runtime.nnodes > 1`` will start: N Ray tasks in a STRICT_SPREAD placement group, each running
-    ``torch.distributed.run --nnodes N --rdzv-backend c10d`` on its node. Refused until the stage loop trains
-    data-parallel (see :func:`refuse_config`)."""
-    raise RecipeError(f"stages.{stage}.runtime.nnodes={nnodes}: not supported yet")
+def launch_across_nodes(script_argv: list[str], nnodes: int, nproc_per_node: int = 1, cpus: float = 1,
+                        resources: dict[str, float] | None = None, max_restarts: int = 0, env: dict[str, str] | None = None,
+                        timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Run ``python -m torch.distributed.run --nnodes N --nproc-per-node R --rdzv-backend c10d ... SCRIPT_ARGV``
+    as N Ray tasks in a STRICT_SPREAD placement group (N distinct nodes, each bundle ``cpus`` + ``resources``),
+    meeting at a c10d rendezvous hosted on the first bundle's node. Returns, per node, its Ray node id and the
+    exit status. This is where ``runtime.nnodes > 1`` will start a stage (``SCRIPT_ARGV`` = ``-m flows.worker
+    STAGE ...``) once the stage loop trains data-parallel; until then :func:`refuse_config` refuses it."""
+    import uuid
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": float(cpus), **(resources or {})}
+    pg = placement_group([bundle] * nnodes, strategy="STRICT_SPREAD")
+    if not ray.wait([pg.ready()], timeout=timeout)[0]:
+        remove_placement_group(pg)
+        raise StageError(f"no {nnodes} distinct Ray nodes with {_fmt(bundle)} each within {timeout:.0f}s")
+    try:
+        def on(i: int) -> dict[str, Any]:
+            return {"num_cpus": cpus, "resources": resources or {}, "max_retries": 0,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+
+        host, port = ray.get(ray.remote(_rendezvous_endpoint).options(**on(0)).remote())
+        argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={host}:{port}", f"--rdzv-id={uuid.uuid4().hex}", f"--max-restarts={max_restarts}",
+                *script_argv]
+        run = ray.remote(_torchrun)
+        return ray.get([run.options(**on(i)).remote(argv, env or {}) for i in range(nnodes)])
+    finally:
+        remove_placement_group(pg)
+
+
+def _rendezvous_endpoint() -> tuple[str, int]:
+    """(this node's address, a free port on it): where the c10d rendezvous store will listen."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def _torchrun(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One node's ``torch.distributed.run`` (an elastic agent and its ranks), in a Ray task."""
+    import subprocess
+
+    import ray
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv], env=os.environ | env)
+    return {"node": ray.get_runtime_context().get_node_id(), "returncode": p.returncode}

@@ -23,7 +23,7 @@ from tools.raycluster import LocalRayCluster
 CONFIG = "configs/vlp-micro.yaml"
 # cnn long enough that bert (whose node may first have to start a Ray worker) starts while it trains
 PLACED = ["stages.cnn.runtime.resources={vision: 1}", "stages.bert.runtime.resources={text: 1}",
-          "stages.cnn.train.steps=80"]
+          "stages.cnn.train.steps=240"]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,38 @@ def test_node_with_other_code_runs_the_drivers_code_or_refuses(tmp_path):
                   r"has digest (\w{16}) there, (\w{16}) on the driver", err)
     assert m and m.group(1) != m.group(2), err[-3000:]
     assert not list((tmp_path / "a2").glob("stages/world/*/result.json"))
+
+
+PROBE = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+with open(os.path.join(os.environ["OUT"], f"rank{dist.get_rank()}"), "w") as f:
+    f.write(f"{dist.get_world_size()} {t.item():g}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_one_rank_per_node_meets_through_c10d_in_a_strict_spread_group(cluster, tmp_path):
+    """The launch behind runtime.nnodes (refused for stages until the loop trains data-parallel): two Ray
+    nodes of one CPU rank each all-reduce through torch.distributed.run's c10d rendezvous."""
+    import ray
+
+    from flows.cluster import launch_across_nodes
+    from stages.contract import StageError
+
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    ray.init(address=cluster.address, namespace="baton-test")
+    try:
+        out = launch_across_nodes([str(script)], nnodes=2, env={"OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+                                  timeout=120)
+        with pytest.raises(StageError, match="no 3 distinct Ray nodes with CPU 1 each"):
+            launch_across_nodes([str(script)], nnodes=3, timeout=5)
+    finally:
+        ray.shutdown()
+    assert [o["returncode"] for o in out] == [0, 0]
+    assert len({o["node"] for o in out}) == 2  # STRICT_SPREAD: two different nodes
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*")) == ["2 3", "2 3"]  # 1 + 2 on both ranks

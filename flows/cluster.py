@@ -237,10 +237,9 @@ def _log_to_stderr() -> None:
     """baton's log lines (the stage process's, forwarded) on the Ray worker's stderr, which Ray sends to the
     driver's terminal prefixed with the task and pid (Prefect's handlers, if any, send them to its API)."""
     log.setLevel(logging.INFO)
-    if not any(getattr(h, "baton_ray", False) for h in log.handlers):
+    if not log.handlers:  # (Prefect's, when it set up logging in this worker, already print them)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(message)s", "%H:%M:%S"))
-        handler.baton_ray = True
         log.addHandler(handler)
 
 
@@ -270,10 +269,10 @@ def launch_across_nodes(script_argv: list[str], nnodes: int, nproc_per_node: int
 
         host, port = ray.get(ray.remote(_rendezvous_endpoint).options(**on(0)).remote())
         argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={host}:{port}", f"--rdzv-id={uuid.uuid4().hex}", f"--max-restarts={max_restarts}",
-                *script_argv]
-        run = ray.remote(_torchrun)
-        return ray.get([run.options(**on(i)).remote(argv, env or {}) for i in range(nnodes)])
+                f"--rdzv-endpoint={host}:{port}", f"--rdzv-id={uuid.uuid4().hex}", f"--max-restarts={max_restarts}"]
+        run = ray.remote(_torchrun)  # the first node's agent hosts the rendezvous store (is_host), not a guess
+        return ray.get([run.options(**on(i)).remote([*argv, f"--rdzv-conf=is_host={int(i == 0)}", *script_argv],
+                                                    env or {}) for i in range(nnodes)])
     finally:
         remove_placement_group(pg)
 

@@ -91,8 +91,8 @@ def _stage_process(stage: str, art: Path):
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_stage_process_on_a_node_then_rerun_resumes(cluster, placed_run):
-    art, _ = placed_run
+def test_sigkill_of_a_stage_process_on_a_node_then_rerun_resumes(cluster, tmp_path):
+    art = tmp_path / "art"
     over = [*PLACED, "stages.cnn.train.steps=400", "stages.cnn.runtime.checkpoint_every=4"]  # retries: 0
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
     argv = BATON + ["run", CONFIG, "--cluster", cluster.address, "--only", "cnn", "--json", *over]
@@ -109,13 +109,16 @@ def test_sigkill_of_a_stage_process_on_a_node_then_rerun_resumes(cluster, placed
     out1, err1 = first.communicate(timeout=300)
     assert killed, f"cnn wrote no checkpoint >= 8 on its node:\n{err1[-3000:]}"
     assert first.returncode != 0, err1[-3000:]  # the task failed: its process was killed
+    (stage_dir,) = {d.parents[1] for d in art.glob("stages/cnn/*/checkpoints/0*")}
+    killed_run = json.loads((stage_dir / "run.json").read_text())["mlflow_run_id"]
     p = baton(argv[3:], art, timeout=900)
     out = summary(p)
     by = {s["name"]: s for s in out["stages"]}
     assert by["world"]["state"] == "cached" and by["cnn"]["state"] == "ran"
     assert "vision" in by["cnn"]["ray_node"]["resources"]
-    m = re.search(r"\[cnn\] resumed from checkpoint at step (\d+)", p.stderr)
-    assert m and int(m.group(1)) >= killed, p.stderr[-4000:]
+    result = json.loads((stage_dir / "result.json").read_text())
+    assert result["info"]["resumed_from"] >= killed, p.stderr[-3000:]  # from its checkpoint, not from step 0
+    assert by["cnn"]["mlflow_run_id"] == killed_run  # and it continued the killed run's MLflow run
 
 
 def _node_code_that_differs(dest: Path) -> Path:

@@ -23,10 +23,15 @@ CONFIG = str(ROOT / "configs" / "vlp-micro.yaml")
 
 def run(art: Path, extra: list[str]) -> tuple[float, float | None, str]:
     """(seconds of `baton run`, seconds until the first stage task started on a node or None, stderr)."""
+    from flows import server
+
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "run", CONFIG, *extra], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1800)
+    try:
+        p = subprocess.run([sys.executable, "-m", "flows.cli", "run", CONFIG, *extra], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=1800)
+    finally:
+        server.stop(art)  # the artifacts dir's background Prefect server that the run started
     wall = time.time() - t0
     if p.returncode:
         raise SystemExit(f"baton run {' '.join(extra)} exited {p.returncode}:\n{p.stderr[-3000:]}")

@@ -30,9 +30,9 @@ def run(art: Path, extra: list[str]) -> tuple[float, float | None, str]:
     try:
         p = subprocess.run([sys.executable, "-m", "flows.cli", "run", CONFIG, *extra], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=1800)
+        wall = time.time() - t0
     finally:
         server.stop(art)  # the artifacts dir's background Prefect server that the run started
-    wall = time.time() - t0
     if p.returncode:
         raise SystemExit(f"baton run {' '.join(extra)} exited {p.returncode}:\n{p.stderr[-3000:]}")
     m = re.search(r"(\d\d:\d\d:\d\d\.\d\d\d) \| \[world\] on Ray node", p.stderr)

@@ -3,6 +3,7 @@ with an example; ``baton --install-completion`` installs shell completion.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
               [--dry-run] [--force STAGE]     the plan only (cached / will run, and why) / rerun STAGE + downstream
+              [--cluster ray://HOST:10001]    the stages as Ray tasks on a cluster (prefect-ray; README "Running on a cluster")
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
@@ -81,6 +82,10 @@ Server = Annotated[str | None, typer.Option(
     "--server", metavar="URL", show_default=False,
     help="Prefect API URL (default: $PREFECT_API_URL, else the artifacts dir's background server, started if "
          "none answers)")]
+Cluster = Annotated[str | None, typer.Option(
+    "--cluster", metavar="ADDRESS", show_default=False,
+    help="run the stages as Ray tasks on this cluster (prefect-ray): ray://HOST:10001, HOST:6379, auto, or local; "
+         "each stage goes to a node with its runtime.cpus/gpus/memory_gb/resources (README: Running on a cluster)")]
 
 
 def command(example: str, **kwargs: Any) -> Callable[[Callable], Callable]:
@@ -171,7 +176,7 @@ def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = N
 @command("baton run configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --only vqa --dry-run")
 def run(config: Config, overrides: Overrides = None, only: Only = None, no_track: NoTrack = False,
         artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None,
-        force: Force = None, dry_run: DryRun = False) -> None:
+        force: Force = None, dry_run: DryRun = False, cluster: Cluster = None) -> None:
     """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
@@ -181,6 +186,12 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
                 raise RecipeError(f"{opt} {name}: no such stage in {config} ({', '.join(recipe.stages)})")
     if dry_run:
         return print_plan(recipe, art, only, force, as_json)
+    if cluster:  # what the config alone tells, before anything starts
+        from flows.cluster import check_address, refuse_config
+        from flows.plan import needed_stages
+
+        check_address(cluster)
+        refuse_config(recipe, needed_stages(recipe, only))
     _check_writable(art)
     from flows.execute import stage_dirs
     from flows.pipeline import run_pipeline
@@ -190,7 +201,7 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     done_before -= downstream_of(recipe, force or [])
     t0 = time.perf_counter()
     with _stdout_to_stderr() if as_json else _no_redirect():
-        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server, force=force)
+        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server, force=force, cluster=cluster)
     summary = run_summary(recipe, out, done_before, time.perf_counter() - t0)
     if as_json:
         _print_json(summary)
@@ -231,7 +242,8 @@ def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dic
         stages.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": res.get("fingerprint"),
                        "state": "cached" if name in done_before else "ran", "seconds": info.get("seconds"),
                        "metrics": res.get("metrics", {}), "baselines": res.get("baselines", {}),
-                       "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id")})
+                       "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id"),
+                       **({"ray_node": info["ray_node"]} if "ray_node" in info else {})})
     return {"recipe": recipe.name, "config": str(recipe.path), "seconds": round(seconds, 2),
             "mlflow_parent_run_id": out.get("parent_run_id") or None,
             "prefect_api_url": os.environ.get("PREFECT_API_URL"), "stages": stages}

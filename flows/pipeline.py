@@ -156,8 +156,8 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
                 pending.remove(name)
                 futures[name] = submit(name, [futures[u] for u in needs[name]])
         open_ = [n for n in futures if n not in results and n not in skipped]
-        running = [n for n in open_ if not futures[n].wrapped_future.done()]
-        finished = [n for n in open_ if futures[n].wrapped_future.done()]
+        running = [n for n in open_ if not _done(futures[n])]
+        finished = [n for n in open_ if n not in running]
         for name in finished:
             if any(u in skipped for u in needs[name]):  # Prefect did not run it (NotReady)
                 skipped.add(name)
@@ -174,16 +174,61 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
             futures[running[0]].wait(timeout=0.2)
 
 
+def _done(future) -> bool:
+    """Whether a Prefect future's work has finished: a thread's concurrent future, or a Ray task's ObjectRef
+    (prefect-ray)."""
+    wrapped = future.wrapped_future
+    if hasattr(wrapped, "done"):
+        return wrapped.done()
+    import ray
+
+    return bool(ray.wait([wrapped], timeout=0, fetch_local=False)[0])
+
+
+def _stage_task(recipe: Recipe, art: Path, plans: dict[str, StagePlan], tracking, parent_id: str, snapshot: Path,
+                wanted: set[str], forced: set[str], cluster: str | None):
+    """The body of every stage task: in threads of this process, or on Ray nodes (flows.cluster)."""
+    if not cluster:
+        return StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
+                         recipe.max_concurrency, forced)
+    from flows.cluster import RayStageTask, threads_per_stage
+
+    return RayStageTask(StageTask(art, plans, tracking, parent_id, snapshot, threads_per_stage(recipe, wanted),
+                                  len(recipe.stages), forced), recipe.name)
+
+
+def _submitter(recipe: Recipe, run_stage, cluster: str | None) -> Callable[[str, list], Any]:
+    """submit(stage, upstream futures): the stage's Prefect task, on Ray with the stage's resources if
+    ``cluster``."""
+    from prefect import task
+
+    def submit(name: str, upstream: list) -> Any:
+        t = task(run_stage, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
+                 retries=recipe.retries, retry_delay_seconds=5, retry_condition_fn=_is_transient,
+                 cache_policy=None, persist_result=False)
+        if not cluster:
+            return t.submit(name, wait_for=upstream)
+        from prefect_ray.context import remote_options
+
+        from flows.cluster import remote_options as stage_options
+
+        with remote_options(**stage_options(recipe.stages[name])):
+            return t.submit(name, wait_for=upstream)
+    return submit
+
+
 def build_flow():
-    from prefect import flow, task
+    from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
     # threads only wait on stage processes; StageTask's slots cap how many run (run_pipeline sets the same)
     @flow(name="baton", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=32))
     def baton_pipeline(recipe_path: str, recipe_snapshot: dict, artifacts: str, only: list[str] | None = None,
-                       track: bool = True, force: list[str] | None = None) -> dict[str, Any]:
+                       track: bool = True, force: list[str] | None = None, cluster: str | None = None
+                       ) -> dict[str, Any]:
         """Run (or resume) every stage of a recipe; complete stages are Cached, except the ``force``d ones
-        and their downstream stages, which run again."""
+        and their downstream stages, which run again. ``cluster``: the stages run on that Ray cluster
+        (the flow's task runner is then prefect-ray's, flows.cluster)."""
         from prefect.runtime import flow_run
         from prefect.states import Cancelled
 
@@ -191,7 +236,8 @@ def build_flow():
         art = Path(artifacts)
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
-        prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
+        if not cluster:
+            prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
         if track:
@@ -199,14 +245,8 @@ def build_flow():
         wanted = needed_stages(recipe, only)
         forced = downstream_of(recipe, force or []) & wanted
         snapshot = write_snapshot(art, recipe, plans, forced)
-        run_stage = StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
-                              recipe.max_concurrency, forced)
-
-        def submit(name: str, upstream: list) -> Any:
-            t = task(run_stage, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
-                     retries=recipe.retries, retry_delay_seconds=5, retry_condition_fn=_is_transient,
-                     cache_policy=None, persist_result=False)
-            return t.submit(name, wait_for=upstream)
+        submit = _submitter(recipe, _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced,
+                                                cluster), cluster)
 
         status = "FAILED"
         try:
@@ -232,21 +272,41 @@ def build_flow():
 
 
 def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True,
-                 server: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
+                 server: str | None = None, force: list[str] | None = None, cluster: str | None = None
+                 ) -> dict[str, Any]:
     """Run the flow against a Prefect server that answers (``server``, PREFECT_API_URL, or the artifacts dir's
     background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
-    raises ``interrupt.Interrupted`` saying which stages stopped at which step."""
+    raises ``interrupt.Interrupted`` saying which stages stopped at which step. ``cluster``: a Ray address
+    (flows.cluster): every stage runs as a Ray task on a node that has its resources."""
+    if cluster:
+        from flows.cluster import check_address, refuse_config
+
+        check_address(cluster)
+        refuse_config(recipe, needed_stages(recipe, only))
     with interrupt.handling():
         try:
-            return _run_pipeline(recipe, artifacts, only, track, server, force)
+            return _run_pipeline(recipe, artifacts, only, track, server, force, cluster)
         except BaseException:
             if interrupt.requested():
                 raise interrupt.Interrupted(interrupt.summary()) from None
             raise
 
 
+def _task_runner(recipe: Recipe, cluster: str | None):
+    """Threads that wait on this machine's stage processes (every stage can have one; StageTask's slots cap
+    how many run at once: recipe.max_concurrency), or prefect-ray's runner on the Ray cluster that
+    flows.cluster.connect_checked connected to."""
+    if not cluster:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=len(recipe.stages))
+    from prefect_ray import RayTaskRunner
+
+    return RayTaskRunner(address=cluster)  # reuses that connection (ray.is_initialized)
+
+
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
-                  server: str | None, force: list[str] | None) -> dict[str, Any]:
+                  server: str | None, force: list[str] | None, cluster: str | None = None) -> dict[str, Any]:
     from flows.server import ensure_server
 
     configure_prefect(artifacts)
@@ -267,22 +327,33 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     if server or os.environ.get("PREFECT_API_URL"):
         finder.join()
     if not (found and isinstance(found[0], BaseException)):
-        prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
+        if cluster:  # connected, and every stage checked against the nodes, while the Prefect server starts
+            from flows.cluster import connect_checked
+
+            connect_checked(cluster, recipe, needed_stages(recipe, only))
+        else:
+            prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
         if track:
             __import__("mlflow")
     finder.join()
-    if isinstance(found[0], BaseException):
-        raise found[0]
-    users = found[0]  # the background server's users lock: it stays up while this run lasts
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's
-    # slots cap how many stage processes run at once (recipe.max_concurrency).
-    flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
-                                     flow_run_name=f"{recipe.name}")
     try:
+        if isinstance(found[0], BaseException):
+            raise found[0]
+        return _run_flow(recipe, artifacts, only, track, force, cluster, users=found[0])
+    finally:
+        if cluster:
+            from flows.cluster import disconnect
+
+            disconnect()
+
+
+def _run_flow(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool, force: list[str] | None,
+              cluster: str | None, users) -> dict[str, Any]:
+    """The flow itself; ``users``: the background server's users lock (it stays up while this run lasts)."""
+    try:
+        flow = build_flow().with_options(task_runner=_task_runner(recipe, cluster), flow_run_name=f"{recipe.name}")
         with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
-            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
+            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster)
     finally:
         if users is not None:
             users.close()

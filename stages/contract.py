@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,6 +50,10 @@ class Runtime(Strict):
     gpus: float = Field(0, ge=0, description="GPUs per node this stage asks the cluster for (--cluster)")
     cpus: float = Field(1, ge=0, description="CPUs per node this stage asks the cluster for (--cluster)")
     memory_gb: float = Field(0, ge=0, description="memory per node this stage asks the cluster for (--cluster)")
+    resources: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="custom Ray resources per node this stage asks the cluster for "
+                                          "(--cluster), e.g. {a100: 1} for nodes started with "
+                                          "`ray start --resources '{\"a100\": 8}'`")
 
     @model_validator(mode="after")
     def _ranks_agree(self) -> "Runtime":

@@ -245,10 +245,10 @@ def build_flow():
         wanted = needed_stages(recipe, only)
         forced = downstream_of(recipe, force or []) & wanted
         snapshot = write_snapshot(art, recipe, plans, forced)
-        submit = _submitter(recipe, _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced,
-                                                cluster), cluster)
+        run_stage = _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced, cluster)
+        submit = _submitter(recipe, run_stage, cluster)
 
-        status = "FAILED"
+        status, results = "FAILED", {}
         try:
             results, failed = run_in_order(recipe, wanted, submit)
             status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
@@ -258,7 +258,9 @@ def build_flow():
         finally:
             snapshot.unlink(missing_ok=True)
             if status != "KILLED":
-                publish(recipe, art, run_stage.outcome, run_stage.seconds, {}, tracking, parent_id)
+                # on Ray the stage tasks ran in other processes: the driver knows which finished, not how
+                outcome = getattr(run_stage, "outcome", None) or {n: "ran" for n in results}
+                publish(recipe, art, outcome, getattr(run_stage, "seconds", {}), {}, tracking, parent_id)
             if tracking is not None:
                 tracking.end_run(parent_id, status)
             alive.close()

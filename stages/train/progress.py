@@ -8,6 +8,7 @@ import torch
 
 from stages.config.train import TrainConfig
 from stages.contract import StageContext
+from stages.train import distributed
 from stages.train.step import TrainStep
 
 log = logging.getLogger("baton")
@@ -16,7 +17,8 @@ log = logging.getLogger("baton")
 class LogWindow:
     """Each line logs the loss averaged over the steps since the previous line (the window). The window's
     running sum (still on the device) and step count are part of every checkpoint, so that the first line
-    after a resume averages the same steps, and logs the same value, as an unbroken run."""
+    after a resume averages the same steps, and logs the same value, as an unbroken run. Under DDP the lines
+    and metrics are the global batch's (the mean over ranks), written by rank 0."""
 
     def __init__(self, ctx: StageContext, cfg: TrainConfig, train_step: TrainStep):
         self.ctx, self.cfg, self.train_step = ctx, cfg, train_step
@@ -26,7 +28,7 @@ class LogWindow:
         self.last_t, self.last_step = time.perf_counter(), 0
 
     def state(self) -> tuple[float, int]:
-        return float(self.loss), self.n
+        return float(distributed.mean_over_ranks(self.loss)), self.n
 
     def load(self, window: tuple[float, int]) -> None:
         self.loss, self.n = window
@@ -46,7 +48,11 @@ class LogWindow:
         self.train_step.non_finite.check(done)
         now = time.perf_counter()
         rate = (done - self.last_step) / max(now - self.last_t, 1e-9)
-        self.average = float(self.loss) / self.n
+        self.average = float(distributed.mean_over_ranks(self.loss)) / self.n
+        logs = {k: distributed.mean_over_ranks(v) for k, v in logs.items()}
+        if not distributed.is_main():
+            self.loss, self.n, self.last_t, self.last_step = 0.0, 0, now, done
+            return
         eta = (self.cfg.steps - done) / max(rate, 1e-9)
         lr0 = self.train_step.opt.param_groups[-1]["lr"]
         scaler = self.train_step.scaler

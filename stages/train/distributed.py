@@ -1,0 +1,184 @@
+"""One stage on N ranks (DDP): what the shared loop and the stage recipes ask of the process group.
+
+A multi-rank stage is N processes started by :mod:`stages.train.launch` (``torch.distributed`` elastic
+launch used as a library). Every rank runs the stage's ``run(ctx)`` up to the end of ``fit``; the ranks
+other than 0 then leave (:class:`RankDone`) and rank 0 alone evaluates, writes outputs and result.json.
+
+World-size independence (a 2-rank run equals the 1-rank run at the same global batch):
+  - the sampler yields the *global* micro-batches of each step; rank r takes slice r of each
+    (:func:`rank_slice`), and :func:`set_positions` records where its examples sit in the step's batch;
+  - per-example randomness comes from :func:`example_random` keyed by (seed, step, position in the step's
+    batch, stream), never from a stream shared by a micro-batch or a process;
+  - token-level losses are scaled by :func:`global_token_mean` to "sum over the global batch / global
+    token count" (DDP averages gradients over ranks);
+  - each rank's process RNG (dropout) is seeded from (seed, rank) by :func:`rank_seed`: rank 0 keeps the
+    stage seed, so a 1-rank run is unchanged.
+Without a process group every helper here is the identity (the 1-rank path is the code of before)."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_positions: torch.Tensor | None = None  # positions in the step's global batch of this rank's current micro-batch
+
+
+class RankDone(BaseException):
+    """Raised on ranks > 0 when training is over: they leave, rank 0 finishes the stage alone. Not an
+    Exception, so no ``except Exception`` in a stage recipe swallows it."""
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def rank_seed(seed: int, r: int) -> int:
+    """Process-RNG seed of rank ``r``: the stage seed on rank 0, a distinct stream on every other rank."""
+    return seed if r == 0 else (seed * 1_000_003 + 7_919 * r) % (1 << 63)
+
+
+def init(device: torch.device, timeout_s: float) -> None:
+    """Join the process group that the launcher's environment describes (gloo on CPU, nccl on CUDA)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
+
+
+def leave() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def rank_slice(items: list, r: int | None = None, n: int | None = None) -> list:
+    """Rank ``r``'s contiguous share of a global micro-batch (every share has the same size)."""
+    r, n = (rank(), world()) if r is None else (r, n)
+    k = len(items) // n
+    return items[r * k:(r + 1) * k]
+
+
+def set_positions(start: int, count: int) -> None:
+    """The current micro-batch of this rank holds positions ``start .. start+count-1`` of the step's batch."""
+    global _positions
+    _positions = torch.arange(start, start + count)
+
+
+class ExampleRandom:
+    """Per-example random draws for optimizer step ``step``: row i of every draw comes from a generator
+    keyed by (seed, step, position of example i in the step's global batch, stream), so an example gets
+    the same draws whichever rank, micro-batch or padded length it lands in. Each call names its own
+    ``stream`` (a mask draw, a replacement-token draw, ...), so the length of one draw never shifts
+    another."""
+
+    def __init__(self, seed: int, step: int, positions: torch.Tensor):
+        self.seed, self.step, self.positions = seed, step, positions
+
+    def _gen(self, pos: int, stream: int) -> torch.Generator:
+        key = ((self.seed * 1_000_003 + self.step) * 1_000_033 + pos) * 131 + stream
+        return torch.Generator().manual_seed(key % (1 << 63))
+
+    def rand(self, length: int, stream: int) -> torch.Tensor:
+        """(B, length) uniform [0, 1) on the CPU."""
+        return torch.stack([torch.rand(length, generator=self._gen(int(p), stream)) for p in self.positions])
+
+    def randint(self, high: int, length: int, stream: int) -> torch.Tensor:
+        """(B, length) integers in [0, high) on the CPU."""
+        return torch.stack([torch.randint(high, (length,), generator=self._gen(int(p), stream))
+                            for p in self.positions])
+
+
+def example_random(seed: int, step: int, batch_len: int) -> ExampleRandom:
+    """The :class:`ExampleRandom` of the current micro-batch (``batch_len`` examples) of step ``step``.
+    Outside the training loop (no positions recorded) the examples are positions 0..batch_len-1."""
+    pos = _positions if _positions is not None and len(_positions) == batch_len else torch.arange(batch_len)
+    return ExampleRandom(seed, step, pos)
+
+
+def global_token_mean(local_mean: torch.Tensor, local_count: int | torch.Tensor) -> torch.Tensor:
+    """A token-level loss averaged over this rank's ``local_count`` tokens -> the same loss as this rank's
+    share of "sum over the global micro-batch / global token count", times the world size (DDP averages the
+    gradients over ranks). One rank: ``local_mean`` itself."""
+    if not active():
+        return local_mean
+    n = torch.as_tensor(local_count, dtype=torch.float64, device=local_mean.device).reshape(())
+    total = n.clone()
+    dist.all_reduce(total)
+    return local_mean * (n * world() / total.clamp_min(1)).to(local_mean.dtype)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The global micro-batch of a per-example tensor (no gradient): every rank's rows in rank order."""
+    if not active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(x: torch.Tensor | float) -> torch.Tensor | float:
+    """The mean over ranks of a scalar (log lines: the global batch's loss)."""
+    if not active():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return (t / world()).cpu()
+
+
+def all_gather_objects(obj) -> list:
+    if not active():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def local_device(requested: torch.device) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` under a CUDA launch, else ``requested``."""
+    if requested.type == "cuda":
+        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(d)
+        return d
+    return requested
+
+
+def seed_rank(seed: int) -> None:
+    """Seed this rank's process RNGs (python, numpy, torch: dropout) from (seed, rank); rank 0 keeps the
+    streams the stage seeding gave it (a 1-rank run is unchanged)."""
+    r = rank()
+    if r == 0:
+        return
+    import random
+
+    import numpy as np
+
+    s = rank_seed(seed, r)
+    random.seed(s)
+    np.random.seed(s % (1 << 32))
+    torch.manual_seed(s)

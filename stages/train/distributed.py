@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 _positions: torch.Tensor | None = None  # positions in the step's global batch of this rank's current micro-batch
+last_digests: list[str] = []  # every rank's weights digest at the end of training (rank order; 1 rank: empty)
 
 
 class RankDone(BaseException):
@@ -157,6 +158,19 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters (names, dtypes, shapes and bytes). Buffers are left out: BatchNorm's
+    running statistics of the last forward are each rank's own (rank 0's are the ones saved)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.named_parameters():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def local_device(requested: torch.device) -> torch.device:

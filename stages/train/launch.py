@@ -28,17 +28,21 @@ log = logging.getLogger("baton")
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("BATON_DDP_TIMEOUT_S", "1800"))  # a rank waiting longer fails
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(title: str) -> None:
+    """Get SIGKILLed when the launching process (the agent) dies, so no orphan rank keeps training; and show
+    as ``title`` in ps/top (``<stage>-r<rank>``)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(15, ctypes.c_char_p(title.encode()[:15]))  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
 
 
 def _spec(ctx: StageContext, tracker: Callable | None, error_file: str) -> dict:
-    return {"name": ctx.name, "kind": ctx.config.kind, "config": ctx.config.model_dump(mode="json"),
+    return {"name": ctx.name, "kind": ctx.config.kind, "config": ctx.config,
             "stage_dir": str(ctx.stage_dir), "upstream": {k: v.model_dump(mode="json") for k, v in ctx.upstream.items()},
             "upstream_dirs": {k: str(v) for k, v in ctx.upstream_dirs.items()}, "fingerprint": ctx.fingerprint,
             "tracker": tracker, "error_file": error_file, "device": str(ctx.device)}
@@ -50,16 +54,16 @@ def rank_main(spec: dict) -> dict | None:
 
     from stages.train import distributed
 
-    _die_with_parent()
-    if os.getppid() == 1:
+    r = int(os.environ["RANK"])
+    _die_with_parent(f"{spec['name'][:10]}-r{r}")
+    if os.getppid() == 1:  # the agent died before PR_SET_PDEATHSIG took hold
         os._exit(1)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # not the agent's handlers (fork)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    r = int(os.environ["RANK"])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO if r == 0 else logging.WARNING)
-    cfg = kind_module(spec["kind"]).Config.model_validate(spec["config"])
+    cfg = spec["config"]
     device = distributed.local_device(torch.device(spec["device"]))
     resolve_device(cfg.runtime)  # its thread count
     distributed.init(device, COLLECTIVE_TIMEOUT_S)
@@ -72,6 +76,9 @@ def rank_main(spec: dict) -> dict | None:
     try:
         res = kind_module(cfg.kind).run(ctx)
         tracker.flush()
+        if distributed.last_digests:
+            res.info["ranks"] = {"world_size": len(distributed.last_digests),
+                                 "weights_sha256": distributed.last_digests}
         return res.model_dump(mode="json")
     except distributed.RankDone:
         return None

@@ -105,12 +105,17 @@ def _check_options(ctx: StageContext, cfg: TrainConfig, evaluate: Evaluate | Non
                          "select the best checkpoint by")
 
 
-def _leave_ranks(ctx: StageContext) -> None:
-    """DDP: after the last checkpoint the ranks other than 0 leave (RankDone); rank 0 goes on alone, out of
-    the process group, so no rank waits in a collective during the stage's final evaluation."""
+def _leave_ranks(ctx: StageContext, model: torch.nn.Module) -> None:
+    """DDP: after the last checkpoint the ranks compare their weights (a digest each: ranks that drifted
+    apart fail the stage), then the ranks other than 0 leave (RankDone); rank 0 goes on alone, out of the
+    process group, so no rank waits in a collective during the stage's final evaluation."""
     if not distributed.active():
         return
-    distributed.barrier()
+    digests = distributed.all_gather_objects(distributed.weights_digest(model))
+    distributed.last_digests[:] = digests
+    if len(set(digests)) > 1:
+        raise StageError(f"stage {ctx.name!r}: the ranks hold different weights at the end of training "
+                         f"(sha256 per rank: {[d[:12] for d in digests]})")
     r = distributed.rank()
     distributed.leave()
     if r:
@@ -147,7 +152,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     distributed.seed_rank(ctx.seed)  # ranks > 0: their own dropout streams (a resume restores them)
     start = checkpointer.resume()
     if start >= cfg.steps:  # done before (e.g. killed during its final evaluation)
-        _leave_ranks(ctx)
+        _leave_ranks(ctx, model)
         validator.restore_best()
         kept = validator.kept
         return FitResult(kept["step"] if kept else start, start, float("nan"), 0.0, 0.0, kept)
@@ -169,7 +174,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         raise StageInterrupted(ctx.name, done, cfg.steps, saved[-1] if saved else None) from None
     plan.apply(cfg.steps)
     secs = time.perf_counter() - t0
-    _leave_ranks(ctx)
+    _leave_ranks(ctx, model)
     validator.restore_best()
     kept = validator.kept
     # final val metrics logged at res.step then sit on the selected checkpoint's step, not on the last

@@ -92,18 +92,22 @@ class ExampleRandom:
     def __init__(self, seed: int, step: int, positions: torch.Tensor):
         self.seed, self.step, self.positions = seed, step, positions
 
-    def _gen(self, pos: int, stream: int) -> torch.Generator:
-        key = ((self.seed * 1_000_003 + self.step) * 1_000_033 + pos) * 131 + stream
-        return torch.Generator().manual_seed(key % (1 << 63))
+    def key(self, i: int, stream: int) -> int:
+        """The seed of example ``i``'s draws of ``stream``."""
+        return ((((self.seed * 1_000_003 + self.step) * 1_000_033 + int(self.positions[i])) * 131 + stream)
+                % (1 << 63))
+
+    def _gen(self, i: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.key(i, stream))
 
     def rand(self, length: int, stream: int) -> torch.Tensor:
         """(B, length) uniform [0, 1) on the CPU."""
-        return torch.stack([torch.rand(length, generator=self._gen(int(p), stream)) for p in self.positions])
+        return torch.stack([torch.rand(length, generator=self._gen(i, stream)) for i in range(len(self.positions))])
 
     def randint(self, high: int, length: int, stream: int) -> torch.Tensor:
         """(B, length) integers in [0, high) on the CPU."""
-        return torch.stack([torch.randint(high, (length,), generator=self._gen(int(p), stream))
-                            for p in self.positions])
+        return torch.stack([torch.randint(high, (length,), generator=self._gen(i, stream))
+                            for i in range(len(self.positions))])
 
 
 def example_random(seed: int, step: int, batch_len: int) -> ExampleRandom:

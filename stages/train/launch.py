@@ -89,6 +89,15 @@ def rank_main(spec: dict) -> dict | None:
         distributed.leave()
 
 
+def _start_method(ctx: StageContext) -> str:
+    """fork on CPU (the ranks skip the imports), spawn on CUDA (no rank may inherit a CUDA context);
+    ``BATON_RANK_START=spawn|fork`` overrides."""
+    m = os.environ.get("BATON_RANK_START") or ("spawn" if ctx.device.type == "cuda" else "fork")
+    if m not in ("spawn", "fork"):
+        raise StageError(f"BATON_RANK_START={m!r}: expected 'spawn' or 'fork'")
+    return m
+
+
 def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult:
     """Run stage ``ctx`` on ``runtime.nproc_per_node`` ranks; ``tracker()`` (picklable, e.g. a partial of a
     module-level function) opens rank 0's tracker. Returns rank 0's StageResult. A rank's StageError is
@@ -108,7 +117,7 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"baton-{ctx.name}-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
                           max_restarts=rt.max_restarts, monitor_interval=0.2,
-                          start_method="spawn" if ctx.device.type == "cuda" else "fork")
+                          start_method=_start_method(ctx))
     log.info("[%s] launching %d ranks (%s, %s)", ctx.name, n, "nccl" if ctx.device.type == "cuda" else "gloo",
              config.start_method)
     with tempfile.TemporaryDirectory(prefix="baton-ranks-") as tmp:

@@ -291,3 +291,50 @@ def test_cnn_batchnorm_two_ranks_differ_from_one_rank_and_the_difference_is_repo
     print(f"cnn (BatchNorm) 2-rank vs 1-rank: loss max |diff| {dl:.2e}, weights max |diff| {dw:.2e}, "
           f"val/top1 {one.metrics['val/top1']:.3f} vs {two.metrics['val/top1']:.3f}")
     assert dw > TOL and two.info["ranks"]["world_size"] == 2
+
+
+def toy_ctx(out: Path, **config):
+    from stages.contract import StageContext
+    from tests.stages.train import ddp_toy
+
+    cfg = ddp_toy.Config(runtime=rt(2) | {"checkpoint_every": 3}, **config)
+    return StageContext(name="toy", config=cfg, stage_dir=out, upstream={}, upstream_dirs={}, fingerprint="t")
+
+
+def test_out_of_memory_on_one_rank_fails_the_stage_naming_oom_retry_and_the_micro_batch(tmp_path):
+    from stages.contract import StageError
+    from stages.train.launch import run_ranks
+
+    with pytest.raises(StageError, match=r"out of memory at step 4 with a micro-batch of 4 per rank.*"
+                                         r"runtime.oom_retry does not retry under DDP"):
+        run_ranks(toy_ctx(tmp_path / "toy", oom_at=4))
+    assert not (tmp_path / "toy" / "outputs" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_dead_rank_is_restarted_under_max_restarts_and_resumes_from_the_checkpoint(tmp_path):
+    """runtime.max_restarts: 1 - rank 1 is SIGKILLed at step 7; the agent restarts both ranks, which resume
+    from the step-6 checkpoint and end with the weights of a run that never died."""
+    from stages.train.launch import run_ranks
+
+    ctx = toy_ctx(tmp_path / "died", die_at=7, marker=str(tmp_path / "died-once"))
+    ctx.config.runtime.max_restarts = 1
+    died = run_ranks(ctx)
+    assert (tmp_path / "died-once").exists() and died.info["resumed_from"] == 6
+    clean = run_ranks(toy_ctx(tmp_path / "clean"))
+    assert clean.info["resumed_from"] == 0
+    a, b = (load_weights(tmp_path / d / "outputs" / "model.safetensors") for d in ("died", "clean"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_spawned_ranks_as_on_cuda_train_like_forked_ones(tmp_path, monkeypatch):
+    """CUDA ranks are spawned (fresh interpreters: nothing pickled wrongly, nothing inherited)."""
+    from stages.train.launch import run_ranks
+
+    forked = run_ranks(toy_ctx(tmp_path / "forked"))
+    monkeypatch.setenv("BATON_RANK_START", "spawn")
+    spawned = run_ranks(toy_ctx(tmp_path / "spawned"))
+    assert forked.metrics == spawned.metrics
+    a, b = (load_weights(tmp_path / d / "outputs" / "model.safetensors") for d in ("forked", "spawned"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

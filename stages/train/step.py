@@ -175,6 +175,8 @@ class TrainStep:
         trainable = tuple(p.requires_grad for p in self.model.parameters())
         if trainable != self._ddp_trainable:
             dev = self.ctx.device
+            # find_unused_parameters: vqa/caption leave the MLM head out of the graph (static_graph would
+            # avoid the per-step graph walk but does not support no_sync: an internal assert in torch 2.14)
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 LossModule(self.model, self.loss_fn), device_ids=[dev] if dev.type == "cuda" else None,
                 find_unused_parameters=True)

@@ -102,7 +102,7 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult
     """Run stage ``ctx`` on ``runtime.nproc_per_node`` ranks; ``tracker()`` (picklable, e.g. a partial of a
     module-level function) opens rank 0's tracker. Returns rank 0's StageResult. A rank's StageError is
     raised here as a StageError; a crashed or killed rank as RuntimeError; SIGINT as StageInterrupted."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -114,13 +114,13 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult
         if torch.cuda.device_count() < n:
             raise StageError(f"stage {ctx.name!r}: runtime.nproc_per_node={n} but this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s)")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"baton-{ctx.name}-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
-                          max_restarts=rt.max_restarts, monitor_interval=0.2,
-                          start_method=_start_method(ctx))
-    log.info("[%s] launching %d ranks (%s, %s)", ctx.name, n, "nccl" if ctx.device.type == "cuda" else "gloo",
-             config.start_method)
-    with tempfile.TemporaryDirectory(prefix="baton-ranks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="baton-ranks-") as tmp:  # the agent's files and a rank's error
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"baton-{ctx.name}-{os.getpid()}",
+                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+                              max_restarts=rt.max_restarts, monitor_interval=0.2, start_method=_start_method(ctx),
+                              logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
+        log.info("[%s] launching %d ranks (%s, %s)", ctx.name, n, "nccl" if ctx.device.type == "cuda" else "gloo",
+                 config.start_method)
         error_file = os.path.join(tmp, "error")
         try:
             out = elastic_launch(config, rank_main)(_spec(ctx, tracker, error_file))

@@ -98,10 +98,13 @@ def _start_method(ctx: StageContext) -> str:
     return m
 
 
-def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult:
+def run_ranks(ctx: StageContext, tracker: Callable | None = None, nnodes: int = 1, rdzv_endpoint: str = "127.0.0.1:0",
+              run_id: str | None = None) -> StageResult:
     """Run stage ``ctx`` on ``runtime.nproc_per_node`` ranks; ``tracker()`` (picklable, e.g. a partial of a
-    module-level function) opens rank 0's tracker. Returns rank 0's StageResult. A rank's StageError is
-    raised here as a StageError; a crashed or killed rank as RuntimeError; SIGINT as StageInterrupted."""
+    module-level function) opens rank 0's tracker. Returns rank 0's StageResult (None on the nodes that do not
+    hold global rank 0). A rank's StageError is raised here as a StageError; a crashed or killed rank as
+    RuntimeError; SIGINT as StageInterrupted. One node by default; a cluster runner calls this once per node
+    with ``nnodes``, a shared ``rdzv_endpoint`` (host:port of a c10d store) and a shared ``run_id``."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -115,8 +118,9 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult
             raise StageError(f"stage {ctx.name!r}: runtime.nproc_per_node={n} but this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s)")
     with tempfile.TemporaryDirectory(prefix="baton-ranks-") as tmp:  # the agent's files and a rank's error
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"baton-{ctx.name}-{os.getpid()}",
-                              rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+        config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=n,
+                              run_id=run_id or f"baton-{ctx.name}-{os.getpid()}", rdzv_backend="c10d",
+                              rdzv_endpoint=rdzv_endpoint, local_addr="127.0.0.1" if nnodes == 1 else None,
                               max_restarts=rt.max_restarts, monitor_interval=0.2, start_method=_start_method(ctx),
                               logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
         log.info("[%s] launching %d ranks (%s, %s)", ctx.name, n, "nccl" if ctx.device.type == "cuda" else "gloo",
@@ -136,4 +140,5 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None) -> StageResult
             if e.sigval == signal.SIGINT:
                 raise StageInterrupted(ctx.name, steps[-1] if steps else 0, total, steps[-1] if steps else None) from None
             raise
-    return StageResult.model_validate(out[0])
+    first = next((v for v in out.values() if v is not None), None)  # local rank 0 of the node with global rank 0
+    return StageResult.model_validate(first) if first is not None else None

@@ -22,6 +22,7 @@ from stages.data.imagenet import ImageClassDataset, class_index, load_imagefolde
 from stages.metrics import topk_accuracy
 from stages.models.resnet import build_classifier, init_weights, save_classifier, transfer_blocks
 from stages.train.device import autocast, to_device
+from stages.train import distributed
 from stages.train.distributed import example_random
 from stages.train.loop import fit
 
@@ -71,6 +72,11 @@ def run(ctx: StageContext) -> StageResult:
 
     model = build_classifier(cfg.model, len(classes))
     init_weights(model, cfg.model)
+    if cfg.model.sync_batchnorm and distributed.world() > 1:
+        if ctx.device.type == "cpu":
+            raise StageError("model.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU path); runtime.device "
+                             "resolved to cpu")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
     tb = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
                             "model.params": sum(p.numel() for p in model.parameters()),

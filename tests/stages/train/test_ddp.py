@@ -338,3 +338,18 @@ def test_spawned_ranks_as_on_cuda_train_like_forked_ones(tmp_path, monkeypatch):
     assert forked.metrics == spawned.metrics
     a, b = (load_weights(tmp_path / d / "outputs" / "model.safetensors") for d in ("forked", "spawned"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_multi_rank_configs_are_refused_naming_the_key():
+    from pydantic import ValidationError
+
+    from stages.config import bert, cnn, world
+
+    with pytest.raises(ValidationError, match=r"model.sync_batchnorm needs CUDA"):
+        cnn.Config(runtime={"device": "cpu", "nproc_per_node": 2}, model={"sync_batchnorm": True})
+    with pytest.raises(ValidationError, match=r"stage kind 'world' does not train.*runtime.nproc_per_node: 1"):
+        world.Config(runtime={"nproc_per_node": 2})
+    with pytest.raises(ValidationError, match=r"train.batch_size=12 does not split into runtime.nproc_per_node=2 "
+                                              r"ranks x train.grad_accum=4"):
+        bert.Config(runtime={"nproc_per_node": 2}, train={"batch_size": 12, "grad_accum": 4})
+    assert bert.Config(runtime={"nproc_per_node": 2}, train={"batch_size": 16, "grad_accum": 4}).runtime.ranks == 2

@@ -53,10 +53,18 @@ def rank_seed(seed: int, r: int) -> int:
 
 
 def init(device: torch.device, timeout_s: float) -> None:
-    """Join the process group that the launcher's environment describes (gloo on CPU, nccl on CUDA)."""
+    """Join the process group that the launcher's environment describes (gloo on CPU, nccl on CUDA). The
+    group's keys go under a prefix per elastic restart: after a restart the agent's store still holds the
+    previous attempt's addresses, which a new rank would otherwise try to connect to."""
+    from torch.distributed.rendezvous import rendezvous
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     kw = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
+    timeout = timedelta(seconds=timeout_s)
+    store, r, n = next(rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"baton/attempt-{attempt}/", store), rank=r,
+                            world_size=n, timeout=timeout, **kw)
 
 
 def leave() -> None:

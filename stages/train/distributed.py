@@ -90,12 +90,33 @@ def set_positions(start: int, count: int) -> None:
     _positions = torch.arange(start, start + count)
 
 
+def _to_i64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GAMMA, _M1, _M2 = (_to_i64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(keys: torch.Tensor, length: int) -> torch.Tensor:
+    """(B,) int64 seeds -> (B, length) int64: element j of row i is SplitMix64's j-th output for seed i
+    (wrapping int64 arithmetic), a counter-based generator: a row's prefix does not depend on ``length``."""
+    x = keys[:, None] + (torch.arange(1, length + 1, dtype=torch.int64) * _GAMMA)[None, :]
+    x = (x ^ _srl(x, 30)) * _M1
+    x = (x ^ _srl(x, 27)) * _M2
+    return x ^ _srl(x, 31)
+
+
 class ExampleRandom:
-    """Per-example random draws for optimizer step ``step``: row i of every draw comes from a generator
-    keyed by (seed, step, position of example i in the step's global batch, stream), so an example gets
-    the same draws whichever rank, micro-batch or padded length it lands in. Each call names its own
-    ``stream`` (a mask draw, a replacement-token draw, ...), so the length of one draw never shifts
-    another."""
+    """Per-example random draws for optimizer step ``step``: row i of every draw comes from a counter-based
+    generator (SplitMix64, vectorised over the batch) keyed by (seed, step, position of example i in the step's
+    global batch, stream), so an example gets the same draws whichever rank, micro-batch or padded length it
+    lands in. Each call names its own ``stream`` (a mask draw, a replacement-token draw, ...), so the length of
+    one draw never shifts another."""
 
     def __init__(self, seed: int, step: int, positions: torch.Tensor):
         self.seed, self.step, self.positions = seed, step, positions
@@ -105,17 +126,18 @@ class ExampleRandom:
         return ((((self.seed * 1_000_003 + self.step) * 1_000_033 + int(self.positions[i])) * 131 + stream)
                 % (1 << 63))
 
-    def _gen(self, i: int, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.key(i, stream))
+    def _bits(self, length: int, stream: int) -> torch.Tensor:
+        base = _to_i64(((self.seed * 1_000_003 + self.step) * 1_000_033) % (1 << 64))
+        keys = (self.positions.to(torch.int64) + base) * 131 + stream  # wrapping int64: distinct per (position, stream)
+        return _splitmix64(keys, length)
 
     def rand(self, length: int, stream: int) -> torch.Tensor:
-        """(B, length) uniform [0, 1) on the CPU."""
-        return torch.stack([torch.rand(length, generator=self._gen(i, stream)) for i in range(len(self.positions))])
+        """(B, length) uniform [0, 1) float32 on the CPU (24 random bits each)."""
+        return _srl(self._bits(length, stream), 40).to(torch.float32) * (1.0 / (1 << 24))
 
     def randint(self, high: int, length: int, stream: int) -> torch.Tensor:
-        """(B, length) integers in [0, high) on the CPU."""
-        return torch.stack([torch.randint(high, (length,), generator=self._gen(i, stream))
-                            for i in range(len(self.positions))])
+        """(B, length) integers in [0, high) on the CPU (53 random bits modulo ``high``)."""
+        return _srl(self._bits(length, stream), 11) % high
 
 
 def example_random(seed: int, step: int, batch_len: int) -> ExampleRandom:

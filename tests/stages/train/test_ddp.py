@@ -263,7 +263,10 @@ def test_detector_two_ranks_write_the_same_region_store(det_upstream):
         assert a.shape == b.shape
         feat = max(feat, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-6)))
     print(f"detector 2-rank vs 1-rank: weights max |diff| {worst:.2e}, region rows max relative diff {feat:.2e}")
-    assert worst < TOL and feat < 1e-3  # the rows are float16: 1e-3 relative is their rounding
+    # Faster R-CNN's proposal top-k / NMS / box matching turn summation-order rounding into slightly larger
+    # differences than the transformer stages show (measured 3.5e-7 .. 1.9e-5): 1e-4 on the weights; the rows
+    # are float16, 1e-3 relative is their rounding
+    assert worst < 1e-4 and feat < 1e-3
     assert one.metrics == pytest.approx(two.metrics, abs=1e-6)
 
 

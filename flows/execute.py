@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 from flows.fingerprint import StagePlan, plan_fingerprints
@@ -106,10 +107,18 @@ def _datasets_read(ctx: StageContext) -> dict[str, tuple[str, str]]:
 
 
 def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> StageResult:
+    """The stage's ``run(ctx)`` here, or with ``runtime.nproc_per_node`` > 1 on that many ranks launched from
+    this process (stages.train.launch; rank 0 logs into the same MLflow run: one run per stage)."""
     t0 = time.perf_counter()
     try:
-        seed_stage(cfg)
-        res: StageResult = kind_module(cfg.kind).run(ctx)
+        if cfg.runtime.ranks > 1:
+            from flows.tracking import rank_tracker
+            from stages.train.launch import run_ranks
+
+            res = run_ranks(ctx, partial(rank_tracker, tracking.uri, run_id) if tracking is not None else None)
+        else:
+            seed_stage(cfg)
+            res = kind_module(cfg.kind).run(ctx)
         ctx.tracker.flush()
     except BaseException as e:
         if tracking is not None:

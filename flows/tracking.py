@@ -131,6 +131,19 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
 
+def rank_tracker(uri: str, run_id: str) -> MlflowTracker:
+    """The tracker of rank 0 of a multi-rank stage (stages.train.launch): the stage's own run, through a client
+    of its own. A forked rank drops the database connections it inherited from the launching process
+    (SQLAlchemy's rule after a fork: ``dispose(close=False)``), so the two never share one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
+    if engine is not None:
+        engine.dispose(close=False)
+    return MlflowTracker(client, run_id)
+
+
 class Tracking:
     """Experiment/run/model bookkeeping for one pipeline invocation."""
 

@@ -6,8 +6,9 @@ The flow's task for a stage calls :func:`run_stage_process`, which starts this p
 log lines into Prefect. Giving every executing stage its own process means concurrent stages do not
 share torch's global RNG (so each stays reproducible), do not fight over the GIL or one OpenMP pool
 (each sets its own thread count), release all their (GPU) memory when done, and a hard crash of one
-stage cannot take the flow down. It is also where a multi-GPU stage becomes ``torchrun`` instead of
-``python``.
+stage cannot take the flow down. With ``runtime.nproc_per_node`` > 1 this process becomes the stage's
+torch elastic agent (flows.execute -> stages.train.launch): it starts the N ranks (gloo on CPU, nccl on CUDA),
+which stay in its process group, so a Ctrl-C or a kill of the group reaches every rank, and die with it.
 
 The process is forked from a fork server that imported torch, MLflow and the stage kinds once
 (:func:`prewarm_workers`), or with ``BATON_WORKER_START=spawn`` a fresh interpreter. Its input is a

@@ -34,9 +34,10 @@ from stages.data.common import open_rgb
 from stages.data.text_regions import RegionTable, caption_data, open_regions, regions_of
 from stages.metrics import caption_scores
 from stages.models.decode import beam_decode, greedy_decode
-from stages.models.masking import mask_tokens, normal_token_ids, step_generator
+from stages.models.masking import mask_tokens, normal_token_ids
 from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.device import autocast, to_device
+from stages.train.distributed import example_random, global_token_mean
 from stages.train.loop import fit
 from stages.progress import Progress
 
@@ -167,11 +168,11 @@ def seq2seq_mlm_loss(ctx: StageContext, cfg: Config, tok):
         text = batch["text"]  # (B, T): caption + [SEP]
         k = batch["feats"].shape[1]
         masked, labels = mask_tokens(text, text != pad, cfg.mask_prob, tok.mask_token_id, normal,
-                                     step_generator(ctx.seed, step), max_pred=cfg.max_pred)
+                                     example_random(ctx.seed, step, len(text)), max_pred=cfg.max_pred)
         h = m(masked, regions_of(batch), torch.ones(len(text), dtype=torch.bool, device=text.device))[:, k + 2:]
         sel = labels != -100
         logits = m.mlm.cls(h[sel])
-        return nn.functional.cross_entropy(logits, labels[sel]), \
+        return global_token_mean(nn.functional.cross_entropy(logits, labels[sel]), sel.sum()), \
             {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
     return loss_fn
 

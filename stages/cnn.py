@@ -22,6 +22,8 @@ from stages.data.imagenet import ImageClassDataset, class_index, load_imagefolde
 from stages.metrics import topk_accuracy
 from stages.models.resnet import build_classifier, init_weights, save_classifier, transfer_blocks
 from stages.train.device import autocast, to_device
+from stages.train import distributed
+from stages.train.distributed import example_random
 from stages.train.loop import fit
 
 
@@ -70,6 +72,11 @@ def run(ctx: StageContext) -> StageResult:
 
     model = build_classifier(cfg.model, len(classes))
     init_weights(model, cfg.model)
+    if cfg.model.sync_batchnorm and distributed.world() > 1:
+        if ctx.device.type == "cpu":
+            raise StageError("model.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU path); runtime.device "
+                             "resolved to cpu")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
     tb = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
                             "model.params": sum(p.numel() for p in model.parameters()),
@@ -78,10 +85,10 @@ def run(ctx: StageContext) -> StageResult:
 
     def loss_fn(m: nn.Module, batch, step: int):
         x, y = batch  # x: uint8 on the device
-        # the flips come from the main process's torch RNG (checkpointed with the model), not from the
-        # loader workers: the same for any num_workers, cached or streamed, and a resumed run draws what
-        # the unbroken run drew
-        flip = torch.rand(len(x)) < 0.5
+        # the flips are drawn per example from (seed, step, position in the step's global batch), not in the
+        # loader workers: the same for any num_workers, cached or streamed, any number of ranks, and a
+        # resumed run draws what the unbroken run drew
+        flip = example_random(ctx.seed, step, len(x)).rand(1, 0)[:, 0] < 0.5
         logits = m(device_batch(ctx, x, flip))
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}

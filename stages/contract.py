@@ -113,6 +113,22 @@ class StageConfig(Strict):
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="torch.manual_seed's range")
     runtime: Runtime = Field(default_factory=Runtime)
 
+    @model_validator(mode="after")
+    def _check_ranks(self) -> "StageConfig":
+        """Several ranks (DDP) need the shared training loop and a global batch that splits evenly into
+        ranks x micro-batches: refused here, before anything runs."""
+        n = self.runtime.ranks
+        if n == 1:
+            return self
+        train = getattr(self, "train", None)
+        if not hasattr(train, "batch_size") or not hasattr(train, "grad_accum"):
+            raise ValueError(f"runtime.nproc_per_node={n}: stage kind {self.kind!r} does not train with the shared "
+                             "loop, it runs in one process (set runtime.nproc_per_node: 1)")
+        if train.batch_size % (train.grad_accum * n):
+            raise ValueError(f"train.batch_size={train.batch_size} does not split into runtime.nproc_per_node={n} "
+                             f"ranks x train.grad_accum={train.grad_accum} micro-batches of equal size")
+        return self
+
     def upstream_refs(self) -> dict[str, str]:
         """Config fields that name an upstream stage: {dotted.field: stage}. Checked against needs."""
         return {}

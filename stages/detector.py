@@ -54,6 +54,7 @@ from stages.metrics import detection_map
 from stages.models.detection import build_detector, detect, save_model, transfer_blocks
 from stages.models.resnet import build_classifier, init_weights, load_classifier
 from stages.train.device import autocast
+from stages.train.distributed import ExampleRandom, example_random
 from stages.train.loop import fit
 from stages.progress import Progress
 
@@ -197,11 +198,42 @@ def log_val_images(ctx: StageContext, data: VGData, val_preds: list[dict], step:
     return logged
 
 
-def loss_fn(m: FasterRCNN, batch, step: int):
-    """Faster R-CNN's own training losses, summed; each is logged."""
-    xs, targets = prepare_batch(*batch, train=True)
-    losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
-    return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
+class PerImageSampler:
+    """torchvision's positive/negative box sampler (RPN anchors, RoI proposals) drawing each image's sample from
+    the torch RNG seeded by (seed, step, the image's position in the step's global batch, ``stream``): the same
+    boxes for an image whatever rank or micro-batch it is in (and a resume redraws them)."""
+
+    def __init__(self, inner, stream: int):
+        self.inner, self.stream = inner, stream
+        self.draws: ExampleRandom | None = None  # set by the loss for each micro-batch
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        pos, neg = [], []
+        for i, m in enumerate(matched_idxs):
+            dev = ([m.device.index if m.device.index is not None else torch.cuda.current_device()] if m.is_cuda
+                   else [])
+            with torch.random.fork_rng(devices=dev):
+                torch.manual_seed(self.draws.key(i, self.stream))
+                p, n = self.inner([m])
+            pos += p
+            neg += n
+        return pos, neg
+
+
+def training_loss(ctx: StageContext, model: FasterRCNN):
+    """-> ``loss_fn(m, batch, step)``: Faster R-CNN's own training losses, summed (each is logged); flips and
+    box samples per image from (seed, step, position in the step's global batch)."""
+    samplers = [PerImageSampler(model.rpn.fg_bg_sampler, 5), PerImageSampler(model.roi_heads.fg_bg_sampler, 6)]
+    model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler = samplers
+
+    def loss_fn(m: FasterRCNN, batch, step: int):
+        draws = example_random(ctx.seed, step, len(batch[0]))
+        for s in samplers:
+            s.draws = draws
+        xs, targets = prepare_batch(*batch, train=True, flips=draws.rand(1, 0)[:, 0] < 0.5)
+        losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
+    return loss_fn
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -218,7 +250,7 @@ def run(ctx: StageContext) -> StageResult:
                             "data.boxes_dropped": data.stats["dropped_degenerate"], "backbone.source": source,
                             "backbone.arch": backbone_cfg.arch,
                             "model.params": sum(p.numel() for p in model.parameters())})
-    res = fit(ctx, model, data.train, collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head)
+    res = fit(ctx, model, data.train, collate, training_loss(ctx, model), cfg.train, blocks=tb.blocks, head=tb.head)
 
     t0 = time.perf_counter()
     val_preds, n_regions = write_regions(ctx, cfg, model, data)

@@ -22,6 +22,9 @@ class ModelConfig(Strict):
                                       description="narrow_resnet BasicBlocks per stage (4 stages)")
     stem: Literal["imagenet", "small"] = Field("small", description="small = 3x3 stride-1 stem, no max-pool (tiny images)")
     init: str | None = external_path("weights", "torchvision", description="local state-dict file (.safetensors/.pt) or torchvision weights name")
+    sync_batchnorm: bool = Field(False, description="cnn stage under DDP (runtime.nproc_per_node > 1): BatchNorm "
+                                                    "statistics over every rank's examples (torch.nn.SyncBatchNorm; "
+                                                    "CUDA only), so N ranks train like one; no effect on one rank")
 
 
 class Config(StageConfig):
@@ -37,6 +40,9 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.model.sync_batchnorm and self.runtime.ranks > 1 and self.runtime.device == "cpu":
+            raise ValueError("model.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU path) but "
+                             "runtime.device is 'cpu' with runtime.nproc_per_node > 1")
         need = MIN_IMAGE_SIZE.get(self.model.arch, 8)
         if self.image_size < need:
             raise ValueError(f"image_size={self.image_size} is too small for model.arch={self.model.arch!r} "

@@ -11,6 +11,7 @@ import torch
 from stages.config.train import TrainConfig
 from stages.contract import StageContext
 from stages.progress import RateMeter, event_interval, events_on, fmt_duration, report
+from stages.train import distributed
 from stages.train.step import TrainStep
 
 log = logging.getLogger("baton")
@@ -19,7 +20,8 @@ log = logging.getLogger("baton")
 class LogWindow:
     """Each line logs the loss averaged over the steps since the previous line (the window). The window's
     running sum (still on the device) and step count are part of every checkpoint, so that the first line
-    after a resume averages the same steps, and logs the same value, as an unbroken run."""
+    after a resume averages the same steps, and logs the same value, as an unbroken run. Under DDP the lines
+    and metrics are the global batch's (the mean over ranks), written by rank 0."""
 
     def __init__(self, ctx: StageContext, cfg: TrainConfig, train_step: TrainStep):
         self.ctx, self.cfg, self.train_step = ctx, cfg, train_step
@@ -30,7 +32,7 @@ class LogWindow:
         self.meter, self.last_event = RateMeter(), 0.0
 
     def state(self) -> tuple[float, int]:
-        return float(self.loss), self.n
+        return float(distributed.mean_over_ranks(self.loss)), self.n
 
     def load(self, window: tuple[float, int]) -> None:
         self.loss, self.n = window
@@ -48,7 +50,7 @@ class LogWindow:
         """After step ``done`` (1-based): a line if it is a log step (syncs: a non-finite loss stops here); between
         them, under the flow, an event at most every ``event_interval()`` s (no sync: the last line's loss)."""
         if done % self.ctx.config.runtime.log_every and done != self.cfg.steps:
-            if events_on() and time.perf_counter() - self.last_event >= event_interval():
+            if events_on() and distributed.is_main() and time.perf_counter() - self.last_event >= event_interval():
                 self.last_event = time.perf_counter()
                 self.meter.update(done)
                 report(self.ctx.name, "train", done, self.cfg.steps, "steps", self.meter,
@@ -57,7 +59,11 @@ class LogWindow:
         self.train_step.non_finite.check(done)
         now = time.perf_counter()
         rate = (done - self.last_step) / max(now - self.last_t, 1e-9)
-        self.average = float(self.loss) / self.n
+        self.average = float(distributed.mean_over_ranks(self.loss)) / self.n
+        logs = {k: distributed.mean_over_ranks(v) for k, v in logs.items()}
+        if not distributed.is_main():
+            self.loss, self.n, self.last_t, self.last_step = 0.0, 0, now, done
+            return
         smoothed = self.meter.update(done)
         eta = self.meter.eta(self.cfg.steps - done)
         lr0 = self.train_step.opt.param_groups[-1]["lr"]

@@ -78,7 +78,8 @@ def test_closed_prefetcher_stops_reading():
     p.close()
     n = len(reads)
     time.sleep(0.2)
-    assert len(reads) <= n + 1 and n <= 5, "the reader reads at most depth (+ the one in hand) ahead"
+    # depth in the queue, the one in hand and one the reader may have started as close() drained the queue
+    assert len(reads) <= n + 1 and n <= 6, "the reader reads at most depth (+ the one in hand) ahead"
     assert not any(t.name == "baton-prefetch" and t.is_alive() for t in threading.enumerate())
 
 

@@ -220,8 +220,10 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
                   server: str | None, force: list[str] | None) -> dict[str, Any]:
     from flows.server import ensure_server
+    from flows.team import client_auth_env, join_team
 
     configure_prefect(artifacts)
+    client_auth_env()  # a team server's credentials (flows.team), before Prefect is imported
     found: list = []
 
     def find() -> None:
@@ -246,6 +248,7 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     if isinstance(found[0], BaseException):
         raise found[0]
     users = found[0]  # the background server's users lock: it stays up while this run lasts
+    join_team(os.environ["PREFECT_API_URL"], artifacts)  # team mode if the server is a team server
     from prefect.task_runners import ThreadPoolTaskRunner
 
     # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's

@@ -223,14 +223,16 @@ def _no_redirect() -> Iterator[None]:
 
 
 def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dict[str, Any]:
-    """The JSON run summary: per stage whether it ran or was cached, its seconds (of the run that made it),
+    """The JSON run summary: per stage whether it ran or was cached (complete before the run, or made by another
+    run while this one waited for its lock), its seconds (of the run that made it),
     metrics, baselines and MLflow ids."""
     stages = []
     for name in (n for n in recipe.stages if n in out["results"]):  # recipe order, not completion order
         res = out["results"][name]
         info = res.get("info", {})
         stages.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": res.get("fingerprint"),
-                       "state": "cached" if name in done_before else "ran", "seconds": info.get("seconds"),
+                       "state": "cached" if name in done_before or res.get("cached") else "ran",
+                       "seconds": info.get("seconds"),
                        "metrics": res.get("metrics", {}), "baselines": res.get("baselines", {}),
                        "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id")})
     return {"recipe": recipe.name, "config": str(recipe.path), "seconds": round(seconds, 2),

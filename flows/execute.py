@@ -40,6 +40,7 @@ def cached_result(name: str, sd: StageDir, tracking, parent_id: str) -> StageRes
         log.info("[%s] cached: %s", name, sd.path)
         if tracking is not None:
             tracking.client.set_tag(parent_id, f"stage.{name}", f"cached run={done.info.get('mlflow_run_id')}")
+            tracking.link_model(parent_id, done.info.get("mlflow_model_id"))
             tracking.finish_if_running(done.info.get("mlflow_run_id"), sd.path)
     return done
 
@@ -115,6 +116,7 @@ def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts
     res = _run(cfg, ctx, tracking, run_id)
     if tracking is not None:
         _log_result(name, sd, res, tracker, tracking, run_id)
+        tracking.link_model(parent_id, res.info.get("mlflow_model_id"))
     sd.write_result(res)
     if tracking is not None:
         tracking.client.log_artifact(run_id, str(sd.path / "result.json"))

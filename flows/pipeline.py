@@ -110,7 +110,8 @@ class StageTask:
                 raise RuntimeError(f"stage {stage!r}: worker finished but {sd.path}/result.json is missing")
             if not was_complete:
                 return done.model_dump(mode="json")
-        return Completed(name="Cached", data=done.model_dump(mode="json"), message=f"result.json present in {sd.path}")
+        return Completed(name="Cached", data={**done.model_dump(mode="json"), "cached": True},
+                         message=f"result.json present in {sd.path}")
 
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]

@@ -200,6 +200,14 @@ class Tracking:
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
         return model.model_id
 
+    def link_model(self, parent_id: str, model_id: str | None) -> None:
+        """Record a stage's LoggedModel as a model input of the invocation's parent run, whether the stage ran
+        in this invocation or was Cached: every parent run links the one model of each stage it used."""
+        if parent_id and model_id:
+            from mlflow.entities import LoggedModelInput
+
+            self.client.log_inputs(parent_id, models=[LoggedModelInput(model_id)])
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

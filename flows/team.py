@@ -30,6 +30,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def credentials() -> tuple[str, str] | None:
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
         raise TeamError(f"{where}: expected USER:PASSWORD")
+    if len(password) < 12:  # MLflow's basic-auth app refuses a shorter admin password
+        raise TeamError(f"{where}: the password must have at least 12 characters")
     return user, password
 
 
@@ -195,10 +198,12 @@ def _mlflow_env(db: TeamDb, art: Path, cred: tuple[str, str] | None) -> dict[str
     if cred is not None:
         ini = art / "prefect" / "mlflow-auth.ini"  # no secret in it: the admin comes from the environment
         ini.parent.mkdir(parents=True, exist_ok=True)
-        ini.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = {db.url('psycopg2', 'mlflow_auth')}\n"
+        ini.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = {db.url('psycopg2', 'mlflow_auth').replace('%', '%%')}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": cred[0],
                 "MLFLOW_AUTH_ADMIN_PASSWORD": cred[1]}
+        # the UI's CSRF key: one server process, so a fresh key per start unless the team sets one
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
     return env
 
 

@@ -91,16 +91,16 @@ def test_auth_when_bound_to_all_interfaces(tmp_path):
         passfile.write_text(f"127.0.0.1:{pg.port}:baton:baton:pg-secret\n")
         passfile.chmod(0o600)
         art = tmp_path / "store"
-        env = {"BATON_AUTH": "alice:team-secret", "PGPASSFILE": str(passfile)}
+        env = {"BATON_AUTH": "alice:team-secret-2026", "PGPASSFILE": str(passfile)}
         team = Team(pg.url, art, host="0.0.0.0", env=env)
         try:
             flows = f"{team.api}/flows/filter"
             exps = f"{team.mlflow}/api/2.0/mlflow/experiments/search"
             assert _status(flows, body={}) == 401
-            assert _status(flows, "alice:team-secret", body={}) == 200
+            assert _status(flows, "alice:team-secret-2026", body={}) == 200
             assert _status(flows, "alice:wrong", body={}) == 401
             assert _status(exps, body={"max_results": 1}) == 401
-            assert _status(exps, "alice:team-secret", body={"max_results": 1}) == 200
+            assert _status(exps, "alice:team-secret-2026", body={"max_results": 1}) == 200
             no_auth = {"BATON_AUTH": "", "PGPASSFILE": str(passfile)}
             p = baton(["run", "configs/vlp-micro.yaml", "--only", "world", "--server", team.api], art, check=False,
                       env=no_auth)
@@ -111,7 +111,7 @@ def test_auth_when_bound_to_all_interfaces(tmp_path):
             assert not (art / "mlflow.db").exists()
         finally:
             team.stop()
-        assert "pg-secret" not in " ".join(team.proc.args) and "team-secret" not in " ".join(team.proc.args)
+        assert "pg-secret" not in " ".join(team.proc.args) and "team-secret-2026" not in " ".join(team.proc.args)
 
 
 @needs_pg

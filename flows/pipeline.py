@@ -221,10 +221,12 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
                   server: str | None, force: list[str] | None) -> dict[str, Any]:
     from flows.server import ensure_server
-    from flows.team import client_auth_env, join_team
+    from flows.team import client_auth_env, join_team, team_server
 
     configure_prefect(artifacts)
     client_auth_env()  # a team server's credentials (flows.team), before Prefect is imported
+    if not server and not os.environ.get("PREFECT_API_URL"):
+        server = team_server(artifacts)  # a store served by `baton serve --db`: its server, never a private one
     found: list = []
 
     def find() -> None:

@@ -10,8 +10,9 @@ One PostgreSQL database holds everything a team shares, each part in its own sch
 ``baton serve --db postgresql://USER@HOST:PORT/DB --artifacts /shared/baton`` runs, in the foreground, the
 Prefect server (+ UI) and an MLflow tracking server (``mlflow server``, artifacts proxied to
 ``--artifacts-destination``, default ``/shared/baton/mlartifacts``), and publishes where MLflow and the lease
-database are as the Prefect variable ``baton_team``. A ``baton run --server URL`` (or ``PREFECT_API_URL``) that
-finds that variable is in team mode: every stage tracks over HTTP to that MLflow (``BATON_TRACKING_URI``; no
+database are as the Prefect variable ``baton_team``; it also writes ``ARTIFACTS/team.json`` (its URL), so a
+``baton run`` on that store uses it without ``--server`` and never starts a private server inside a shared
+store. A run that finds that variable is in team mode: every stage tracks over HTTP to that MLflow (``BATON_TRACKING_URI``; no
 process opens an SQLite file), stage locks become PostgreSQL leases (``BATON_LOCK_DB``), and the artifacts root
 must be the team's store and pass ``flows.store.probe_store``.
 
@@ -47,6 +48,7 @@ log = logging.getLogger("baton")
 AUTH_ENV, AUTH_FILE_ENV = "BATON_AUTH", "BATON_AUTH_FILE"
 TRACKING_ENV = "BATON_TRACKING_URI"  # the team's MLflow server (flows.tracking reads it)
 VARIABLE = "baton_team"  # the Prefect variable that says where the rest of the team setup is
+TEAM_FILE = "team.json"  # in the store while `baton serve --db` serves it: {prefect_api, pid, host}
 SCHEMAS = ("mlflow", "mlflow_auth")
 
 
@@ -269,6 +271,7 @@ def serve_team(db_url: str, artifacts: Path, host: str = "127.0.0.1", port: int 
         api = server.wait_started(art, procs[0])["url"]
         _wait_http(f"http://{_reach(host)}:{mlflow_port}/health", procs)
         _publish(api, {"mlflow_port": mlflow_port, "lock_db": db.url(), "artifacts": str(art)})
+        _write_team_file(art, host, port)
         print(f"Prefect UI and API: {api.removesuffix('/api')}  (database {db.url()}, schema public)\n"
               f"MLflow: http://{_reach(host)}:{mlflow_port}  (schema mlflow; artifacts "
               f"{destination or art / 'mlartifacts'})\n"
@@ -281,6 +284,40 @@ def serve_team(db_url: str, artifacts: Path, host: str = "127.0.0.1", port: int 
         print("baton serve: stopping the team servers", flush=True)
     finally:
         _stop(procs)
+        if (read_team_file(art) or {}).get("pid") == os.getpid():
+            (art / TEAM_FILE).unlink(missing_ok=True)
+
+
+def _write_team_file(art: Path, host: str, port: int) -> None:
+    """``ARTIFACTS/team.json``: the team server's URL as other machines reach it, so that a ``baton run`` on
+    this store without ``--server`` uses the team server instead of starting a private SQLite one in it."""
+    import socket
+
+    from stages.fsio import write_json_atomic
+
+    reach = socket.getfqdn() if host in ("0.0.0.0", "", "::") else host
+    write_json_atomic(art / TEAM_FILE, {"prefect_api": f"http://{reach}:{port}/api", "pid": os.getpid(),
+                                        "host": socket.gethostname()})
+
+
+def read_team_file(artifacts: Path) -> dict | None:
+    try:
+        return json.loads((Path(artifacts) / TEAM_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def team_server(artifacts: Path) -> str | None:
+    """The Prefect API URL of the team server that serves this store (``team.json``), or None. Raises
+    TeamError when it does not answer: a shared store never falls back to a private server."""
+    from flows.server import healthy
+
+    url = (read_team_file(artifacts) or {}).get("prefect_api")
+    if url and not healthy(url, timeout=10):
+        f = Path(artifacts) / TEAM_FILE
+        raise TeamError(f"{f} names the team server {url}, which does not answer: start `baton serve --db ...` "
+                        f"again, or delete {f} if no team server serves this store any more")
+    return url
 
 
 def _publish(api: str, team: dict) -> None:

@@ -111,6 +111,7 @@ def test_auth_when_bound_to_all_interfaces(tmp_path):
             assert not (art / "mlflow.db").exists()
         finally:
             team.stop()
+        assert not (art / "team.json").exists()
         assert "pg-secret" not in " ".join(team.proc.args) and "team-secret-2026" not in " ".join(team.proc.args)
 
 
@@ -127,9 +128,10 @@ def test_two_users_one_store(tmp_path):
         art = tmp_path / "store"
         team = Team(pg.url, art)
         try:
-            common = ["run", "configs/vlp-micro.yaml", "--only", "detector", "--only", "bert", "--server", team.api,
-                      "--json"]
-            users = [common, common + ["stages.detector.train.lr=0.002"]]
+            common = ["run", "configs/vlp-micro.yaml", "--only", "detector", "--only", "bert", "--json"]
+            # the second user finds the team server through the store's team.json, without --server
+            users = [common + ["--server", team.api], common + ["stages.detector.train.lr=0.002"]]
+            assert (art / "team.json").exists()
             out = [None, None]
 
             def go(i: int) -> None:
@@ -161,3 +163,4 @@ def test_two_users_one_store(tmp_path):
                 assert cur.fetchone()[0] == 0  # every lease released
         finally:
             team.stop()
+        assert not (art / "team.json").exists()

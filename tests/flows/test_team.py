@@ -38,6 +38,18 @@ def test_non_loopback_without_auth_is_refused(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_store_whose_team_server_is_gone_is_refused(tmp_path):
+    """A store that names a team server (team.json) which does not answer: refused, never a private SQLite
+    server started inside the shared store."""
+    url = f"http://127.0.0.1:{free_port()}/api"
+    (tmp_path / "team.json").write_text(json.dumps({"prefect_api": url, "pid": 1, "host": "head"}))
+    p = baton(["run", "configs/vlp-micro.yaml", "--only", "world"], tmp_path, check=False)
+    assert p.returncode == 1
+    assert f"team.json names the team server {url}, which does not answer" in p.stderr
+    assert not (tmp_path / "stages").exists() and not (tmp_path / "prefect" / "server.json").exists()
+    assert not list(tmp_path.rglob("*.db"))
+
+
 class Team:
     """``baton serve --db`` in its own process group; ``api`` once it printed how to use it."""
 

@@ -169,9 +169,14 @@ class Lease:
 
     def release(self) -> None:
         self.stop_heartbeat()
-        if self._conn is not None:
+        if self._conn is None:
+            return
+        try:
             with self._db, self._conn.cursor() as cur:
                 cur.execute("DELETE FROM baton.stage_lease WHERE key = %s AND token = %s", (self.key, self.token))
+        except Exception as e:  # noqa: BLE001 - the database is gone: the lease dies with its heartbeat
+            log.warning("[%s] could not release its lease (%s); it expires after %.0fs", self.label, e, self.timeout)
+        finally:
             self._conn.close()
             self._conn = None
 

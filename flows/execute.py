@@ -147,6 +147,17 @@ def _force(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: 
     return res
 
 
+def _lost_lease() -> None:
+    """A shared store's lease on this stage was taken over (this process stalled past its timeout): another
+    process now writes the stage directory, so this one stops at once (flows.lease)."""
+    import os
+    import sys
+
+    print("error: this stage's lease was taken over by another process (no heartbeat within the lease timeout); "
+          "stopping so that only one process writes its directory", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking,
                   parent_id: str, force: bool = False) -> tuple[dict, bool]:
     """Run stage ``name`` (config ``cfg``) under its directory lock. ``plans`` holds this stage's and its
@@ -154,7 +165,7 @@ def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], arti
     ``force``: rerun it even if it is complete (see :func:`_force`).
     Returns (result as a dict, whether it was already complete)."""
     sd = StageDir(artifacts, name, plans[name].fingerprint)
-    with sd.lock():
+    with sd.lock(on_lost=_lost_lease):
         sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
         old = sd.result() if force else None
         if old is not None:

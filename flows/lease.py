@@ -16,7 +16,8 @@ team database: ``baton run`` sets it from the team server, flows.team) a stage i
 - owned by its random ``token``, not by (host, pid): releasing or renewing someone else's lease is impossible.
 
 A holder whose heartbeat fails to find its token (it was stalled past the timeout and was taken over) logs an
-error; the stage's other writer then owns the directory.
+error and calls ``on_lost``: a stage process then exits at once (flows.execute), leaving the directory to the
+process that took it over.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from stages.fsio import pid_alive
@@ -97,8 +98,8 @@ class Lease:
     """One stage lease: ``acquire`` (waits), heartbeats in a thread while held, ``release``."""
 
     def __init__(self, url: str, key: str, label: str = "", timeout: float | None = None, poll: float = 1.0,
-                 host: str | None = None, pid: int | None = None):
-        self.url, self.key, self.label = url, key, label or key
+                 host: str | None = None, pid: int | None = None, on_lost: Callable[[], None] | None = None):
+        self.url, self.key, self.label, self.on_lost = url, key, label or key, on_lost
         self.timeout = lease_timeout() if timeout is None else timeout
         self.poll, self.host, self.pid = poll, host or hostname(), os.getpid() if pid is None else pid
         self.token = uuid.uuid4().hex
@@ -159,6 +160,8 @@ class Lease:
                 log.error("[%s] lost its lease (no heartbeat for over %.0fs; another process took it over)",
                           self.label, self.timeout)
                 self.lost.set()
+                if self.on_lost is not None:
+                    self.on_lost()
                 return
 
     def stop_heartbeat(self) -> None:
@@ -182,9 +185,11 @@ class Lease:
 
 
 @contextmanager
-def stage_lease(url: str, key: str, label: str = "", poll: float = 1.0) -> Iterator[Lease]:
-    """Hold the lease ``key`` (waiting for it) while the block runs."""
-    lease = Lease(url, key, label, poll=poll)
+def stage_lease(url: str, key: str, label: str = "", poll: float = 1.0,
+                on_lost: Callable[[], None] | None = None) -> Iterator[Lease]:
+    """Hold the lease ``key`` (waiting for it) while the block runs; ``on_lost`` is called (from the heartbeat
+    thread) if it is taken over meanwhile."""
+    lease = Lease(url, key, label, poll=poll, on_lost=on_lost)
     try:
         lease.acquire()
         yield lease

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,10 +116,11 @@ class StageDir:
         return describe_state(*self.state())
 
     @contextmanager
-    def lock(self, poll: float = 2.0) -> Iterator[None]:
+    def lock(self, poll: float = 2.0, on_lost: Callable[[], None] | None = None) -> Iterator[None]:
         """Exclusive lock on this stage directory. A second process waits (and says so). When the store is
         shared by several machines (flows.lease: ``BATON_LOCK_DB``), a PostgreSQL lease is taken first, keyed
-        by the directory's absolute path (every node mounts the store at the same path)."""
+        by the directory's absolute path (every node mounts the store at the same path); ``on_lost`` runs if that
+        lease is taken over while held (flows.lease)."""
         url = lease_db()
         if url is None:
             with self._flock(poll):
@@ -127,7 +128,7 @@ class StageDir:
             return
         from flows.lease import stage_lease
 
-        with stage_lease(url, str(self.path.resolve()), label=self.stage, poll=min(poll, 1.0)), self._flock(poll):
+        with stage_lease(url, str(self.path.resolve()), self.stage, min(poll, 1.0), on_lost), self._flock(poll):
             yield
 
     @contextmanager

@@ -109,3 +109,27 @@ def test_probe_store(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []  # it cleans up
     with pytest.raises(StoreError, match="/proc/self/fdinfo cannot hold a baton store: create"):
         probe_store("/proc/self/fdinfo")
+
+
+def test_a_holder_that_lost_its_lease_is_told(pg, tmp_path):
+    """A holder stalled past the timeout (its heartbeat cannot reach the database) is taken over; its next
+    heartbeat finds the lease gone and calls on_lost (a stage process then exits: flows.execute)."""
+    import threading
+
+    key = str(tmp_path / "stages" / "vl" / FP[:16])
+    lost = threading.Event()
+    a = Lease(pg.url, key, "vl", timeout=1.0, host="node-a", on_lost=lost.set)
+    b = Lease(pg.url, key, "vl", timeout=1.0, host="node-b")
+    a.acquire()
+    b._conn = connect(pg.url)
+    try:
+        with a._db:  # node-a stalls: its heartbeat thread waits here
+            t0 = time.monotonic()
+            while not b.try_acquire():
+                time.sleep(0.1)
+                assert time.monotonic() - t0 < 10
+        assert lost.wait(5), "the stalled holder was not told"
+        assert a.lost.is_set() and b.holder()[2] == b.token
+    finally:
+        a.release()
+        b.release()

@@ -17,6 +17,7 @@ with an example; ``baton --install-completion`` installs shell completion.
                                               first `baton run` starts it, later runs reuse it, it exits after
                                               $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) idle
     baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
+    baton serve --db postgresql://U@H/DB      team mode: Prefect + MLflow servers on PostgreSQL (flows.team)
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 
 Adding a command: a function decorated with ``@command("baton NAME example args")``; its docstring's first
@@ -233,14 +234,16 @@ def _no_redirect() -> Iterator[None]:
 
 
 def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dict[str, Any]:
-    """The JSON run summary: per stage whether it ran or was cached, its seconds (of the run that made it),
+    """The JSON run summary: per stage whether it ran or was cached (complete before the run, or made by another
+    run while this one waited for its lock), its seconds (of the run that made it),
     metrics, baselines and MLflow ids."""
     stages = []
     for name in (n for n in recipe.stages if n in out["results"]):  # recipe order, not completion order
         res = out["results"][name]
         info = res.get("info", {})
         stages.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": res.get("fingerprint"),
-                       "state": "cached" if name in done_before else "ran", "seconds": info.get("seconds"),
+                       "state": "cached" if name in done_before or res.get("cached") else "ran",
+                       "seconds": info.get("seconds"),
                        "metrics": res.get("metrics", {}), "baselines": res.get("baselines", {}),
                        "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id"),
                        **({"ray_node": info["ray_node"]} if "ray_node" in info else {})})
@@ -472,18 +475,34 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise RecipeError(f"no Prefect server answered at {url} within {timeout:.0f}s")
 
 
-@command("baton serve --port 4200 --limit 2")
+Db = Annotated[str | None, typer.Option(
+    "--db", metavar="URL", show_default=False,
+    help="team mode: postgresql://USER@HOST[:PORT]/DB for the Prefect server and an MLflow server, in the "
+         "foreground (password: PGPASSFILE or PGPASSWORD, never in the URL; see flows.team)")]
+MlflowPort = Annotated[int, typer.Option("--mlflow-port", help="MLflow server port (with --db)")]
+ArtifactsDestination = Annotated[str | None, typer.Option(
+    "--artifacts-destination", metavar="URI", show_default=False,
+    help="where the MLflow server stores artifacts (with --db; default ARTIFACTS/mlartifacts), e.g. s3://bucket/x")]
+
+
+@command("baton serve --port 4200 --limit 2   |   baton serve --db postgresql://baton@db/baton --artifacts /shared/baton")
 def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
           limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
-          artifacts: Artifacts = None) -> None:
+          artifacts: Artifacts = None, db: Db = None, mlflow_port: MlflowPort = 5000,
+          artifacts_destination: ArtifactsDestination = None) -> None:
     """Prefect server + UI on loopback (unless PREFECT_API_URL or a running server of the artifacts dir answers),
-    serving the deployment baton/baton.
+    serving the deployment baton/baton; with --db, the team servers on PostgreSQL instead.
 
     Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
-    puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint."""
+    puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint.
+    --db: the Prefect server and an MLflow tracking server on one PostgreSQL database, in the foreground;
+    `baton run --server URL` on any machine then tracks over HTTP and locks stages with PostgreSQL leases.
+    A --host other than loopback requires $BATON_AUTH or $BATON_AUTH_FILE (USER:PASSWORD)."""
     from flows.prefect_env import configure_prefect
 
     art = artifacts_root(artifacts).resolve()
+    if db is not None:
+        return _serve_team(db, art, host, port, mlflow_port, artifacts_destination)
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
     url, proc = _serve_server(art, host, port)
@@ -499,6 +518,15 @@ def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Pref
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _serve_team(db: str, art: Path, host: str, port: int, mlflow_port: int, destination: str | None) -> None:
+    """``baton serve --db``: flows.team (checked before anything is created)."""
+    from flows import team
+
+    team.check_serve(db, host)
+    _check_writable(art)
+    team.serve_team(db, art, host, port, mlflow_port, destination)
 
 
 def _serve_server(art: Path, host: str, port: int) -> tuple[str, subprocess.Popen | None]:

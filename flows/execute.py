@@ -43,6 +43,7 @@ def cached_result(name: str, sd: StageDir, tracking, parent_id: str) -> StageRes
     if done is not None:
         log.info("[%s] cached: %s", name, sd.path)
         if tracking is not None:
+            tracking.link_model(parent_id, done.info.get("mlflow_model_id"))
             tracking.finish_if_running(done.info.get("mlflow_run_id"), sd.path)
             try:
                 run = tracking.log_cached_stage(parent_id, done, upstream_info(sd))
@@ -162,6 +163,7 @@ def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts
         res = _run(cfg, ctx, tracking, run_id)
     if tracking is not None:
         _log_result(name, sd, res, ctx, tracking, run_id)
+        tracking.link_model(parent_id, res.info.get("mlflow_model_id"))
     sd.write_result(res)
     if tracking is not None:
         tracking.client.log_artifact(run_id, str(sd.path / "result.json"))
@@ -192,6 +194,17 @@ def _force(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: 
     return res
 
 
+def _lost_lease() -> None:
+    """A shared store's lease on this stage was taken over (this process stalled past its timeout): another
+    process now writes the stage directory, so this one stops at once (flows.lease)."""
+    import os
+    import sys
+
+    print("error: this stage's lease was taken over by another process (no heartbeat within the lease timeout); "
+          "stopping so that only one process writes its directory", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking,
                   parent_id: str, force: bool = False) -> tuple[dict, bool]:
     """Run stage ``name`` (config ``cfg``) under its directory lock. ``plans`` holds this stage's and its
@@ -199,7 +212,7 @@ def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], arti
     ``force``: rerun it even if it is complete (see :func:`_force`).
     Returns (result as a dict, whether it was already complete)."""
     sd = StageDir(artifacts, name, plans[name].fingerprint)
-    with sd.lock():
+    with sd.lock(on_lost=_lost_lease):
         sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
         old = sd.result() if force else None
         if old is not None:

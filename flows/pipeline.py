@@ -128,7 +128,8 @@ class StageTask:
                 raise RuntimeError(f"stage {stage!r}: worker finished but {sd.path}/result.json is missing")
             if not was_complete:
                 return done.model_dump(mode="json")
-        return Completed(name="Cached", data=done.model_dump(mode="json"), message=f"result.json present in {sd.path}")
+        return Completed(name="Cached", data={**done.model_dump(mode="json"), "cached": True},
+                         message=f"result.json present in {sd.path}")
 
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]
@@ -310,8 +311,12 @@ def _task_runner(recipe: Recipe, cluster: str | None):
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
                   server: str | None, force: list[str] | None, cluster: str | None = None) -> dict[str, Any]:
     from flows.server import ensure_server
+    from flows.team import client_auth_env, join_team, team_server
 
     configure_prefect(artifacts)
+    client_auth_env()  # a team server's credentials (flows.team), before Prefect is imported
+    if not server and not os.environ.get("PREFECT_API_URL"):
+        server = team_server(artifacts)  # a store served by `baton serve --db`: its server, never a private one
     found: list = []
 
     def find() -> None:
@@ -341,6 +346,7 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     try:
         if isinstance(found[0], BaseException):
             raise found[0]
+        join_team(os.environ["PREFECT_API_URL"], artifacts)  # team mode if the server is a team server
         return _run_flow(recipe, artifacts, only, track, force, cluster, users=found[0])
     finally:
         if cluster:

@@ -28,6 +28,7 @@ log = logging.getLogger("baton")
 # browser's stored choice (default GenAI): every link baton prints or writes carries ML_LAYOUT.
 EXPERIMENT_KIND = "custom_model_development"
 ML_LAYOUT = "?workflowType=machine_learning"
+_UNIQUE_VIOLATION = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")  # SQLite, PostgreSQL
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -155,6 +156,10 @@ class Tracking:
         self.mlflow = mlflow
         artifacts = Path(artifacts).resolve()
         self.uri = tracking_uri(artifacts)
+        if not self.uri.startswith("sqlite:"):  # a tracking server (team mode): it creates its own tables
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = _server_experiment(self.client, experiment)
+            return
         # creating mlflow.db (the client runs the schema migrations) and the experiment must not race with
         # another `baton run` (or stage process) on the same artifacts dir: serialise them with a file lock
         artifacts.mkdir(parents=True, exist_ok=True)
@@ -266,7 +271,8 @@ class Tracking:
     def _log_inputs(self, run_id: str, ds: list, models: list, attempts: int = 5) -> None:
         """MLflow's SQL store checks whether a dataset exists, then inserts it: two stage processes logging
         the same dataset (world/coco) at once can both miss it, and the second insert fails on the
-        (experiment, name, digest) UNIQUE constraint. Retried, the row is found and linked."""
+        (experiment, name, digest) UNIQUE constraint (SQLite's or, behind a team tracking server, PostgreSQL's).
+        Retried, the row is found and linked."""
         from mlflow.exceptions import MlflowException
 
         for attempt in range(attempts):
@@ -274,7 +280,7 @@ class Tracking:
                 self.client.log_inputs(run_id, datasets=ds or None, models=models or None)
                 return
             except MlflowException as e:
-                if "UNIQUE constraint failed" not in str(e) or attempt == attempts - 1:
+                if not any(m in str(e) for m in _UNIQUE_VIOLATION) or attempt == attempts - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
@@ -336,6 +342,14 @@ class Tracking:
             if monitor is not None:
                 monitor.finish()
 
+    def link_model(self, parent_id: str, model_id: str | None) -> None:
+        """Record a stage's LoggedModel as a model input of the invocation's parent run, whether the stage ran
+        in this invocation or was Cached: every parent run links the one model of each stage it used."""
+        if parent_id and model_id:
+            from mlflow.entities import LoggedModelInput
+
+            self.client.log_inputs(parent_id, models=[LoggedModelInput(model_id)])
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
@@ -377,4 +391,23 @@ def source_tags() -> dict[str, str]:
 
 
 def tracking_uri(artifacts: Path) -> str:
-    return f"sqlite:///{Path(artifacts).resolve() / 'mlflow.db'}"
+    """The team's MLflow server ($BATON_TRACKING_URI, set by flows.team.join_team), else the artifact root's
+    embedded SQLite store."""
+    return os.environ.get("BATON_TRACKING_URI") or f"sqlite:///{Path(artifacts).resolve() / 'mlflow.db'}"
+
+
+def _server_experiment(client, name: str) -> str:
+    """The experiment's id on a tracking server, created if missing (artifacts where the server puts them);
+    two users creating it at once both end up with the one experiment."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(3):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    raise RuntimeError(f"MLflow experiment {name!r}: created and not found")

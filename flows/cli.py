@@ -15,7 +15,8 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton server status|stop                  the artifacts dir's background Prefect server (flows.server): the
                                               first `baton run` starts it, later runs reuse it, it exits after
                                               $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) idle
-    baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
+    baton serve [--port 4200] [RECIPE...]     a Prefect server + UI serving one deployment per recipe (a Run
+                                              form: overrides, only, track) and baton/baton
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 
 Adding a command: a function decorated with ``@command("baton NAME example args")``; its docstring's first
@@ -175,10 +176,9 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
-    for opt, names in (("--only", only), ("--force", force)):
-        for name in names or []:
-            if name not in recipe.stages:
-                raise RecipeError(f"{opt} {name}: no such stage in {config} ({', '.join(recipe.stages)})")
+    from flows.plan import check_stage_names
+
+    check_stage_names(recipe, {"--only": only, "--force": force})
     if dry_run:
         return print_plan(recipe, art, only, force, as_json)
     _check_writable(art)
@@ -460,26 +460,37 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise RecipeError(f"no Prefect server answered at {url} within {timeout:.0f}s")
 
 
-@command("baton serve --port 4200 --limit 2")
-def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+@command("baton serve --port 4200 --limit 2 my-recipe.yaml")
+def serve(recipes: Annotated[list[Path] | None, typer.Argument(
+              metavar="[RECIPE]...", show_default=False,
+              help="recipes to serve besides those in ./configs (else the shipped ones)")] = None,
+          host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
           limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
           artifacts: Artifacts = None) -> None:
     """Prefect server + UI on loopback (unless PREFECT_API_URL or a running server of the artifacts dir answers),
-    serving the deployment baton/baton.
+    serving one deployment per recipe (baton/<recipe file stem>, a Run form: overrides, only, track) and baton/baton.
 
-    Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
-    puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint."""
+    Runs of those deployments (the UI's Quick Run / Custom Run, `baton submit`) execute here; so do the ones the
+    UI's Retry button puts back to Scheduled: finished stages are Cached and the failed one continues from its
+    checkpoint."""
+    from flows.deploy import recipe_files, serve_deployments
     from flows.prefect_env import configure_prefect
 
     art = artifacts_root(artifacts).resolve()
+    configs_dir = Path("configs") if Path("configs").is_dir() else shipped_recipes()
+    served, skipped = recipe_files(recipes or [], configs_dir)  # bad input refused before a server starts
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
     url, proc = _serve_server(art, host, port)
     os.environ["PREFECT_API_URL"] = url
     try:
         _wait_healthy(url, proc, timeout=180)
-        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
-        _serve_deployment(limit)
+        for why in skipped:
+            print(f"not served (not a recipe): {why}", flush=True)
+        names = ", ".join(f"baton/{p.stem}" for p, _ in served)
+        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployments {names} and {DEPLOYMENT}",
+              flush=True)
+        serve_deployments(served, art, limit)
     finally:
         if proc is not None:
             proc.terminate()
@@ -503,26 +514,14 @@ def _serve_server(art: Path, host: str, port: int) -> tuple[str, subprocess.Pope
         print(f"using the running Prefect server of {art} ({info['url']}; started by `baton run`, so without "
               f"the UI: `baton server stop` first for the UI)", flush=True)
         return info["url"], None
-    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, detached=False)
+    # its own session, so that Ctrl-C (SIGINT to the terminal's process group) reaches only this process: the
+    # runner then shuts down through the server, and `finally` stops the server; it exits if this process dies
+    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, parent=os.getpid())
     try:
         return server.wait_started(art, proc)["url"], proc
     except BaseException:
         proc.terminate()
         raise
-
-
-def _serve_deployment(limit: int | None) -> None:
-    from prefect import serve as prefect_serve
-
-    from flows.entry import baton_pipeline
-
-    dep = baton_pipeline.to_deployment(
-        name="baton", enforce_parameter_schema=False,
-        description="baton recipe runs: `baton submit CONFIG` (or the UI's Run with the same parameters)")
-    # each flow run executes in a fresh process that loads the flow by its entrypoint, relative to here
-    os.chdir(Path(__file__).resolve().parents[1])
-    dep.entrypoint = "flows/entry.py:baton_pipeline"
-    prefect_serve(dep, limit=limit, print_starting_message=False)
 
 
 @command("baton submit configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --wait")

@@ -239,6 +239,7 @@ def serve(artifacts: Path, port: int = 0, idle: float = 0.0, ui: bool = False, h
     from flows.prefect_env import configure_prefect
 
     configure_prefect(artifacts)
+    prefect_home(artifacts).mkdir(parents=True, exist_ok=True)  # its database lives there
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

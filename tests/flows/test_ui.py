@@ -1,6 +1,7 @@
 """Both UIs as a person uses them, in headless Chromium (playwright driving Debian's chromium-headless-shell through
 ``executable_path``; BATON_CHROMIUM names another binary). The Prefect and MLflow UIs are React apps: every check
-waits for what a person would see, and a failing check leaves a full-page screenshot (path printed) in its tmp dir.
+waits for what a person would see, and a failing check leaves a full-page screenshot (path printed) in its tmp dir
+(or in $BATON_UI_SHOTS, with the pages each check passes through).
 
 - default suite: the Prefect server ``baton serve`` starts, on a port that is not 4200, tells its UI to call its own
   API (bug: the UI called :4200 and showed "Unable to connect"), and the UI shows a `baton run`'s flow run, its task
@@ -49,6 +50,7 @@ def browser():
 def page_of(browser, shots: Path, name: str):
     """A fresh page; on failure a full-page screenshot ``shots/NAME-failed.png``. ``page.shot(tag)`` saves one on
     the way (the pages described in the notes)."""
+    shots = Path(os.environ.get("BATON_UI_SHOTS", shots))  # pytest keeps only its 3 newest tmp dirs
     shots.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)  # a loaded 2-core CI machine: the MLflow UI takes ~20 s to draw a run
@@ -73,15 +75,20 @@ def child_env(art: Path) -> dict[str, str]:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group (as a terminal's Ctrl-C reaches it), then SIGKILL."""
+    """SIGTERM to the process group (as a terminal's Ctrl-C reaches it), then SIGKILL to what is left of it
+    (`mlflow ui` takes its time over SIGTERM)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def flow_run_artifact_keys(api: str, flow_run_id: str) -> set[str]:
@@ -241,9 +248,8 @@ def test_mlflow_ui_shows_vl_inputs_and_the_lineage_picture(ui_run, browser, tmp_
     as Output); the parent run's artifacts hold the recipe and the lineage picture."""
     art = ui_run["art"]
     assert ui_run["final"]["state"]["type"] == "COMPLETED"
-    model_of = {}
-    for res in art.glob("stages/*/*/result.json"):
-        model_of[res.parent.parent.name] = json.loads(res.read_text())["info"]["mlflow_model_id"]
+    model_of = {res.parent.parent.name: json.loads(res.read_text())["info"].get("mlflow_model_id")
+                for res in art.glob("stages/*/*/result.json")}
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{art / 'mlflow.db'}")

@@ -462,7 +462,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
 
 @command("baton serve --port 4200 --limit 2 my-recipe.yaml")
 def serve(recipes: Annotated[list[Path] | None, typer.Argument(
-              metavar="[RECIPE]...", show_default=False,
+              metavar="RECIPE", show_default=False,
               help="recipes to serve besides those in ./configs (else the shipped ones)")] = None,
           host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
           limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,

@@ -620,6 +620,8 @@ def gc(configs: Annotated[list[Path] | None, typer.Argument(
 
 @command("baton ui --port 5000")
 def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+       workers: Annotated[int, typer.Option(help="server processes (MLflow's default, 4, each imports MLflow: on a "
+                                                  "busy small machine uvicorn restarts them before they answer)")] = 1,
        artifacts: Artifacts = None) -> int:
     """MLflow UI over the artifact root's tracking store (runs, metrics, LoggedModels, lineage)."""
     from flows.tracking import tracking_uri
@@ -627,7 +629,7 @@ def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow 
     art = artifacts_root(artifacts).resolve()
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
-           "--host", host, "--port", str(port)]
+           "--host", host, "--port", str(port), "--workers", str(workers)]
     print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd)})")
     return subprocess.call(cmd)
 

@@ -42,6 +42,7 @@ from typing import Annotated, Any
 import typer
 
 from flows import interrupt
+from flows.deploy import SUBMIT_DEPLOYMENT
 from flows.interrupt import Interrupted
 from flows.server import ServerError
 from stages.contract import StageError
@@ -441,7 +442,7 @@ def retry(flow_run_id: Annotated[str, typer.Argument(help="the Prefect flow run 
     return rc
 
 
-DEPLOYMENT = "baton/baton"
+DEPLOYMENT = f"baton/{SUBMIT_DEPLOYMENT}"  # what `baton submit` runs (flows.deploy)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:

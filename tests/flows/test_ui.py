@@ -169,6 +169,7 @@ def ui_run(browser, tmp_path_factory):
                                 env=child_env(art), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait(lambda: "Prefect UI: " in log.read_text(), 300, "baton serve started", proc, log)
+        assert httpx.get(f"{url}/ui-settings").json()["api_url"] == f"{url}/api"  # bug 1, through `baton serve`
         def deployments() -> dict:
             return {d["name"]: d for d in httpx.post(f"{url}/api/deployments/filter", json={}).json()}
 

@@ -31,6 +31,7 @@ from tools.faults import snapshot_code
 CONFIG = "configs/vlp-micro.yaml"
 CHROMIUM = Path(os.environ.get("BATON_CHROMIUM", "/usr/bin/chromium-headless-shell"))
 OVERRIDE = "stages.vqa.train.steps=4"  # the one override of the UI's Custom Run
+ML_LAYOUT = "?workflowType=machine_learning"  # MLflow 3.17's model-training layout, as baton's links open it
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_serve_on_another_port_the_ui_calls_its_own_api_and_shows_the_flow_run(b
             page.get_by_role("link", name="Runs", exact=True).first.click()
             page.get_by_text("vlp-micro").first.wait_for()
             page.shot("runs")
-            page.locator(f"a[href$='/runs/flow-run/{fid}']").first.click()
+            page.locator(f"a[href*='/runs/flow-run/{fid}']").first.click()
             check_flow_run_page(page, f"{url}/api", fid, ["world"])
             page.shot("flow-run-artifacts")
             assert "Unable to connect" not in page.inner_text("body")
@@ -271,17 +272,17 @@ def check_mlflow_ui(browser, art: Path, tmp_path: Path) -> None:
     try:
         wait(lambda: _answers(url), 300, "MLflow UI up", proc, log)
         with page_of(browser, tmp_path / "shots", "mlflow") as page:
-            page.goto(f"{url}/#/experiments/{exp}/runs/{vl}")
+            page.goto(f"{url}/#/experiments/{exp}/runs/{vl}{ML_LAYOUT}")
             page.get_by_text("Logged models").first.wait_for()
             for stage, role in (("detector", "Input"), ("bert", "Input"), ("vl", "Output")):
-                link = page.locator(f"a[href$='/models/{model_of[stage]}']").first
+                link = page.locator(f"a[href*='/models/{model_of[stage]}']").first
                 link.wait_for()
                 assert link.inner_text().strip() == stage
                 row = page.get_by_role("row").filter(has=link)
                 assert role in row.inner_text(), row.inner_text()
             link.scroll_into_view_if_needed()
             page.shot("vl-run")
-            page.goto(f"{url}/#/experiments/{exp}/runs/{parent_id}/artifacts")
+            page.goto(f"{url}/#/experiments/{exp}/runs/{parent_id}/artifacts{ML_LAYOUT}")
             page.get_by_text("recipe.yaml").first.wait_for()
             page.shot("parent-artifacts")
             # THE LINEAGE PICTURE (vis's part of issue 16: lineage.png or .svg at the parent run's artifact root)

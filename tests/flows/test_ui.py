@@ -257,12 +257,12 @@ def test_mlflow_ui_shows_vl_inputs_and_the_lineage_picture(ui_run, browser, tmp_
 def check_mlflow_ui(browser, art: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    model_of = {res.parent.parent.name: json.loads(res.read_text())["info"].get("mlflow_model_id")
-                for res in art.glob("stages/*/*/result.json")}
+    info = {res.parent.parent.name: json.loads(res.read_text())["info"] for res in art.glob("stages/*/*/result.json")}
+    model_of = {stage: i.get("mlflow_model_id") for stage, i in info.items()}
     client = MlflowClient(f"sqlite:///{art / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("vlp-micro").experiment_id
-    runs = client.search_runs([exp], filter_string="tags.`baton.stage` = 'vl'")
-    vl, parent_id = runs[0].info.run_id, runs[0].data.tags["mlflow.parentRunId"]
+    vl = info["vl"]["mlflow_run_id"]  # the run that trained vl (a later all-cached invocation may list vl too)
+    run = client.get_run(vl)
+    exp, parent_id = run.info.experiment_id, run.data.tags["mlflow.parentRunId"]
     port = free_port()
     log = tmp_path / "mlflow-ui.log"
     with open(log, "w") as f:
@@ -275,12 +275,12 @@ def check_mlflow_ui(browser, art: Path, tmp_path: Path) -> None:
             page.goto(f"{url}/#/experiments/{exp}/runs/{vl}{ML_LAYOUT}")
             page.get_by_text("Logged models").first.wait_for()
             for stage, role in (("detector", "Input"), ("bert", "Input"), ("vl", "Output")):
-                link = page.locator(f"a[href*='/models/{model_of[stage]}']").first
-                link.wait_for()
-                assert link.inner_text().strip() == stage
-                row = page.get_by_role("row").filter(has=link)
-                assert role in row.inner_text(), row.inner_text()
-            link.scroll_into_view_if_needed()
+                # the Logged models table's row of this stage's model (the run's description may link it too)
+                row = page.get_by_role("row").filter(has=page.locator(f"a[href*='/models/{model_of[stage]}']")).first
+                row.wait_for()
+                cells = row.inner_text().split()
+                assert cells[0] == role and stage in cells, cells
+            row.scroll_into_view_if_needed()
             page.shot("vl-run")
             page.goto(f"{url}/#/experiments/{exp}/runs/{parent_id}/artifacts{ML_LAYOUT}")
             page.get_by_text("recipe.yaml").first.wait_for()

@@ -16,7 +16,8 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton server status|stop                  the artifacts dir's background Prefect server (flows.server): the
                                               first `baton run` starts it, later runs reuse it, it exits after
                                               $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) idle
-    baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
+    baton serve [--port 4200] [RECIPE...]     a Prefect server + UI serving one deployment per recipe (a Run
+                                              form: overrides, only, track) and baton/baton
     baton serve --db postgresql://U@H/DB      team mode: Prefect + MLflow servers on PostgreSQL (flows.team)
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 
@@ -43,6 +44,7 @@ from typing import Annotated, Any
 import typer
 
 from flows import interrupt
+from flows.deploy import SUBMIT_DEPLOYMENT
 from flows.interrupt import Interrupted
 from flows.server import ServerError
 from stages.contract import StageError
@@ -181,10 +183,9 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
-    for opt, names in (("--only", only), ("--force", force)):
-        for name in names or []:
-            if name not in recipe.stages:
-                raise RecipeError(f"{opt} {name}: no such stage in {config} ({', '.join(recipe.stages)})")
+    from flows.plan import check_stage_names
+
+    check_stage_names(recipe, {"--only": only, "--force": force})
     if dry_run:
         return print_plan(recipe, art, only, force, as_json)
     if cluster:  # what the config alone tells, before anything starts
@@ -456,7 +457,7 @@ def retry(flow_run_id: Annotated[str, typer.Argument(help="the Prefect flow run 
     return rc
 
 
-DEPLOYMENT = "baton/baton"
+DEPLOYMENT = f"baton/{SUBMIT_DEPLOYMENT}"  # what `baton submit` runs (flows.deploy)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
@@ -485,32 +486,43 @@ ArtifactsDestination = Annotated[str | None, typer.Option(
     help="where the MLflow server stores artifacts (with --db; default ARTIFACTS/mlartifacts), e.g. s3://bucket/x")]
 
 
-@command("baton serve --port 4200 --limit 2   |   baton serve --db postgresql://baton@db/baton --artifacts /shared/baton")
-def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+@command("baton serve --port 4200 --limit 2 my-recipe.yaml   |   baton serve --db postgresql://baton@db/baton --artifacts /shared/baton")
+def serve(recipes: Annotated[list[Path] | None, typer.Argument(
+              metavar="RECIPE", show_default=False,
+              help="recipes to serve besides those in ./configs (else the shipped ones)")] = None,
+          host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
           limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
           artifacts: Artifacts = None, db: Db = None, mlflow_port: MlflowPort = 5000,
           artifacts_destination: ArtifactsDestination = None) -> None:
     """Prefect server + UI on loopback (unless PREFECT_API_URL or a running server of the artifacts dir answers),
-    serving the deployment baton/baton; with --db, the team servers on PostgreSQL instead.
+    serving one deployment per recipe (baton/<recipe file stem>, a Run form: overrides, only, track) and baton/baton;
+    with --db, the team servers on PostgreSQL instead.
 
-    Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
-    puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint.
-    --db: the Prefect server and an MLflow tracking server on one PostgreSQL database, in the foreground;
-    `baton run --server URL` on any machine then tracks over HTTP and locks stages with PostgreSQL leases.
-    A --host other than loopback requires $BATON_AUTH or $BATON_AUTH_FILE (USER:PASSWORD)."""
+    Runs of those deployments (the UI's Quick Run / Custom Run, `baton submit`) execute here; so do the ones the
+    UI's Retry button puts back to Scheduled: finished stages are Cached and the failed one continues from its
+    checkpoint. --db: the Prefect server and an MLflow tracking server on one PostgreSQL database, in the
+    foreground; `baton run --server URL` on any machine then tracks over HTTP and locks stages with PostgreSQL
+    leases. A --host other than loopback requires $BATON_AUTH or $BATON_AUTH_FILE (USER:PASSWORD)."""
+    from flows.deploy import recipe_files, serve_deployments
     from flows.prefect_env import configure_prefect
 
     art = artifacts_root(artifacts).resolve()
     if db is not None:
         return _serve_team(db, art, host, port, mlflow_port, artifacts_destination)
+    configs_dir = Path("configs") if Path("configs").is_dir() else shipped_recipes()
+    served, skipped = recipe_files(recipes or [], configs_dir)  # bad input refused before a server starts
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
     url, proc = _serve_server(art, host, port)
     os.environ["PREFECT_API_URL"] = url
     try:
         _wait_healthy(url, proc, timeout=180)
-        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
-        _serve_deployment(limit)
+        for why in skipped:
+            print(f"not served (not a recipe): {why}", flush=True)
+        names = ", ".join(f"baton/{p.stem}" for p, _ in served)
+        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployments {names} and {DEPLOYMENT}",
+              flush=True)
+        serve_deployments(served, art, limit)
     finally:
         if proc is not None:
             proc.terminate()
@@ -543,26 +555,14 @@ def _serve_server(art: Path, host: str, port: int) -> tuple[str, subprocess.Pope
         print(f"using the running Prefect server of {art} ({info['url']}; started by `baton run`, so without "
               f"the UI: `baton server stop` first for the UI)", flush=True)
         return info["url"], None
-    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, detached=False)
+    # its own session, so that Ctrl-C (SIGINT to the terminal's process group) reaches only this process: the
+    # runner then shuts down through the server, and `finally` stops the server; it exits if this process dies
+    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, parent=os.getpid())
     try:
         return server.wait_started(art, proc)["url"], proc
     except BaseException:
         proc.terminate()
         raise
-
-
-def _serve_deployment(limit: int | None) -> None:
-    from prefect import serve as prefect_serve
-
-    from flows.entry import baton_pipeline
-
-    dep = baton_pipeline.to_deployment(
-        name="baton", enforce_parameter_schema=False,
-        description="baton recipe runs: `baton submit CONFIG` (or the UI's Run with the same parameters)")
-    # each flow run executes in a fresh process that loads the flow by its entrypoint, relative to here
-    os.chdir(Path(__file__).resolve().parents[1])
-    dep.entrypoint = "flows/entry.py:baton_pipeline"
-    prefect_serve(dep, limit=limit, print_starting_message=False)
 
 
 @command("baton submit configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --wait")
@@ -659,6 +659,8 @@ def gc(configs: Annotated[list[Path] | None, typer.Argument(
 
 @command("baton ui --port 5000")
 def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+       workers: Annotated[int, typer.Option(help="server processes (MLflow's default, 4, each imports MLflow: on a "
+                                                  "busy small machine uvicorn restarts them before they answer)")] = 1,
        artifacts: Artifacts = None) -> int:
     """MLflow UI over the artifact root's tracking store (runs, metrics, LoggedModels, lineage)."""
     from flows.tracking import tracking_uri
@@ -666,7 +668,7 @@ def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow 
     art = artifacts_root(artifacts).resolve()
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
-           "--host", host, "--port", str(port)]
+           "--host", host, "--port", str(port), "--workers", str(workers)]
     from flows.tracking import ML_LAYOUT
 
     print(f"MLflow UI on http://{host}:{port}/#/experiments{ML_LAYOUT}  ({' '.join(cmd)})")

@@ -21,7 +21,7 @@ from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.invocation import prewarm, publish
-from flows.plan import downstream_of, needed_stages
+from flows.plan import check_stage_names, downstream_of, needed_stages
 from flows.progress import live_bars
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
@@ -218,23 +218,66 @@ def _submitter(recipe: Recipe, run_stage, cluster: str | None) -> Callable[[str,
     return submit
 
 
+def resolve_recipe(recipe_path: str, recipe_snapshot: dict | None, overrides: list[str] | None) -> Recipe:
+    """The recipe this flow run runs: its recorded snapshot, else ``recipe_path`` with ``overrides`` applied,
+    recorded as the flow run's ``recipe_snapshot`` parameter (a run of a per-recipe deployment: a retry of this
+    flow run then runs exactly this recipe, even if the file changed meanwhile)."""
+    if recipe_snapshot is not None:
+        return load_recipe(recipe_path, raw=recipe_snapshot)
+    recipe = load_recipe(recipe_path, overrides or ())
+    from prefect.runtime import flow_run
+
+    if flow_run.id:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, parameters={**flow_run.parameters, "recipe_snapshot": recipe.raw})
+    return recipe
+
+
+def publish_recipe(recipe: Recipe) -> None:
+    """The resolved recipe as a Markdown artifact of this flow run (its Artifacts tab in the Prefect UI)."""
+    import re
+
+    import yaml
+    from prefect.artifacts import create_markdown_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"recipe-{recipe.name}".lower())
+    create_markdown_artifact(f"```yaml\n{yaml.safe_dump(recipe.raw, sort_keys=False)}```", key=key,
+                             description=f"the resolved recipe this flow run ran ({recipe.path})")
+
+
 def build_flow():
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
     # threads only wait on stage processes; StageTask's slots cap how many run (run_pipeline sets the same)
     @flow(name="baton", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=32))
-    def baton_pipeline(recipe_path: str, recipe_snapshot: dict, artifacts: str, only: list[str] | None = None,
-                       track: bool = True, force: list[str] | None = None, cluster: str | None = None
-                       ) -> dict[str, Any]:
+    def baton_pipeline(recipe_path: str, recipe_snapshot: dict | None = None, artifacts: str | None = None,
+                       only: list[str] | None = None, track: bool = True, force: list[str] | None = None,
+                       overrides: list[str] | None = None, cluster: str | None = None) -> dict[str, Any]:
         """Run (or resume) every stage of a recipe; complete stages are Cached, except the ``force``d ones
-        and their downstream stages, which run again. ``cluster``: the stages run on that Ray cluster
-        (the flow's task runner is then prefect-ray's, flows.cluster)."""
+        and their downstream stages, which run again.
+
+        Args:
+            recipe_path: the recipe YAML
+            recipe_snapshot: the resolved recipe (overrides applied); when absent, read from recipe_path with
+                overrides applied and recorded here on the flow run, so that a retry runs exactly the same
+            artifacts: the artifact root (default: $BATON_ARTIFACTS, else ./artifacts)
+            only: run only these stages and what they need (empty: every stage)
+            track: track the run in MLflow
+            force: rerun these stages and their downstream stages even if complete
+            overrides: dotted key=value overrides of the recipe, e.g. stages.vqa.train.lr=3e-4
+            cluster: run the stages on this Ray cluster (the flow's task runner is then prefect-ray's,
+                flows.cluster)
+        """
         from prefect.runtime import flow_run
         from prefect.states import Cancelled
 
-        recipe = load_recipe(recipe_path, raw=recipe_snapshot)
-        art = Path(artifacts)
+        recipe = resolve_recipe(recipe_path, recipe_snapshot, overrides)
+        check_stage_names(recipe, {"only": only, "force": force})
+        publish_recipe(recipe)
+        art = Path(artifacts or os.environ.get("BATON_ARTIFACTS", "artifacts")).resolve()
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
         if not cluster:
@@ -361,7 +404,7 @@ def _run_flow(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bo
     try:
         flow = build_flow().with_options(task_runner=_task_runner(recipe, cluster), flow_run_name=f"{recipe.name}")
         with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
-            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster)
+            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster=cluster)
     finally:
         if users is not None:
             users.close()

@@ -93,9 +93,9 @@ def advise(artifacts: Path, ref: str, target: Path, recipe: Recipe | None = None
     """The advisor's JSON document (see the module docstring)."""
     from stages.transferability import place
 
+    folder = _target_folder(target)
     source_dir, model_dir, cfg = _source(Path(artifacts), ref, recipe)
     heldout = _heldout_root(Path(artifacts), source_dir, cfg)
-    folder = _target_folder(target)
     size = int(cfg.get("image_size", 32))
     try:
         src, _, _ = features(model_dir, heldout, size, max_images, seed)

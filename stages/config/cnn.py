@@ -56,7 +56,10 @@ class Config(StageConfig):
         return {"data": self.data} | ({"init_from": self.init_from} if self.init_from else {})
 
     def ref_outputs(self) -> dict[str, str]:
-        return {"data": self.data_output} | ({"init_from": "model"} if self.init_from else {})
+        # the default `imagenet` is checked when the stage starts, as before data_output existed (recipes whose
+        # real-data world lacks it still plan and fingerprint)
+        data = {"data": self.data_output} if self.data_output != "imagenet" else {}
+        return data | ({"init_from": "model"} if self.init_from else {})
 
     def declared_outputs(self) -> set[str]:
         return {"model", "classes"}

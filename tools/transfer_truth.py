@@ -42,14 +42,15 @@ def transfer(strategy: str, steps: int) -> dict:
             "lp_ft": {"strategy": "lp_ft", "lp_steps": steps // 3, "ft_lr_mult": 0.1}}[strategy]
 
 
-def run_one(source: str, targets: str, quadrant: str, strategy: str, seed: int, root: str) -> dict:
-    """One fine-tune with the stage code; returns its JSON line."""
+def run_one(source: str, targets: str, quadrant: str, strategy: str, seed: int, root: str,
+            lr_mult: float = 1.0) -> dict:
+    """One fine-tune with the stage code (``lr_mult`` x the TRAIN learning rate); returns its JSON line."""
     from stages import cnn
     from stages.contract import NullTracker, StageContext, StageResult, seed_stage
     from stages.models.resnet import load_classifier
 
     source, targets = Path(source), Path(targets)
-    train = TRAIN[quadrant.split("_")[1]]
+    train = TRAIN[quadrant.split("_")[1]] | {"lr": TRAIN[quadrant.split("_")[1]]["lr"] * lr_mult}
     cfg = {"data": "targets", "data_output": quadrant, "eval_batch_size": 200, "seed": seed,
            "runtime": {"device": "cpu", "threads": 1, "log_every": 1000, "checkpoint_every": 100000},
            "train": train | {"transfer": transfer(strategy, train["steps"])}}
@@ -59,7 +60,7 @@ def run_one(source: str, targets: str, quadrant: str, strategy: str, seed: int, 
         cfg["init_from"] = "source"
     config = cnn.Config.model_validate(cfg)
     ups = {"source": source, "targets": targets}
-    stage_dir = Path(root) / f"{quadrant}-{strategy}-{seed}"
+    stage_dir = Path(root) / (f"{quadrant}-{strategy}-{seed}" + ("" if lr_mult == 1.0 else f"-lr{lr_mult:g}"))
     ctx = StageContext(name="ft", config=config, stage_dir=stage_dir,
                        upstream={n: StageResult.model_validate_json((d / "result.json").read_text())
                                  for n, d in ups.items()},
@@ -76,11 +77,12 @@ def measure(args: argparse.Namespace) -> None:
     done = set()
     if out.exists():
         done = {(r["quadrant"], r["strategy"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
-    todo = [(q, s, seed) for seed in args.seeds for q in QUADRANTS for s in STRATEGIES if (q, s, seed) not in done]
+    todo = [(q, s, seed) for seed in args.seeds for q in args.quadrants for s in args.strategies
+            if (q, s, seed) not in done]
     print(f"{len(done)} done, {len(todo)} to run", flush=True)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_one, args.source, args.targets, q, s, seed, str(out) + ".runs")
+        futures = [pool.submit(run_one, args.source, args.targets, q, s, seed, str(out) + ".runs", args.lr_mult)
                    for q, s, seed in todo]
         for i, f in enumerate(futures, 1):
             line = f.result()
@@ -132,6 +134,10 @@ def main() -> None:
     p.add_argument("--out", help="JSON lines file (appended; rerun skips what is there)")
     p.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--quadrants", default=",".join(QUADRANTS), type=lambda s: s.split(","))
+    p.add_argument("--strategies", default=",".join(STRATEGIES), type=lambda s: s.split(","))
+    p.add_argument("--lr-mult", type=float, default=1.0, help="x the TRAIN learning rates (a diagnostic, not the "
+                                                               "pre-registered measurement)")
     p.add_argument("--summary", type=Path, help="print the summary of this JSON lines file instead")
     p.add_argument("--advice", type=Path, help="with --summary: {quadrant: recommended strategy} JSON")
     args = p.parse_args()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.advise import advise as run_advise
+from flows.advise import render
 from flows.fingerprint import plan_fingerprints
 from flows.store import StageDir
 from stages import kind_module, targets
@@ -56,11 +58,15 @@ def test_advise_places_targets_and_prints_its_numbers(store):
     assert small["domain"] == "different" and small["domain_distance"]["ratio"] > 2.0
     assert small["recommendation"]["strategy"] == "lp_ft" and "risky corner" in small["recommendation"]["warning"]
     assert small["logme"] < 0  # an evidence per sample of one-hot columns: finite, negative for weak features
-    text = advise(art, "--target", str(out / "similar_large")).stdout
-    assert "60 images per class (median; min 60, max 60)  -> large" in text and "quadrant: similar & large" in text
-    assert "recommend: finetune" in text and "WARNING" not in text and "LogME" in text
-    ratio = float(text.split(": ratio ")[1].split()[0])
-    assert ratio < small["domain_distance"]["ratio"]  # the world's rendering sits closer than textures
+    assert "quadrant: different & small" in render(small) and "WARNING: risky corner" in render(small)
+    # the same code in-process (one CLI start is enough): the world's rendering sits closer than textures
+    large = run_advise(art, "cnn", out / "similar_large", load_recipe(MICRO))
+    assert large["size"] == "large" and large["per_class"] == {"min": 60.0, "median": 60.0, "max": 60.0}
+    assert large["quadrant"] == "similar & large" and large["recommendation"]["strategy"] == "finetune"
+    assert large["domain_distance"]["ratio"] < small["domain_distance"]["ratio"]
+    text = render(large)
+    assert "60 images per class (median; min 60, max 60)  -> large" in text and "recommend: finetune" in text
+    assert "WARNING" not in text and "LogME" in text
 
 
 def test_advise_refuses_bad_input_by_name(store):

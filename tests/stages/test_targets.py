@@ -87,6 +87,8 @@ def test_init_from_a_cnn_stage_linear_probe_trains_only_the_new_head(made, sourc
     assert after["fc.weight"].shape == (len(SIMILAR_CLASSES), 8) and before["fc.weight"].shape == (36, 8)
     assert torch.equal(after["layer2.0.conv1.weight"], before["layer2.0.conv1.weight"])  # frozen backbone
     assert torch.equal(after["conv1.weight"], before["conv1.weight"])
+    bn_stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(bn_stats) >= 9 and all(torch.equal(after[k], before[k]) for k in bn_stats)  # BN frozen too (eval)
     losses = [m["train/loss"] for _, m in tracker.metrics if "train/loss" in m]
     assert losses[-1] < losses[0], losses
     assert res.metrics["val/top1"] >= 0.0 and res.baselines["val/top1_chance"] == pytest.approx(1 / 12)
@@ -95,6 +97,7 @@ def test_init_from_a_cnn_stage_linear_probe_trains_only_the_new_head(made, sourc
                  tmp_path / "ft2", {"src": source, "targets": made})
     moved = load_weights(tmp_path / "ft2/outputs/model/model.safetensors")
     assert not torch.equal(moved["conv1.weight"], before["conv1.weight"])  # fine-tuning moves the backbone
+    assert not torch.equal(moved["bn1.running_mean"], before["bn1.running_mean"])
 
 
 def test_init_from_refuses_a_different_model_and_model_init(made, source, tmp_path):

@@ -9,6 +9,7 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton dag CONFIG [overrides] [--dot]      the planned DAG: stage, kind, fingerprint, state, needs
     baton lineage RUN_ID|MODEL_ID|STAGE       the chain of upstream stages: fingerprints, runs, LoggedModels, metrics
+    baton advise --from STAGE --target PATH   the 2x2 advisor: target size x domain distance -> strategy (no training)
     baton gc [--dry-run] [CONFIG ...]         remove stage dirs no recipe plans and complete stages' checkpoints
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
     baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run, in place
@@ -634,6 +635,28 @@ def lineage(ref: Ref, config: Annotated[Path | None, typer.Option(
         _print_json({"of": chain[-1].to_json(), "chain": [n.to_json() for n in chain]})
     else:
         print(render_chain(chain))
+
+
+@command("baton advise --from cnn --target data/my_set --recipe configs/transfer-2x2.yaml --json")
+def advise(source: Annotated[str, typer.Option(
+               "--from", metavar="STAGE", show_default=False,
+               help="a finished cnn stage: its name (with --recipe: the recipe's planned dir; else the newest "
+                    "complete dir), a stage dir or an MLflow run id")],
+           target: Annotated[Path, typer.Option(
+               "--target", metavar="PATH", show_default=False,
+               help="a classification set in ImageNet layout (PATH/train/<wnid>/*.JPEG, or PATH/<wnid>/*)")],
+           recipe: Annotated[Path | None, typer.Option("--recipe", metavar="CONFIG", show_default=False,
+                                                       help="the recipe that planned --from")] = None,
+           max_images: Annotated[int, typer.Option(min=10, help="images per dataset whose features are "
+                                                                 "extracted (a random subset above)")] = 2000,
+           artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """Place a target in the 2x2 (size x domain similarity) and recommend a transfer strategy; never trains."""
+    from flows.advise import advise as run_advise
+    from flows.advise import render
+
+    doc = run_advise(artifacts_root(artifacts), source, target, load_recipe(recipe) if recipe else None,
+                     max_images=max_images)
+    print(json.dumps(doc, indent=2) if as_json else render(doc))
 
 
 @command("baton gc --dry-run --keep-days 3 configs/vlp-tiny.yaml")

@@ -29,7 +29,13 @@ class ModelConfig(Strict):
 
 class Config(StageConfig):
     kind: Literal["cnn"] = "cnn"
-    data: str = Field("world", description="stage providing the `imagenet` output")
+    data: str = Field("world", description="stage providing the ImageNet-layout folder (output `data_output`)")
+    data_output: str = Field("imagenet", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="which output of `data` is the ImageNet root (e.g. a `targets` stage's "
+                                         "similar_small)")
+    init_from: str | None = Field(None, description="stage whose `model` output (a cnn) initialises this one: its "
+                                                    "architecture and weights, the class head re-initialised; "
+                                                    "null = model.init or random")
     model: ModelConfig = Field(default_factory=ModelConfig)
     image_size: int = Field(32, ge=8, le=4096, description="side of the square training image (alexnet needs "
                                                            ">= 63, vgg16 >= 32)")
@@ -47,10 +53,19 @@ class Config(StageConfig):
         if self.image_size < need:
             raise ValueError(f"image_size={self.image_size} is too small for model.arch={self.model.arch!r} "
                              f"(its pooling needs >= {need})")
+        if self.init_from is not None and self.model.init is not None:
+            raise ValueError(f"init_from={self.init_from!r} and model.init={self.model.init!r} both initialise "
+                             "the model: set one")
         return self
 
     def upstream_refs(self) -> dict[str, str]:
-        return {"data": self.data}
+        return {"data": self.data} | ({"init_from": self.init_from} if self.init_from else {})
+
+    def ref_outputs(self) -> dict[str, str]:
+        # the default `imagenet` is checked when the stage starts, as before data_output existed (recipes whose
+        # real-data world lacks it still plan and fingerprint)
+        data = {"data": self.data_output} if self.data_output != "imagenet" else {}
+        return data | ({"init_from": "model"} if self.init_from else {})
 
     def declared_outputs(self) -> set[str]:
         return {"model", "classes"}

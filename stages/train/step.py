@@ -47,7 +47,7 @@ def build_optimizer(ctx: StageContext, model: torch.nn.Module, cfg: TrainConfig,
     per plan group, and the LR schedule times the plan's per-group factor. Returns (optimizer, scheduler, plan)."""
     if blocks is None:
         blocks, head = [], [p for p in model.parameters()]
-    plan: TransferPlan = build_plan(blocks, head or [], cfg.transfer, cfg.weight_decay)
+    plan: TransferPlan = build_plan(blocks, head or [], cfg.transfer, cfg.weight_decay, model)
     groups = [{k: v for k, v in g.items()} | {"lr": cfg.lr * g["lr_mult"]} for g in plan.groups]
     if cfg.optimizer == "adamw":
         fused = ctx.device.type == "cuda"

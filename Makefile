@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/vlp-tiny.yaml
 
-.PHONY: install lock run test test-slow ui status clean
+.PHONY: install lock run test test-slow ui status clean bench-gpu gpu-wheels
 
 # constraints.txt: the versions the tests passed with (`make lock` regenerates it from $(VENV))
 $(STAMP): pyproject.toml constraints.txt
@@ -57,3 +57,23 @@ FAULTS_ARGS  ?= max_concurrency=1 runtime.deterministic=true runtime.checkpoint_
 faults-long: install
 	$(PY) -m tools.faults configs/vlp-micro.yaml $(FAULTS_ARGS) --kills-per-stage $(FAULTS_KILLS) \
 		--workdir artifacts/faults --out artifacts/faults-report.json
+
+# One-shot GPU check (tools/bench_gpu.py): anchors vs baton's loop and whole stages, compile, region rows,
+# a forked CUDA stage, a CUDA kill/resume; JSON in $(BENCH_OUT)/bench_gpu.json after every item (<= 4 min on
+# an H100/H200). On a machine with only torch/torchvision/transformers it installs .whl/ (make gpu-wheels) first.
+# `make bench-gpu BENCH_ARGS=--smoke` runs every item at tiny sizes on the CPU.
+BENCH_PY   ?= $(if $(wildcard $(PY)),$(PY),python3)
+BENCH_OUT  ?= $(if $(OUT),$(OUT),artifacts/bench)
+BENCH_ARGS ?=
+bench-gpu:
+	PY=$(BENCH_PY) bash tools/bench_gpu.sh --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# wheels for the GPU machine (CPython 3.12, x86-64): what stages/ needs beyond torch/torchvision/transformers,
+# at the versions of constraints.txt; .whl/ is git-ignored and travels as a `carry` path
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions pycocotools
+gpu-wheels:
+	@mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(for w in $(GPU_WHEELS); do grep -i "^$$(echo $$w | sed 's/[-_]/[-_]/g')==" constraints.txt; done)
+	@ls .whl

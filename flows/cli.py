@@ -3,11 +3,13 @@ with an example; ``baton --install-completion`` installs shell completion.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
               [--dry-run] [--force STAGE]     the plan only (cached / will run, and why) / rerun STAGE + downstream
+              [--cluster ray://HOST:10001]    the stages as Ray tasks on a cluster (prefect-ray; README "Running on a cluster")
     baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton dag CONFIG [overrides] [--dot]      the planned DAG: stage, kind, fingerprint, state, needs
     baton lineage RUN_ID|MODEL_ID|STAGE       the chain of upstream stages: fingerprints, runs, LoggedModels, metrics
+    baton advise --from STAGE --target PATH   the 2x2 advisor: target size x domain distance -> strategy (no training)
     baton gc [--dry-run] [CONFIG ...]         remove stage dirs no recipe plans and complete stages' checkpoints
     baton resume RUN_ID                       rerun the exact recipe snapshot of an earlier invocation
     baton retry FLOW_RUN_ID                   `prefect flow-run retry` of a failed or killed flow run, in place
@@ -15,7 +17,9 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton server status|stop                  the artifacts dir's background Prefect server (flows.server): the
                                               first `baton run` starts it, later runs reuse it, it exits after
                                               $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) idle
-    baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
+    baton serve [--port 4200] [RECIPE...]     a Prefect server + UI serving one deployment per recipe (a Run
+                                              form: overrides, only, track) and baton/baton
+    baton serve --db postgresql://U@H/DB      team mode: Prefect + MLflow servers on PostgreSQL (flows.team)
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
 
 Adding a command: a function decorated with ``@command("baton NAME example args")``; its docstring's first
@@ -41,6 +45,7 @@ from typing import Annotated, Any
 import typer
 
 from flows import interrupt
+from flows.deploy import SUBMIT_DEPLOYMENT
 from flows.interrupt import Interrupted
 from flows.server import ServerError
 from stages.contract import StageError
@@ -81,6 +86,10 @@ Server = Annotated[str | None, typer.Option(
     "--server", metavar="URL", show_default=False,
     help="Prefect API URL (default: $PREFECT_API_URL, else the artifacts dir's background server, started if "
          "none answers)")]
+Cluster = Annotated[str | None, typer.Option(
+    "--cluster", metavar="ADDRESS", show_default=False,
+    help="run the stages as Ray tasks on this cluster (prefect-ray): ray://HOST:10001, HOST:6379, auto, or local; "
+         "each stage goes to a node with its runtime.cpus/gpus/memory_gb/resources (README: Running on a cluster)")]
 
 
 def command(example: str, **kwargs: Any) -> Callable[[Callable], Callable]:
@@ -171,16 +180,21 @@ def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = N
 @command("baton run configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --only vqa --dry-run")
 def run(config: Config, overrides: Overrides = None, only: Only = None, no_track: NoTrack = False,
         artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None,
-        force: Force = None, dry_run: DryRun = False) -> None:
+        force: Force = None, dry_run: DryRun = False, cluster: Cluster = None) -> None:
     """Run or resume a recipe: complete stages are Cached, an interrupted one continues from its checkpoint."""
     recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
-    for opt, names in (("--only", only), ("--force", force)):
-        for name in names or []:
-            if name not in recipe.stages:
-                raise RecipeError(f"{opt} {name}: no such stage in {config} ({', '.join(recipe.stages)})")
+    from flows.plan import check_stage_names
+
+    check_stage_names(recipe, {"--only": only, "--force": force})
     if dry_run:
         return print_plan(recipe, art, only, force, as_json)
+    if cluster:  # what the config alone tells, before anything starts
+        from flows.cluster import check_address, refuse_config
+        from flows.plan import needed_stages
+
+        check_address(cluster)
+        refuse_config(recipe, needed_stages(recipe, only))
     _check_writable(art)
     from flows.execute import stage_dirs
     from flows.pipeline import run_pipeline
@@ -190,7 +204,7 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     done_before -= downstream_of(recipe, force or [])
     t0 = time.perf_counter()
     with _stdout_to_stderr() if as_json else _no_redirect():
-        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server, force=force)
+        out = run_pipeline(recipe, art, only=only, track=not no_track, server=server, force=force, cluster=cluster)
     summary = run_summary(recipe, out, done_before, time.perf_counter() - t0)
     if as_json:
         _print_json(summary)
@@ -222,16 +236,19 @@ def _no_redirect() -> Iterator[None]:
 
 
 def run_summary(recipe, out: dict, done_before: set[str], seconds: float) -> dict[str, Any]:
-    """The JSON run summary: per stage whether it ran or was cached, its seconds (of the run that made it),
+    """The JSON run summary: per stage whether it ran or was cached (complete before the run, or made by another
+    run while this one waited for its lock), its seconds (of the run that made it),
     metrics, baselines and MLflow ids."""
     stages = []
     for name in (n for n in recipe.stages if n in out["results"]):  # recipe order, not completion order
         res = out["results"][name]
         info = res.get("info", {})
         stages.append({"name": name, "kind": recipe.stages[name].kind, "fingerprint": res.get("fingerprint"),
-                       "state": "cached" if name in done_before else "ran", "seconds": info.get("seconds"),
+                       "state": "cached" if name in done_before or res.get("cached") else "ran",
+                       "seconds": info.get("seconds"),
                        "metrics": res.get("metrics", {}), "baselines": res.get("baselines", {}),
-                       "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id")})
+                       "mlflow_run_id": info.get("mlflow_run_id"), "mlflow_model_id": info.get("mlflow_model_id"),
+                       **({"ray_node": info["ray_node"]} if "ray_node" in info else {})})
     return {"recipe": recipe.name, "config": str(recipe.path), "seconds": round(seconds, 2),
             "mlflow_parent_run_id": out.get("parent_run_id") or None,
             "prefect_api_url": os.environ.get("PREFECT_API_URL"), "stages": stages}
@@ -441,7 +458,7 @@ def retry(flow_run_id: Annotated[str, typer.Argument(help="the Prefect flow run 
     return rc
 
 
-DEPLOYMENT = "baton/baton"
+DEPLOYMENT = f"baton/{SUBMIT_DEPLOYMENT}"  # what `baton submit` runs (flows.deploy)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
@@ -460,26 +477,53 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise RecipeError(f"no Prefect server answered at {url} within {timeout:.0f}s")
 
 
-@command("baton serve --port 4200 --limit 2")
-def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
-          limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
-          artifacts: Artifacts = None) -> None:
-    """Prefect server + UI on loopback (unless PREFECT_API_URL or a running server of the artifacts dir answers),
-    serving the deployment baton/baton.
+Db = Annotated[str | None, typer.Option(
+    "--db", metavar="URL", show_default=False,
+    help="team mode: postgresql://USER@HOST[:PORT]/DB for the Prefect server and an MLflow server, in the "
+         "foreground (password: PGPASSFILE or PGPASSWORD, never in the URL; see flows.team)")]
+MlflowPort = Annotated[int, typer.Option("--mlflow-port", help="MLflow server port (with --db)")]
+ArtifactsDestination = Annotated[str | None, typer.Option(
+    "--artifacts-destination", metavar="URI", show_default=False,
+    help="where the MLflow server stores artifacts (with --db; default ARTIFACTS/mlartifacts), e.g. s3://bucket/x")]
 
-    Runs of that deployment (`baton submit`, the UI's Run) execute here; so do the ones the UI's Retry button
-    puts back to Scheduled: finished stages are Cached and the failed one continues from its checkpoint."""
+
+@command("baton serve --port 4200 --limit 2 my-recipe.yaml   |   baton serve --db postgresql://baton@db/baton --artifacts /shared/baton")
+def serve(recipes: Annotated[list[Path] | None, typer.Argument(
+              metavar="RECIPE", show_default=False,
+              help="recipes to serve besides those in ./configs (else the shipped ones)")] = None,
+          host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+          limit: Annotated[int | None, typer.Option(help="flow runs executed at once (default: no limit)")] = None,
+          artifacts: Artifacts = None, db: Db = None, mlflow_port: MlflowPort = 5000,
+          artifacts_destination: ArtifactsDestination = None) -> None:
+    """Prefect server + UI on loopback (unless PREFECT_API_URL or a running server of the artifacts dir answers),
+    serving one deployment per recipe (baton/<recipe file stem>, a Run form: overrides, only, track) and baton/baton;
+    with --db, the team servers on PostgreSQL instead.
+
+    Runs of those deployments (the UI's Quick Run / Custom Run, `baton submit`) execute here; so do the ones the
+    UI's Retry button puts back to Scheduled: finished stages are Cached and the failed one continues from its
+    checkpoint. --db: the Prefect server and an MLflow tracking server on one PostgreSQL database, in the
+    foreground; `baton run --server URL` on any machine then tracks over HTTP and locks stages with PostgreSQL
+    leases. A --host other than loopback requires $BATON_AUTH or $BATON_AUTH_FILE (USER:PASSWORD)."""
+    from flows.deploy import recipe_files, serve_deployments
     from flows.prefect_env import configure_prefect
 
     art = artifacts_root(artifacts).resolve()
+    if db is not None:
+        return _serve_team(db, art, host, port, mlflow_port, artifacts_destination)
+    configs_dir = Path("configs") if Path("configs").is_dir() else shipped_recipes()
+    served, skipped = recipe_files(recipes or [], configs_dir)  # bad input refused before a server starts
     _check_writable(art)
     configure_prefect(art)  # PREFECT_HOME=artifacts/prefect: the UI also shows the `baton run` flow runs
     url, proc = _serve_server(art, host, port)
     os.environ["PREFECT_API_URL"] = url
     try:
         _wait_healthy(url, proc, timeout=180)
-        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployment {DEPLOYMENT}", flush=True)
-        _serve_deployment(limit)
+        for why in skipped:
+            print(f"not served (not a recipe): {why}", flush=True)
+        names = ", ".join(f"baton/{p.stem}" for p, _ in served)
+        print(f"Prefect UI: {url.removesuffix('/api')}  (API {url}); serving deployments {names} and {DEPLOYMENT}",
+              flush=True)
+        serve_deployments(served, art, limit)
     finally:
         if proc is not None:
             proc.terminate()
@@ -487,6 +531,15 @@ def serve(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="Pref
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _serve_team(db: str, art: Path, host: str, port: int, mlflow_port: int, destination: str | None) -> None:
+    """``baton serve --db``: flows.team (checked before anything is created)."""
+    from flows import team
+
+    team.check_serve(db, host)
+    _check_writable(art)
+    team.serve_team(db, art, host, port, mlflow_port, destination)
 
 
 def _serve_server(art: Path, host: str, port: int) -> tuple[str, subprocess.Popen | None]:
@@ -503,26 +556,14 @@ def _serve_server(art: Path, host: str, port: int) -> tuple[str, subprocess.Pope
         print(f"using the running Prefect server of {art} ({info['url']}; started by `baton run`, so without "
               f"the UI: `baton server stop` first for the UI)", flush=True)
         return info["url"], None
-    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, detached=False)
+    # its own session, so that Ctrl-C (SIGINT to the terminal's process group) reaches only this process: the
+    # runner then shuts down through the server, and `finally` stops the server; it exits if this process dies
+    proc = server.spawn(art, host=host, port=port, idle=0, ui=True, parent=os.getpid())
     try:
         return server.wait_started(art, proc)["url"], proc
     except BaseException:
         proc.terminate()
         raise
-
-
-def _serve_deployment(limit: int | None) -> None:
-    from prefect import serve as prefect_serve
-
-    from flows.entry import baton_pipeline
-
-    dep = baton_pipeline.to_deployment(
-        name="baton", enforce_parameter_schema=False,
-        description="baton recipe runs: `baton submit CONFIG` (or the UI's Run with the same parameters)")
-    # each flow run executes in a fresh process that loads the flow by its entrypoint, relative to here
-    os.chdir(Path(__file__).resolve().parents[1])
-    dep.entrypoint = "flows/entry.py:baton_pipeline"
-    prefect_serve(dep, limit=limit, print_starting_message=False)
 
 
 @command("baton submit configs/vlp-tiny.yaml stages.vqa.train.lr=3e-4 --wait")
@@ -554,12 +595,10 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
     print(f"flow run {fr.id} ({fr.name}) submitted: {url.removesuffix('/api')}/runs/flow-run/{fr.id}", flush=True)
     if not wait:
         return 0
+    from flows.progress import watch_flow_run
+
     with get_client(sync_client=True) as client:
-        while True:
-            fr = client.read_flow_run(fr.id)
-            if fr.state is not None and fr.state.is_final():
-                break
-            time.sleep(1)
+        fr = watch_flow_run(client, fr.id)
     print(f"flow run {fr.id}: {fr.state.type.value} ({fr.state.message or ''})".rstrip(" ()"))
     return 0 if fr.state.is_completed() else 1
 
@@ -598,6 +637,28 @@ def lineage(ref: Ref, config: Annotated[Path | None, typer.Option(
         print(render_chain(chain))
 
 
+@command("baton advise --from cnn --target data/my_set --recipe configs/transfer-2x2.yaml --json")
+def advise(source: Annotated[str, typer.Option(
+               "--from", metavar="STAGE", show_default=False,
+               help="a finished cnn stage: its name (with --recipe: the recipe's planned dir; else the newest "
+                    "complete dir), a stage dir or an MLflow run id")],
+           target: Annotated[Path, typer.Option(
+               "--target", metavar="PATH", show_default=False,
+               help="a classification set in ImageNet layout (PATH/train/<wnid>/*.JPEG, or PATH/<wnid>/*)")],
+           recipe: Annotated[Path | None, typer.Option("--recipe", metavar="CONFIG", show_default=False,
+                                                       help="the recipe that planned --from")] = None,
+           max_images: Annotated[int, typer.Option(min=10, help="images per dataset whose features are "
+                                                                 "extracted (a random subset above)")] = 2000,
+           artifacts: Artifacts = None, as_json: AsJson = False) -> None:
+    """Place a target in the 2x2 (size x domain similarity) and recommend a transfer strategy; never trains."""
+    from flows.advise import advise as run_advise
+    from flows.advise import render
+
+    doc = run_advise(artifacts_root(artifacts), source, target, load_recipe(recipe) if recipe else None,
+                     max_images=max_images)
+    print(json.dumps(doc, indent=2) if as_json else render(doc))
+
+
 @command("baton gc --dry-run --keep-days 3 configs/vlp-tiny.yaml")
 def gc(configs: Annotated[list[Path] | None, typer.Argument(
            metavar="[CONFIG]...", show_default=False,
@@ -621,6 +682,8 @@ def gc(configs: Annotated[list[Path] | None, typer.Argument(
 
 @command("baton ui --port 5000")
 def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+       workers: Annotated[int, typer.Option(help="server processes (MLflow's default, 4, each imports MLflow: on a "
+                                                  "busy small machine uvicorn restarts them before they answer)")] = 1,
        artifacts: Artifacts = None) -> int:
     """MLflow UI over the artifact root's tracking store (runs, metrics, LoggedModels, lineage)."""
     from flows.tracking import tracking_uri
@@ -628,8 +691,10 @@ def ui(host: Host = "127.0.0.1", port: Annotated[int, typer.Option(help="MLflow 
     art = artifacts_root(artifacts).resolve()
     art.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(art),
-           "--host", host, "--port", str(port)]
-    print(f"MLflow UI on http://{host}:{port}  ({' '.join(cmd)})")
+           "--host", host, "--port", str(port), "--workers", str(workers)]
+    from flows.tracking import ML_LAYOUT
+
+    print(f"MLflow UI on http://{host}:{port}/#/experiments{ML_LAYOUT}  ({' '.join(cmd)})")
     return subprocess.call(cmd)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 from flows.fingerprint import StagePlan, plan_fingerprints
@@ -19,6 +21,7 @@ from stages.fsio import remove_path, replace_dir, temp_path
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
+WEIGHTS_OUTPUTS = ("model", "tokenizer")  # upstream outputs that are weights (model inputs), not data
 
 
 def stage_dirs(recipe: Recipe, artifacts: Path, plans: dict[str, StagePlan] | None = None) -> dict[str, StageDir]:
@@ -34,14 +37,36 @@ def incomplete_kinds(recipe: Recipe, artifacts: Path, plans: dict[str, StagePlan
 
 
 def cached_result(name: str, sd: StageDir, tracking, parent_id: str) -> StageResult | None:
-    """The stage's result if it is complete (result.json is the truth), tagged on the parent run."""
+    """The stage's result if it is complete (result.json is the truth): a child run of the parent run tagged
+    ``baton.cached``, with the result's metrics and a link to the run that made it."""
     done = sd.result()
     if done is not None:
         log.info("[%s] cached: %s", name, sd.path)
         if tracking is not None:
-            tracking.client.set_tag(parent_id, f"stage.{name}", f"cached run={done.info.get('mlflow_run_id')}")
+            tracking.link_model(parent_id, done.info.get("mlflow_model_id"))
             tracking.finish_if_running(done.info.get("mlflow_run_id"), sd.path)
+            try:
+                run = tracking.log_cached_stage(parent_id, done, upstream_info(sd))
+            except Exception as e:  # noqa: BLE001 - the stage's result stands; only its record in MLflow is lost
+                log.warning("[%s] cached: could not record it in MLflow: %s", name, e)
+                run = None
+            tracking.client.set_tag(parent_id, f"stage.{name}",
+                                    f"cached run={done.info.get('mlflow_run_id')}" + (f" as={run}" if run else ""))
     return done
+
+
+def upstream_info(sd: StageDir) -> dict[str, dict]:
+    """{upstream stage: fingerprint, MLflow run and LoggedModel} of a stage dir, from its config.json and the
+    upstream result.json files (for run descriptions)."""
+    from flows.lineage import read_node
+
+    out = {}
+    for u, fp in read_node(sd.path).upstream.items():
+        res = StageDir(sd.path.parents[2], u, fp).result()
+        info = res.info if res is not None else {}
+        out[u] = {"fingerprint": fp, "mlflow_run_id": info.get("mlflow_run_id"),
+                  "mlflow_model_id": info.get("mlflow_model_id")}
+    return out
 
 
 def _upstream(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path
@@ -67,20 +92,34 @@ def _open_tracker(name: str, sd: StageDir, resolved: dict, tracking, parent_id: 
     if run_id is None or not tracking.reopen(run_id, parent_id):
         run_id = tracking.start_stage_run(parent_id, name, sd.fingerprint, resolved)
         sd.save_run_id(run_id)
-        tracking.log_lineage(
-            run_id,
-            {u: r.info.get("mlflow_model_id") for u, r in up_results.items()},
-            {f"{u}/{k}": (str(up_dirs[u].path / v), r.fingerprint) for u, r in up_results.items()
-             if "mlflow_model_id" not in r.info for k, v in r.outputs.items()})
+        tracking.log_lineage(run_id, {u: r.info.get("mlflow_model_id") for u, r in up_results.items()}, {})
+        tracking.describe_stage_run(run_id, name, sd.fingerprint, {
+            u: {"fingerprint": r.fingerprint, "mlflow_run_id": r.info.get("mlflow_run_id"),
+                "mlflow_model_id": r.info.get("mlflow_model_id")} for u, r in up_results.items()})
     tracking.client.set_tag(parent_id, f"stage.{name}", f"ran run={run_id}")
     return MlflowTracker(tracking.client, run_id), run_id
 
 
+def _datasets_read(ctx: StageContext) -> dict[str, tuple[str, str]]:
+    """{upstream/key: (path, digest)} of the upstream outputs the stage read (``ctx.input``), weights excepted:
+    its dataset inputs. The digest is the upstream stage's fingerprint (its outputs are a function of it)."""
+    return {f"{u}/{k}": (str(ctx.input(u, k)), ctx.upstream[u].fingerprint) for u, k in sorted(ctx.reads)
+            if k not in WEIGHTS_OUTPUTS}
+
+
 def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> StageResult:
+    """The stage's ``run(ctx)`` here, or with ``runtime.nproc_per_node`` > 1 on that many ranks launched from
+    this process (stages.train.launch; rank 0 logs into the same MLflow run: one run per stage)."""
     t0 = time.perf_counter()
     try:
-        seed_stage(cfg)
-        res: StageResult = kind_module(cfg.kind).run(ctx)
+        if cfg.runtime.ranks > 1:
+            from flows.tracking import rank_tracker
+            from stages.train.launch import run_ranks
+
+            res = run_ranks(ctx, partial(rank_tracker, tracking.uri, run_id) if tracking is not None else None)
+        else:
+            seed_stage(cfg)
+            res = kind_module(cfg.kind).run(ctx)
         ctx.tracker.flush()
     except BaseException as e:
         if tracking is not None:
@@ -91,15 +130,23 @@ def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> S
     return res
 
 
-def _log_result(name: str, sd: StageDir, res: StageResult, tracker: Tracker, tracking, run_id: str) -> None:
-    """Final metrics and baselines, and the weights as a LoggedModel (its id goes into result.json)."""
+def _log_result(name: str, sd: StageDir, res: StageResult, ctx: StageContext, tracking, run_id: str) -> None:
+    """The datasets it read, its final metrics and baselines once at its last step, and the weights as a
+    LoggedModel carrying them (its id goes into result.json)."""
+    tracker = ctx.tracker
     res.info["mlflow_run_id"] = run_id
-    step = int(res.info.get("steps", 0))
-    tracker.log_metrics({**res.metrics, **{f"baseline/{k}": v for k, v in res.baselines.items()}}, step=step)
-    tracker.flush()
+    step = int(res.info.setdefault("steps", tracker.final_step()))
+    datasets = _datasets_read(ctx)
+    if datasets:
+        tracking.log_lineage(run_id, {}, datasets)
+    final = {**res.metrics, **{f"baseline/{k}": v for k, v in res.baselines.items()}}
     if "model" in res.outputs:
         res.info["mlflow_model_id"] = tracking.log_model(run_id, name, sd.fingerprint, sd.path / res.outputs["model"],
-                                                         step, res.metrics)
+                                                         step, final, ctx.config.model_dump(mode="json",
+                                                                                            exclude={"runtime"}),
+                                                         tracker=tracker)
+    else:
+        tracker.log_final(final, step)
 
 
 def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking, parent_id: str,
@@ -112,9 +159,11 @@ def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts
     ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,
                        upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
                        tracker=tracker)
-    res = _run(cfg, ctx, tracking, run_id)
+    with tracking.system_metrics(run_id) if tracking is not None else nullcontext():
+        res = _run(cfg, ctx, tracking, run_id)
     if tracking is not None:
-        _log_result(name, sd, res, tracker, tracking, run_id)
+        _log_result(name, sd, res, ctx, tracking, run_id)
+        tracking.link_model(parent_id, res.info.get("mlflow_model_id"))
     sd.write_result(res)
     if tracking is not None:
         tracking.client.log_artifact(run_id, str(sd.path / "result.json"))
@@ -145,6 +194,17 @@ def _force(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: 
     return res
 
 
+def _lost_lease() -> None:
+    """A shared store's lease on this stage was taken over (this process stalled past its timeout): another
+    process now writes the stage directory, so this one stops at once (flows.lease)."""
+    import os
+    import sys
+
+    print("error: this stage's lease was taken over by another process (no heartbeat within the lease timeout); "
+          "stopping so that only one process writes its directory", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking,
                   parent_id: str, force: bool = False) -> tuple[dict, bool]:
     """Run stage ``name`` (config ``cfg``) under its directory lock. ``plans`` holds this stage's and its
@@ -152,7 +212,7 @@ def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], arti
     ``force``: rerun it even if it is complete (see :func:`_force`).
     Returns (result as a dict, whether it was already complete)."""
     sd = StageDir(artifacts, name, plans[name].fingerprint)
-    with sd.lock():
+    with sd.lock(on_lost=_lost_lease):
         sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
         old = sd.result() if force else None
         if old is not None:

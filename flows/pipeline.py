@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from typing import Any
 from flows import interrupt
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
-from flows.plan import downstream_of, needed_stages
+from flows.invocation import prewarm, publish
+from flows.plan import check_stage_names, downstream_of, needed_stages
+from flows.progress import live_bars
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
 from flows.store import StageDir
 from flows.worker import prewarm_workers, run_stage_process, write_snapshot
@@ -85,8 +88,23 @@ class StageTask:
         self.forced = forced
         self.snapshot, self.threads = snapshot, threads
         self.slots = threading.Semaphore(max_concurrency)
+        self.outcome: dict[str, str] = {}  # stage -> ran | cached | failed (for flows.invocation)
+        self.seconds: dict[str, float] = {}
 
     def __call__(self, stage: str) -> Any:
+        t0 = time.perf_counter()
+        try:
+            out = self._stage(stage)
+        except BaseException:
+            self.outcome[stage] = "failed"
+            raise
+        finally:
+            self.seconds[stage] = time.perf_counter() - t0
+        state_name = getattr(out, "name", None)
+        self.outcome[stage] = {"Cached": "cached", "Cancelled": "not run", None: "ran"}.get(state_name, "failed")
+        return out
+
+    def _stage(self, stage: str) -> Any:
         from prefect.states import Cancelled, Completed
 
         sd = StageDir(self.art, stage, self.plans[stage].fingerprint)
@@ -110,14 +128,17 @@ class StageTask:
                 raise RuntimeError(f"stage {stage!r}: worker finished but {sd.path}/result.json is missing")
             if not was_complete:
                 return done.model_dump(mode="json")
-        return Completed(name="Cached", data=done.model_dump(mode="json"), message=f"result.json present in {sd.path}")
+        return Completed(name="Cached", data={**done.model_dump(mode="json"), "cached": True},
+                         message=f"result.json present in {sd.path}")
 
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]
                  ) -> tuple[dict[str, Any], tuple[str, BaseException] | None]:
-    """Submit each wanted stage once everything it needs has finished (so no worker thread sits blocked
-    on upstream futures; ``wait_for`` still records the edges for the Prefect UI); a failed stage's
-    downstream stages are not run. Returns ({stage: result}, the first failure or None)."""
+    """Submit every wanted stage at once, in dependency order, each waiting for the futures of the stages it
+    needs (``wait_for``): the Prefect UI shows the whole graph from the start, stages not yet started as
+    Pending (a task thread waiting on its upstream costs nothing: stage processes do the work). A failed
+    stage's downstream stages are not run (Prefect leaves them NotReady). Returns ({stage: result}, the
+    first failure or None)."""
     futures: dict[str, Any] = {}
     pending = [n for n in recipe.stages if n in wanted]
     results: dict[str, Any] = {}
@@ -132,57 +153,146 @@ def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list],
                 pending.remove(name)
                 skipped.add(name)
                 log.warning("[%s] not run: an upstream stage failed", name)
-            elif all(u in results for u in needs[name]):
+            elif all(u in futures for u in needs[name]):
                 pending.remove(name)
                 futures[name] = submit(name, [futures[u] for u in needs[name]])
         open_ = [n for n in futures if n not in results and n not in skipped]
-        running = [n for n in open_ if not futures[n].wrapped_future.done()]
-        finished = [n for n in open_ if futures[n].wrapped_future.done()]
+        running = [n for n in open_ if not _done(futures[n])]
+        finished = [n for n in open_ if n not in running]
         for name in finished:
+            if any(u in skipped for u in needs[name]):  # Prefect did not run it (NotReady)
+                skipped.add(name)
+                log.warning("[%s] not run: an upstream stage failed", name)
+                continue
             try:
                 results[name] = futures[name].result()
             except BaseException as e:  # noqa: BLE001 - re-raised by the flow
                 failed = failed or (name, e)
                 skipped.add(name)
-        if not running and not finished and not any(all(u in results for u in needs[n]) for n in pending):
+        if not running and not finished and not any(all(u in futures for u in needs[n]) for n in pending):
             return results, failed
         if running and not finished:
             futures[running[0]].wait(timeout=0.2)
 
 
+def _done(future) -> bool:
+    """Whether a Prefect future's work has finished: a thread's concurrent future, or a Ray task's ObjectRef
+    (prefect-ray)."""
+    wrapped = future.wrapped_future
+    if hasattr(wrapped, "done"):
+        return wrapped.done()
+    import ray
+
+    return bool(ray.wait([wrapped], timeout=0, fetch_local=False)[0])
+
+
+def _stage_task(recipe: Recipe, art: Path, plans: dict[str, StagePlan], tracking, parent_id: str, snapshot: Path,
+                wanted: set[str], forced: set[str], cluster: str | None):
+    """The body of every stage task: in threads of this process, or on Ray nodes (flows.cluster)."""
+    if not cluster:
+        return StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
+                         recipe.max_concurrency, forced)
+    from flows.cluster import RayStageTask, threads_per_stage
+
+    return RayStageTask(StageTask(art, plans, tracking, parent_id, snapshot, threads_per_stage(recipe, wanted),
+                                  len(recipe.stages), forced), recipe.name)
+
+
+def _submitter(recipe: Recipe, run_stage, cluster: str | None) -> Callable[[str, list], Any]:
+    """submit(stage, upstream futures): the stage's Prefect task, on Ray with the stage's resources if
+    ``cluster``."""
+    from prefect import task
+
+    def submit(name: str, upstream: list) -> Any:
+        t = task(run_stage, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
+                 retries=recipe.retries, retry_delay_seconds=5, retry_condition_fn=_is_transient,
+                 cache_policy=None, persist_result=False)
+        if not cluster:
+            return t.submit(name, wait_for=upstream)
+        from prefect_ray.context import remote_options
+
+        from flows.cluster import remote_options as stage_options
+
+        with remote_options(**stage_options(recipe.stages[name])):
+            return t.submit(name, wait_for=upstream)
+    return submit
+
+
+def resolve_recipe(recipe_path: str, recipe_snapshot: dict | None, overrides: list[str] | None) -> Recipe:
+    """The recipe this flow run runs: its recorded snapshot, else ``recipe_path`` with ``overrides`` applied,
+    recorded as the flow run's ``recipe_snapshot`` parameter (a run of a per-recipe deployment: a retry of this
+    flow run then runs exactly this recipe, even if the file changed meanwhile)."""
+    if recipe_snapshot is not None:
+        return load_recipe(recipe_path, raw=recipe_snapshot)
+    recipe = load_recipe(recipe_path, overrides or ())
+    from prefect.runtime import flow_run
+
+    if flow_run.id:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, parameters={**flow_run.parameters, "recipe_snapshot": recipe.raw})
+    return recipe
+
+
+def publish_recipe(recipe: Recipe) -> None:
+    """The resolved recipe as a Markdown artifact of this flow run (its Artifacts tab in the Prefect UI)."""
+    import re
+
+    import yaml
+    from prefect.artifacts import create_markdown_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"recipe-{recipe.name}".lower())
+    create_markdown_artifact(f"```yaml\n{yaml.safe_dump(recipe.raw, sort_keys=False)}```", key=key,
+                             description=f"the resolved recipe this flow run ran ({recipe.path})")
+
+
 def build_flow():
-    from prefect import flow, task
+    from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
     # threads only wait on stage processes; StageTask's slots cap how many run (run_pipeline sets the same)
     @flow(name="baton", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=32))
-    def baton_pipeline(recipe_path: str, recipe_snapshot: dict, artifacts: str, only: list[str] | None = None,
-                       track: bool = True, force: list[str] | None = None) -> dict[str, Any]:
+    def baton_pipeline(recipe_path: str, recipe_snapshot: dict | None = None, artifacts: str | None = None,
+                       only: list[str] | None = None, track: bool = True, force: list[str] | None = None,
+                       overrides: list[str] | None = None, cluster: str | None = None) -> dict[str, Any]:
         """Run (or resume) every stage of a recipe; complete stages are Cached, except the ``force``d ones
-        and their downstream stages, which run again."""
+        and their downstream stages, which run again.
+
+        Args:
+            recipe_path: the recipe YAML
+            recipe_snapshot: the resolved recipe (overrides applied); when absent, read from recipe_path with
+                overrides applied and recorded here on the flow run, so that a retry runs exactly the same
+            artifacts: the artifact root (default: $BATON_ARTIFACTS, else ./artifacts)
+            only: run only these stages and what they need (empty: every stage)
+            track: track the run in MLflow
+            force: rerun these stages and their downstream stages even if complete
+            overrides: dotted key=value overrides of the recipe, e.g. stages.vqa.train.lr=3e-4
+            cluster: run the stages on this Ray cluster (the flow's task runner is then prefect-ray's,
+                flows.cluster)
+        """
         from prefect.runtime import flow_run
         from prefect.states import Cancelled
 
-        recipe = load_recipe(recipe_path, raw=recipe_snapshot)
-        art = Path(artifacts)
+        recipe = resolve_recipe(recipe_path, recipe_snapshot, overrides)
+        check_stage_names(recipe, {"only": only, "force": force})
+        publish_recipe(recipe)
+        art = Path(artifacts or os.environ.get("BATON_ARTIFACTS", "artifacts")).resolve()
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
-        prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
+        if not cluster:
+            prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
+        if track:
+            prewarm()  # the lineage picture's matplotlib
         wanted = needed_stages(recipe, only)
         forced = downstream_of(recipe, force or []) & wanted
         snapshot = write_snapshot(art, recipe, plans, forced)
-        run_stage = StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
-                              recipe.max_concurrency, forced)
+        run_stage = _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced, cluster)
+        submit = _submitter(recipe, run_stage, cluster)
 
-        def submit(name: str, upstream: list) -> Any:
-            t = task(run_stage, name=f"stage-{recipe.stages[name].kind}", task_run_name=name,
-                     retries=recipe.retries, retry_delay_seconds=5, retry_condition_fn=_is_transient,
-                     cache_policy=None, persist_result=False)
-            return t.submit(name, wait_for=upstream)
-
-        status = "FAILED"
+        status, results = "FAILED", {}
         try:
             results, failed = run_in_order(recipe, wanted, submit)
             status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
@@ -191,6 +301,10 @@ def build_flow():
             raise
         finally:
             snapshot.unlink(missing_ok=True)
+            if status != "KILLED":
+                # on Ray the stage tasks ran in other processes: the driver knows which finished, not how
+                outcome = getattr(run_stage, "outcome", None) or {n: "ran" for n in results}
+                publish(recipe, art, outcome, getattr(run_stage, "seconds", {}), {}, tracking, parent_id)
             if tracking is not None:
                 tracking.end_run(parent_id, status)
             alive.close()
@@ -204,24 +318,48 @@ def build_flow():
 
 
 def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None, track: bool = True,
-                 server: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
+                 server: str | None = None, force: list[str] | None = None, cluster: str | None = None
+                 ) -> dict[str, Any]:
     """Run the flow against a Prefect server that answers (``server``, PREFECT_API_URL, or the artifacts dir's
     background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
-    raises ``interrupt.Interrupted`` saying which stages stopped at which step."""
+    raises ``interrupt.Interrupted`` saying which stages stopped at which step. ``cluster``: a Ray address
+    (flows.cluster): every stage runs as a Ray task on a node that has its resources."""
+    if cluster:
+        from flows.cluster import check_address, refuse_config
+
+        check_address(cluster)
+        refuse_config(recipe, needed_stages(recipe, only))
     with interrupt.handling():
         try:
-            return _run_pipeline(recipe, artifacts, only, track, server, force)
+            return _run_pipeline(recipe, artifacts, only, track, server, force, cluster)
         except BaseException:
             if interrupt.requested():
                 raise interrupt.Interrupted(interrupt.summary()) from None
             raise
 
 
+def _task_runner(recipe: Recipe, cluster: str | None):
+    """Threads that wait on this machine's stage processes (every stage can have one; StageTask's slots cap
+    how many run at once: recipe.max_concurrency), or prefect-ray's runner on the Ray cluster that
+    flows.cluster.connect_checked connected to."""
+    if not cluster:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=len(recipe.stages))
+    from prefect_ray import RayTaskRunner
+
+    return RayTaskRunner(address=cluster)  # reuses that connection (ray.is_initialized)
+
+
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
-                  server: str | None, force: list[str] | None) -> dict[str, Any]:
+                  server: str | None, force: list[str] | None, cluster: str | None = None) -> dict[str, Any]:
     from flows.server import ensure_server
+    from flows.team import client_auth_env, join_team, team_server
 
     configure_prefect(artifacts)
+    client_auth_env()  # a team server's credentials (flows.team), before Prefect is imported
+    if not server and not os.environ.get("PREFECT_API_URL"):
+        server = team_server(artifacts)  # a store served by `baton serve --db`: its server, never a private one
     found: list = []
 
     def find() -> None:
@@ -239,21 +377,34 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     if server or os.environ.get("PREFECT_API_URL"):
         finder.join()
     if not (found and isinstance(found[0], BaseException)):
-        prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
+        if cluster:  # connected, and every stage checked against the nodes, while the Prefect server starts
+            from flows.cluster import connect_checked
+
+            connect_checked(cluster, recipe, needed_stages(recipe, only))
+        else:
+            prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
         if track:
             __import__("mlflow")
     finder.join()
-    if isinstance(found[0], BaseException):
-        raise found[0]
-    users = found[0]  # the background server's users lock: it stays up while this run lasts
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's
-    # slots cap how many stage processes run at once (recipe.max_concurrency).
-    flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
-                                     flow_run_name=f"{recipe.name}")
     try:
-        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
+        if isinstance(found[0], BaseException):
+            raise found[0]
+        join_team(os.environ["PREFECT_API_URL"], artifacts)  # team mode if the server is a team server
+        return _run_flow(recipe, artifacts, only, track, force, cluster, users=found[0])
+    finally:
+        if cluster:
+            from flows.cluster import disconnect
+
+            disconnect()
+
+
+def _run_flow(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool, force: list[str] | None,
+              cluster: str | None, users) -> dict[str, Any]:
+    """The flow itself; ``users``: the background server's users lock (it stays up while this run lasts)."""
+    try:
+        flow = build_flow().with_options(task_runner=_task_runner(recipe, cluster), flow_run_name=f"{recipe.name}")
+        with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
+            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster=cluster)
     finally:
         if users is not None:
             users.close()

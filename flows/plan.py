@@ -16,7 +16,7 @@ from typing import Any
 from flows.fingerprint import StagePlan
 from flows.store import StageDir, stage_paths
 from stages.fsio import is_temp_name
-from stages.recipe import Recipe
+from stages.recipe import Recipe, RecipeError
 
 ABSENT = "<absent>"
 
@@ -130,6 +130,14 @@ def last_complete(artifacts: Path, stage: str, exclude: Path | None = None) -> t
         return None
     cfg = json.loads((best[1] / "config.json").read_text())
     return best[1], cfg.get("fingerprint_inputs", {})
+
+
+def check_stage_names(recipe: Recipe, options: dict[str, list[str] | None]) -> None:
+    """Refuse an option (``--only``, ``--force``) that names a stage the recipe does not have."""
+    for opt, names in options.items():
+        for name in names or []:
+            if name not in recipe.stages:
+                raise RecipeError(f"{opt} {name}: no such stage in {recipe.path} ({', '.join(recipe.stages)})")
 
 
 def needed_stages(recipe: Recipe, only: list[str] | None) -> set[str]:

@@ -95,13 +95,15 @@ def idle_timeout() -> float:
 
 
 def spawn(artifacts: Path, host: str = "127.0.0.1", port: int = 0, idle: float | None = None, ui: bool = False,
-          detached: bool = True) -> subprocess.Popen:
-    """Start ``python -m flows.server`` for this artifacts dir (detached: own session, output to server.log)."""
+          detached: bool = True, parent: int | None = None) -> subprocess.Popen:
+    """Start ``python -m flows.server`` for this artifacts dir (detached: own session, output to server.log;
+    ``parent``: it exits when that process is gone)."""
     from flows.prefect_env import configure_prefect
 
     configure_prefect(artifacts)
     cmd = [sys.executable, "-m", "flows.server", str(Path(artifacts).resolve()), "--host", host, "--port", str(port),
-           "--idle", str(idle_timeout() if idle is None else idle)] + (["--ui"] if ui else [])
+           "--idle", str(idle_timeout() if idle is None else idle)] + (["--ui"] if ui else []) + \
+        (["--parent", str(parent)] if parent else [])
     root = str(Path(__file__).resolve().parents[1])
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env.pop("PREFECT_API_URL", None)
@@ -187,9 +189,20 @@ def _client_host(sock) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-async def _watch(server, app: _LastRequest, artifacts: Path, sock, idle: float) -> None:
+def ui_api_url(sock) -> str:
+    """The API URL a browser is told to call: the bound address and port (a wildcard bind: this host's name,
+    which other machines can reach)."""
+    import socket
+
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "", "::"):
+        host = socket.getfqdn()
+    return f"http://{host}:{port}/api"
+
+
+async def _watch(server, app: _LastRequest, artifacts: Path, sock, idle: float, parent: int | None) -> None:
     """Write the discovery file once the server answers; stop it after ``idle`` seconds without requests
-    and without users (idle <= 0: never)."""
+    and without users (idle <= 0: never), or once the ``parent`` process is gone."""
     import asyncio
 
     while not server.started:
@@ -201,9 +214,13 @@ async def _watch(server, app: _LastRequest, artifacts: Path, sock, idle: float) 
         "url": f"http://{_client_host(sock)}:{port}/api", "pid": os.getpid(), "port": port,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "idle_timeout": idle})
     users = _lock_file(artifacts, "users")
-    while idle > 0 and not server.should_exit:
-        await asyncio.sleep(min(1.0, idle / 4))
-        if time.monotonic() - app.at < idle:
+    while (idle > 0 or parent) and not server.should_exit:
+        await asyncio.sleep(min(1.0, idle / 4) if idle > 0 else 1.0)
+        if parent and not pid_alive(parent):
+            print(f"baton: the process that started this server (pid {parent}) is gone: stopping", flush=True)
+            server.should_exit = True
+            break
+        if idle <= 0 or time.monotonic() - app.at < idle:
             continue
         try:
             fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # kept until this process exits (see module doc)
@@ -213,7 +230,8 @@ async def _watch(server, app: _LastRequest, artifacts: Path, sock, idle: float) 
         server.should_exit = True
 
 
-def serve(artifacts: Path, port: int = 0, idle: float = 0.0, ui: bool = False, host: str = "127.0.0.1") -> None:
+def serve(artifacts: Path, port: int = 0, idle: float = 0.0, ui: bool = False, host: str = "127.0.0.1",
+          parent: int | None = None) -> None:
     """Run Prefect's API (and UI) for this artifacts dir in this process until stopped or idle."""
     import asyncio
     import socket
@@ -221,19 +239,23 @@ def serve(artifacts: Path, port: int = 0, idle: float = 0.0, ui: bool = False, h
     from flows.prefect_env import configure_prefect
 
     configure_prefect(artifacts)
+    prefect_home(artifacts).mkdir(parents=True, exist_ok=True)  # its database lives there
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
     os.environ["PREFECT_SERVER_UI_ENABLED"] = "true" if ui else "false"
     os.environ.pop("PREFECT_API_URL", None)
+    # what the UI is told to call (its /ui-settings): this server, not Prefect's default :4200. Set before
+    # Prefect is imported (its settings are read then); one the user set (a proxy's URL) wins
+    os.environ.setdefault("PREFECT_UI_API_URL", ui_api_url(sock))
     import uvicorn
     from prefect.server.api.server import create_app
 
     app = _LastRequest(create_app(ephemeral=not ui, final=True))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="error", timeout_graceful_shutdown=5))
 
     async def main() -> None:
-        watcher = asyncio.ensure_future(_watch(server, app, artifacts, sock, idle))
+        watcher = asyncio.ensure_future(_watch(server, app, artifacts, sock, idle, parent))
         try:
             await server.serve(sockets=[sock])
         finally:
@@ -256,5 +278,6 @@ if __name__ == "__main__":
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--idle", type=float, default=0.0, help="exit after this many idle seconds (0: never)")
     p.add_argument("--ui", action="store_true")
+    p.add_argument("--parent", type=int, help="exit when this process is gone (`baton serve`'s server)")
     a = p.parse_args()
-    serve(a.artifacts, a.port, a.idle, a.ui, a.host)
+    serve(a.artifacts, a.port, a.idle, a.ui, a.host, a.parent)

@@ -7,7 +7,9 @@
         run.json      the MLflow run id of this stage's execution (a resumed stage continues it)
         result.json   written last, atomically: its presence means "complete"
         .lock         flock()ed while a process works here; the kernel drops it when the process
-                      dies, so a lock left by a killed run is never stale
+                      dies, so a lock left by a killed run is never stale. A store shared by several
+                      machines adds a PostgreSQL lease first (flows.lease); ``probe_store`` checks that
+                      such a store keeps the promises this layout relies on.
 """
 from __future__ import annotations
 
@@ -16,15 +18,16 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flows.lease import hostname, lease_db
 from stages.contract import StageResult
-from stages.fsio import checkpoint_steps, is_temp_name, remove_path, temp_owner, temps_of, write_json_atomic
+from stages.fsio import (checkpoint_steps, is_temp_name, remove_path, temp_owner, temp_path, temps_of,
+                         write_json_atomic)
 
 log = logging.getLogger("baton")
 LOCK_PID = "pid="  # .lock holds "pid=<pid> host=<host>" of the process that holds (or last held) it
@@ -113,8 +116,23 @@ class StageDir:
         return describe_state(*self.state())
 
     @contextmanager
-    def lock(self, poll: float = 2.0) -> Iterator[None]:
-        """Exclusive lock on this stage directory. A second process waits (and says so)."""
+    def lock(self, poll: float = 2.0, on_lost: Callable[[], None] | None = None) -> Iterator[None]:
+        """Exclusive lock on this stage directory. A second process waits (and says so). When the store is
+        shared by several machines (flows.lease: ``BATON_LOCK_DB``), a PostgreSQL lease is taken first, keyed
+        by the directory's absolute path (every node mounts the store at the same path); ``on_lost`` runs if that
+        lease is taken over while held (flows.lease)."""
+        url = lease_db()
+        if url is None:
+            with self._flock(poll):
+                yield
+            return
+        from flows.lease import stage_lease
+
+        with stage_lease(url, str(self.path.resolve()), self.stage, min(poll, 1.0), on_lost), self._flock(poll):
+            yield
+
+    @contextmanager
+    def _flock(self, poll: float) -> Iterator[None]:
         fd = self._open_lock()
         try:
             waited = False
@@ -133,7 +151,7 @@ class StageDir:
                 os.close(fd)  # `baton gc` removed the dir while we waited for its lock: lock the dir anew
                 fd = self._open_lock()
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{LOCK_PID}{os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, f"{LOCK_PID}{os.getpid()} host={hostname()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -200,3 +218,50 @@ def read_result(stage_path: Path) -> StageResult | None:
 def resolved_config(stage_path: Path) -> dict[str, Any]:
     """The resolved stage config recorded in the stage directory's config.json."""
     return json.loads((Path(stage_path) / "config.json").read_text())["resolved"]
+
+
+# ------------------------------------------------------------------------------ a shared store's promises
+
+
+class StoreError(OSError):
+    """The artifacts root cannot hold a store (names the root and the promise it broke)."""
+
+
+def probe_store(root: Path) -> None:
+    """Check that ``root`` keeps the promises the store relies on, on this machine: a file written, fsynced
+    and renamed into place reads back whole under its new name and is gone under the old one; a rename over an
+    existing file replaces it (result.json); a directory renames with its contents (checkpoints). FUSE-mounted
+    buckets fail this (no atomic rename); NFS v4, Lustre and CephFS pass. Run it on every node that writes the
+    store (the cluster runner calls it per node). Raises StoreError naming ``root`` and what failed."""
+    root = Path(root)
+    tag = f"{hostname()}-{os.getpid()}-{time.time_ns()}"
+    d = root / "tmp" / f"store-probe-{tag}"
+    step = f"create {d}"
+    try:
+        d.mkdir(parents=True)
+        payload = os.urandom(1 << 16)
+        for name, data in (("a", payload), ("b", payload[::-1])):
+            step = f"write and fsync {d / name}"
+            tmp = temp_path(d / name)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            step = f"rename {tmp.name} to {name}"
+            os.replace(tmp, d / "a")  # the second one replaces the first
+            if tmp.exists():
+                raise StoreError(f"{root}: after {step}, the old name still exists (rename is not atomic)")
+            if (d / "a").read_bytes() != data:
+                raise StoreError(f"{root}: after {step}, {d / 'a'} does not read back what was written")
+        step = f"rename the directory {d.name}"
+        moved = d.with_name(d.name + "-moved")
+        os.replace(d, moved)
+        if d.exists() or (moved / "a").read_bytes() != payload[::-1]:
+            raise StoreError(f"{root}: after {step}, its contents are not where the rename put them")
+        d = moved
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreError(f"{root} cannot hold a baton store: {step} failed: {e.strerror or e}") from None
+    finally:
+        remove_path(d)

@@ -6,8 +6,9 @@ The flow's task for a stage calls :func:`run_stage_process`, which starts this p
 log lines into Prefect. Giving every executing stage its own process means concurrent stages do not
 share torch's global RNG (so each stays reproducible), do not fight over the GIL or one OpenMP pool
 (each sets its own thread count), release all their (GPU) memory when done, and a hard crash of one
-stage cannot take the flow down. It is also where a multi-GPU stage becomes ``torchrun`` instead of
-``python``.
+stage cannot take the flow down. With ``runtime.nproc_per_node`` > 1 this process becomes the stage's
+torch elastic agent (flows.execute -> stages.train.launch): it starts the N ranks (gloo on CPU, nccl on CUDA),
+which stay in its process group, so a Ctrl-C or a kill of the group reaches every rank, and die with it.
 
 The process is forked from a fork server that imported torch, MLflow and the stage kinds once
 (:func:`prewarm_workers`), or with ``BATON_WORKER_START=spawn`` a fresh interpreter. Its input is a
@@ -32,12 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows import interrupt
+from flows import interrupt, progress
 from flows.fingerprint import StagePlan
 from flows.interrupt import EXIT_INTERRUPTED
 from stages import kind_module, use_python_path
 from stages.contract import StageError
 from stages.recipe import Recipe, RecipeError
+from stages.progress import PROGRESS_PREFIX
 
 log = logging.getLogger("baton")
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CACHED = 0, 2, 3
@@ -132,15 +134,22 @@ def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, th
     fresh ``python -m flows.worker``. Either way its stdout and stderr (fds 1 and 2) come through a pipe."""
     argv = [name, "--snapshot", str(snapshot), "--artifacts", str(artifacts),
             "--threads", str(threads)] + (["--parent-run-id", parent_id] if parent_id else [])
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "BATON_PROGRESS": "events"}
     cwd = Path(__file__).resolve().parents[1]
     tail: collections.deque[str] = collections.deque(maxlen=30)
 
     def forward(lines) -> None:
-        for line in lines:
-            line = line.rstrip()
-            tail.append(line)
-            (log.warning if line.startswith(("error", "Traceback", "WARNING")) else log.info)(line)
+        with progress.tracking(name) as bar:
+            for line in lines:
+                line = line.rstrip()
+                if line.startswith(PROGRESS_PREFIX):  # a progress event (stages.train.progress), not text
+                    try:
+                        bar.handle(json.loads(line[len(PROGRESS_PREFIX):]))
+                    except ValueError:
+                        log.info(line)
+                    continue
+                tail.append(line)
+                (log.warning if line.startswith(("error", "Traceback", "WARNING")) else log.info)(line)
 
     if _worker_start_method() == "spawn":
         with subprocess.Popen([sys.executable, "-m", "flows.worker", *argv], stdout=subprocess.PIPE,

@@ -28,6 +28,7 @@ KINDS: dict[str, str] = {
     "vl": "stages.vl",
     "caption": "stages.caption",
     "vqa": "stages.vqa",
+    "targets": "stages.targets",
 }
 
 CONFIGS: dict[str, str] = {kind: f"stages.config.{kind}" for kind in KINDS}

@@ -5,6 +5,8 @@
 
 Overrides (``dotted.key=value``) may come anywhere on the line; ``--out`` is created when missing.
 
+``stages.<name>.runtime.nproc_per_node=N`` runs the stage on N ranks (DDP: gloo on CPU, nccl on CUDA).
+
 Upstream stages are given as directories holding a ``result.json``. Metrics go to stdout; the stage
 writes its checkpoints and outputs under ``--out`` (rerunning resumes from the newest checkpoint).
 """
@@ -61,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(name=args.stage, config=cfg, stage_dir=args.out, upstream=ups, upstream_dirs=dirs,
                            fingerprint="standalone", tracker=NullTracker())
-        seed_stage(cfg)
-        res = kind_module(cfg.kind).run(ctx)
+        if cfg.runtime.ranks > 1:  # N ranks through torch's elastic launcher (stages.train.launch)
+            from stages.train.launch import run_ranks
+
+            res = run_ranks(ctx)
+        else:
+            seed_stage(cfg)
+            res = kind_module(cfg.kind).run(ctx)
         write_json_atomic(args.out / "result.json", res.model_dump(mode="json"))
         print(json.dumps({"metrics": res.metrics, "baselines": res.baselines, "info": res.info}, indent=2))
         return 0

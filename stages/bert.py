@@ -24,7 +24,8 @@ from stages.config.bert import SPECIAL_TOKENS, BertSizes, Config, TokenizerConfi
 from stages.contract import StageContext, StageError, StageResult
 from stages.data.text import load_tokenizer, pack_documents, read_corpus, special_ids, train_tokenizer, unigram_logprobs
 from stages.models.bert import build_bert_config, transfer_blocks
-from stages.models.masking import EVAL_MASK_SEED, mask_tokens, normal_token_ids, step_generator
+from stages.models.masking import EVAL_MASK_SEED, mask_tokens, normal_token_ids
+from stages.train.distributed import example_random, global_token_mean
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
 
@@ -75,18 +76,19 @@ def build_mlm(ctx: StageContext, cfg: Config, tok, tok_src: str | None) -> BertF
 
 def masked_lm_loss(ctx: StageContext, cfg: Config, tok):
     """The training loss -> ``loss_fn(m, batch, step)``: masked LM with the step's masks (80/10/10,
-    whole words when ``whole_word``), so a resumed run masks what the unbroken run masked."""
+    whole words when ``whole_word``), drawn per example (a resumed run, or a run on another number of
+    ranks, masks what the unbroken 1-rank run masked); the loss is the global batch's token mean."""
     sp = torch.tensor(special_ids(tok))
     normal = normal_token_ids(tok)
 
     def loss_fn(m: BertForMaskedLM, batch, step: int):
         ids, ws = batch  # (B, seq_len) each
         masked, labels = mask_tokens(ids, ~torch.isin(ids, sp.to(ids.device)), cfg.mask_prob, tok.mask_token_id,
-                                     normal, step_generator(ctx.seed, step), ws if cfg.whole_word else None)
+                                     normal, example_random(ctx.seed, step, len(ids)), ws if cfg.whole_word else None)
         out = m(input_ids=masked, attention_mask=ids != tok.pad_token_id, labels=labels)
         sel = labels != -100
         acc = (out.logits[sel].argmax(-1) == labels[sel]).float().mean().detach()
-        return out.loss, {"masked_acc": acc}
+        return global_token_mean(out.loss, sel.sum()), {"masked_acc": acc}
     return loss_fn
 
 

@@ -34,10 +34,12 @@ from stages.data.common import open_rgb
 from stages.data.text_regions import RegionTable, caption_data, open_regions, regions_of
 from stages.metrics import caption_scores
 from stages.models.decode import beam_decode, greedy_decode
-from stages.models.masking import mask_tokens, normal_token_ids, step_generator
+from stages.models.masking import mask_tokens, normal_token_ids
 from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.device import autocast, to_device
+from stages.train.distributed import example_random, global_token_mean
 from stages.train.loop import fit
+from stages.progress import Progress
 
 
 def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_ids: list[int],
@@ -46,6 +48,7 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
     model.to(ctx.device).eval()
     out: dict[int, str] = {}
     t0 = time.perf_counter()
+    bar = Progress(ctx.name, "decode", len(image_ids), "captions")
     for s in range(0, len(image_ids), cfg.batch_size):
         ids = image_ids[s:s + cfg.batch_size]
         regions = to_device(table.batch(torch.tensor([table.row[i] for i in ids])), ctx.device)
@@ -56,6 +59,7 @@ def decode_images(ctx: StageContext, model: VLP, tok, table: RegionTable, image_
                 toks = beam_decode(model, regions, cfg.beam_size, cfg.max_len, cfg.length_penalty)
         for iid, t in zip(ids, toks):
             out[iid] = tok.decode(t, skip_special_tokens=True).strip()
+        bar.update(len(ids))
     secs = time.perf_counter() - t0
     return out, len(image_ids) / max(secs, 1e-9)
 
@@ -164,11 +168,11 @@ def seq2seq_mlm_loss(ctx: StageContext, cfg: Config, tok):
         text = batch["text"]  # (B, T): caption + [SEP]
         k = batch["feats"].shape[1]
         masked, labels = mask_tokens(text, text != pad, cfg.mask_prob, tok.mask_token_id, normal,
-                                     step_generator(ctx.seed, step), max_pred=cfg.max_pred)
+                                     example_random(ctx.seed, step, len(text)), max_pred=cfg.max_pred)
         h = m(masked, regions_of(batch), torch.ones(len(text), dtype=torch.bool, device=text.device))[:, k + 2:]
         sel = labels != -100
         logits = m.mlm.cls(h[sel])
-        return nn.functional.cross_entropy(logits, labels[sel]), \
+        return global_token_mean(nn.functional.cross_entropy(logits, labels[sel]), sel.sum()), \
             {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
     return loss_fn
 

@@ -20,8 +20,10 @@ from stages.config.cnn import Config, ModelConfig  # noqa: F401 - the kind's con
 from stages.contract import StageContext, StageError, StageResult
 from stages.data.imagenet import ImageClassDataset, class_index, load_imagefolder, normalize_images
 from stages.metrics import topk_accuracy
-from stages.models.resnet import build_classifier, init_weights, save_classifier, transfer_blocks
+from stages.models.resnet import build_classifier, init_weights, pretrained_classifier, save_classifier, transfer_blocks
 from stages.train.device import autocast, to_device
+from stages.train import distributed
+from stages.train.distributed import example_random
 from stages.train.loop import fit
 
 
@@ -44,6 +46,20 @@ def image_datasets(cfg: "Config", runtime, tr: tuple, va: tuple) -> tuple[ImageC
     return train, val
 
 
+def build_model(ctx: StageContext, cfg: "Config", num_classes: int) -> tuple[nn.Module, ModelConfig]:
+    """The classifier to train and its ModelConfig: ``init_from``'s architecture and weights (new head), else
+    ``model`` built fresh (and loaded from ``model.init`` when set)."""
+    if cfg.init_from is None:
+        model = build_classifier(cfg.model, num_classes)
+        init_weights(model, cfg.model)
+        return model, cfg.model
+    model, model_cfg = pretrained_classifier(ctx.input(cfg.init_from, "model"), num_classes, "init_from")
+    if cfg.model != ModelConfig() and cfg.model != model_cfg:
+        raise StageError(f"stage {ctx.name!r}: model is set but differs from the architecture of "
+                         f"init_from={cfg.init_from!r} ({model_cfg.model_dump()}): leave model out")
+    return model, model_cfg
+
+
 @torch.no_grad()
 def evaluate(ctx: StageContext, model: nn.Module, ds, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The model on every image of ``ds`` -> (logits (N, classes) float32, targets (N,)) on the CPU."""
@@ -60,7 +76,7 @@ def evaluate(ctx: StageContext, model: nn.Module, ds, batch_size: int) -> tuple[
 
 def run(ctx: StageContext) -> StageResult:
     cfg: Config = ctx.config  # type: ignore[assignment]
-    root = ctx.input(cfg.data, "imagenet")
+    root = ctx.input(cfg.data, cfg.data_output)
     tr_paths, tr_labels, classes = load_imagefolder(root / "train")
     va_paths, va_labels, va_classes = load_imagefolder(root / "val")
     if va_classes != classes:
@@ -68,8 +84,12 @@ def run(ctx: StageContext) -> StageResult:
     train_ds, val_ds = image_datasets(cfg, ctx.config.runtime, (tr_paths, tr_labels), (va_paths, va_labels))
     skipped = len(train_ds.skipped) + len(val_ds.skipped)
 
-    model = build_classifier(cfg.model, len(classes))
-    init_weights(model, cfg.model)
+    model, model_cfg = build_model(ctx, cfg, len(classes))
+    if model_cfg.sync_batchnorm and distributed.world() > 1:
+        if ctx.device.type == "cpu":
+            raise StageError("model.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU path); runtime.device "
+                             "resolved to cpu")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys as BatchNorm2d
     tb = transfer_blocks(model)
     ctx.tracker.log_params({"data.classes": len(classes), "data.train": len(train_ds), "data.val": len(val_ds),
                             "model.params": sum(p.numel() for p in model.parameters()),
@@ -78,10 +98,10 @@ def run(ctx: StageContext) -> StageResult:
 
     def loss_fn(m: nn.Module, batch, step: int):
         x, y = batch  # x: uint8 on the device
-        # the flips come from the main process's torch RNG (checkpointed with the model), not from the
-        # loader workers: the same for any num_workers, cached or streamed, and a resumed run draws what
-        # the unbroken run drew
-        flip = torch.rand(len(x)) < 0.5
+        # the flips are drawn per example from (seed, step, position in the step's global batch), not in the
+        # loader workers: the same for any num_workers, cached or streamed, any number of ranks, and a
+        # resumed run draws what the unbroken run drew
+        flip = example_random(ctx.seed, step, len(x)).rand(1, 0)[:, 0] < 0.5
         logits = m(device_batch(ctx, x, flip))
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
@@ -97,7 +117,7 @@ def run(ctx: StageContext) -> StageResult:
     baselines = {"val/top1_chance": 1 / len(classes),
                  "val/top1_majority": float((targets == majority).float().mean())}
     ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
-    save_classifier(model.cpu(), cfg.model, classes, ctx.outputs / "model")
+    save_classifier(model.cpu(), model_cfg, classes, ctx.outputs / "model")
     (ctx.outputs / "model" / "classes.json").write_text(json.dumps(class_index(classes, root), indent=2))
     return ctx.result(outputs={"model": "outputs/model", "classes": "outputs/model/classes.json"}, metrics=metrics,
                       baselines=baselines,

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,6 +50,10 @@ class Runtime(Strict):
     gpus: float = Field(0, ge=0, description="GPUs per node this stage asks the cluster for (--cluster)")
     cpus: float = Field(1, ge=0, description="CPUs per node this stage asks the cluster for (--cluster)")
     memory_gb: float = Field(0, ge=0, description="memory per node this stage asks the cluster for (--cluster)")
+    resources: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="custom Ray resources per node this stage asks the cluster for "
+                                          "(--cluster), e.g. {a100: 1} for nodes started with "
+                                          "`ray start --resources '{\"a100\": 8}'`")
 
     @model_validator(mode="after")
     def _ranks_agree(self) -> "Runtime":
@@ -109,6 +113,22 @@ class StageConfig(Strict):
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="torch.manual_seed's range")
     runtime: Runtime = Field(default_factory=Runtime)
 
+    @model_validator(mode="after")
+    def _check_ranks(self) -> "StageConfig":
+        """Several ranks (DDP) need the shared training loop and a global batch that splits evenly into
+        ranks x micro-batches: refused here, before anything runs."""
+        n = self.runtime.ranks
+        if n == 1:
+            return self
+        train = getattr(self, "train", None)
+        if not hasattr(train, "batch_size") or not hasattr(train, "grad_accum"):
+            raise ValueError(f"runtime.nproc_per_node={n}: stage kind {self.kind!r} does not train with the shared "
+                             "loop, it runs in one process (set runtime.nproc_per_node: 1)")
+        if train.batch_size % (train.grad_accum * n):
+            raise ValueError(f"train.batch_size={train.batch_size} does not split into runtime.nproc_per_node={n} "
+                             f"ranks x train.grad_accum={train.grad_accum} micro-batches of equal size")
+        return self
+
     def upstream_refs(self) -> dict[str, str]:
         """Config fields that name an upstream stage: {dotted.field: stage}. Checked against needs."""
         return {}
@@ -151,6 +171,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_image(self, image: Any, key: str, step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def flush(self) -> None: ...
 
@@ -169,6 +190,9 @@ class NullTracker:
         self.metrics.append((step, dict(metrics)))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -206,6 +230,7 @@ class StageContext:
     tracker: Any = field(default_factory=NullTracker)
     device: Any = None  # torch.device, resolved by resolve_device
     checkpoints: Any = None  # stages.train.checkpoint.CheckpointManager: made by the training loop when unset
+    reads: set[tuple[str, str]] = field(default_factory=set)  # (upstream stage, output key) read through input()
 
     def __post_init__(self) -> None:
         self.stage_dir = Path(self.stage_dir)
@@ -230,6 +255,7 @@ class StageContext:
         if key not in res.outputs:
             raise StageError(f"stage {self.name!r}: upstream {stage!r} has no output {key!r} (has {sorted(res.outputs)})")
         p = Path(res.outputs[key])
+        self.reads.add((stage, key))
         return p if p.is_absolute() else self.upstream_dirs[stage] / p
 
     def result(self, outputs: dict[str, str], metrics: dict[str, float], baselines: dict[str, float] | None = None,

@@ -54,7 +54,9 @@ from stages.metrics import detection_map
 from stages.models.detection import build_detector, detect, save_model, transfer_blocks
 from stages.models.resnet import build_classifier, init_weights, load_classifier
 from stages.train.device import autocast
+from stages.train.distributed import ExampleRandom, example_random
 from stages.train.loop import fit
+from stages.progress import Progress
 
 
 def backbone_body(cfg: Config, ctx: StageContext | None = None) -> tuple[nn.Module, BackboneConfig, bool, str]:
@@ -149,7 +151,9 @@ def write_regions(ctx: StageContext, cfg: Config, model: FasterRCNN, data: VGDat
     with RegionStoreWriter(ctx.outputs / "regions", len(data.images), cfg.regions.k, cfg.model.representation_size,
                            data.classes) as writer:
         dets = predict_all(ctx, model, data.pixels, cfg.regions, cfg.eval_batch_size)
+        bar = Progress(ctx.name, "regions", len(data.images), "images")
         for i, (im, d) in enumerate(zip(data.images, dets)):
+            bar.update()
             writer.add(im.image_id, *region_rows(d, im.width, im.height))
             n_regions.append(len(d["features"]))
             if i in val_pos:
@@ -171,11 +175,65 @@ def evaluate_map(ctx: StageContext, data: VGData, val_preds: list[dict]) -> tupl
             {f"val/{k}_predict_nothing": v for k, v in empty.items() if k in ("map", "map50")})
 
 
-def loss_fn(m: FasterRCNN, batch, step: int):
-    """Faster R-CNN's own training losses, summed; each is logged."""
-    xs, targets = prepare_batch(*batch, train=True)
-    losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
-    return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
+def log_val_images(ctx: StageContext, data: VGData, val_preds: list[dict], step: int, n: int = 4,
+                   max_boxes: int = 5) -> int:
+    """The first ``n`` val images with their ``max_boxes`` highest-scoring predicted boxes, class labels and
+    scores (torchvision's draw_bounding_boxes, upscaled to >= 256 px so labels read) through the tracker's
+    image API, key ``val/detections/<image_id>``. Returns how many it logged."""
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import draw_bounding_boxes
+
+    logged = 0
+    for pos, pred in zip(data.splits["val"][:n], val_preds[:n]):
+        image = data.pixels[pos]  # (3, H, W) uint8
+        scale = max(1, 256 // max(image.shape[1:]))
+        big = torch.nn.functional.interpolate(image[None].float(), scale_factor=scale, mode="nearest")[0].byte()
+        keep = list(np.argsort(-pred["scores"])[:max_boxes])  # whatever it predicts, however unsure
+        boxes = torch.as_tensor(pred["boxes"][keep], dtype=torch.float32).reshape(-1, 4) * scale
+        labels = [f"{data.classes[int(pred['labels'][i]) - 1]} {pred['scores'][i]:.2f}" for i in keep]
+        drawn = draw_bounding_boxes(big, boxes, labels=labels, colors="yellow", width=2, label_colors="black",
+                                    fill_labels=True) if keep else big
+        ctx.tracker.log_image(to_pil_image(drawn), key=f"val/detections/{pred['image_id']}", step=step)
+        logged += 1
+    return logged
+
+
+class PerImageSampler:
+    """torchvision's positive/negative box sampler (RPN anchors, RoI proposals) drawing each image's sample from
+    the torch RNG seeded by (seed, step, the image's position in the step's global batch, ``stream``): the same
+    boxes for an image whatever rank or micro-batch it is in (and a resume redraws them)."""
+
+    def __init__(self, inner, stream: int):
+        self.inner, self.stream = inner, stream
+        self.draws: ExampleRandom | None = None  # set by the loss for each micro-batch
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        pos, neg = [], []
+        for i, m in enumerate(matched_idxs):
+            dev = ([m.device.index if m.device.index is not None else torch.cuda.current_device()] if m.is_cuda
+                   else [])
+            with torch.random.fork_rng(devices=dev):
+                torch.manual_seed(self.draws.key(i, self.stream))
+                p, n = self.inner([m])
+            pos += p
+            neg += n
+        return pos, neg
+
+
+def training_loss(ctx: StageContext, model: FasterRCNN):
+    """-> ``loss_fn(m, batch, step)``: Faster R-CNN's own training losses, summed (each is logged); flips and
+    box samples per image from (seed, step, position in the step's global batch)."""
+    samplers = [PerImageSampler(model.rpn.fg_bg_sampler, 5), PerImageSampler(model.roi_heads.fg_bg_sampler, 6)]
+    model.rpn.fg_bg_sampler, model.roi_heads.fg_bg_sampler = samplers
+
+    def loss_fn(m: FasterRCNN, batch, step: int):
+        draws = example_random(ctx.seed, step, len(batch[0]))
+        for s in samplers:
+            s.draws = draws
+        xs, targets = prepare_batch(*batch, train=True, flips=draws.rand(1, 0)[:, 0] < 0.5)
+        losses = m(xs, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg[, loss_attributes]
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
+    return loss_fn
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -192,13 +250,14 @@ def run(ctx: StageContext) -> StageResult:
                             "data.boxes_dropped": data.stats["dropped_degenerate"], "backbone.source": source,
                             "backbone.arch": backbone_cfg.arch,
                             "model.params": sum(p.numel() for p in model.parameters())})
-    res = fit(ctx, model, data.train, collate, loss_fn, cfg.train, blocks=tb.blocks, head=tb.head)
+    res = fit(ctx, model, data.train, collate, training_loss(ctx, model), cfg.train, blocks=tb.blocks, head=tb.head)
 
     t0 = time.perf_counter()
     val_preds, n_regions = write_regions(ctx, cfg, model, data)
     region_s = time.perf_counter() - t0
     metrics, baselines = evaluate_map(ctx, data, val_preds)
     ctx.tracker.log_metrics(metrics | {"train/steps_per_s_mean": res.steps_per_s}, step=res.step)
+    log_val_images(ctx, data, val_preds, res.step)
     save_model(model.cpu(), cfg.model, backbone_cfg, pretrained, classes, ctx.outputs / "model", attributes)
     rows = len(data.images) * cfg.regions.k
     return ctx.result(outputs={"model": "outputs/model", "regions": "outputs/regions"}, metrics=metrics,

@@ -149,6 +149,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish_outputs(stage_dir: Path, write) -> Any:
+    """Run ``write(tmp_outputs_dir)`` then rename the folder to ``stage_dir/outputs`` (nothing
+    half-written survives a failure or a kill: a stale temp dir (stages.fsio.temps_of) is removed next time)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / "outputs"
+    for stale in temps_of(final):
+        shutil.rmtree(stale, ignore_errors=True)
+    if final.exists():  # partial outputs of an earlier, interrupted run (result.json is the truth)
+        shutil.rmtree(final)
+    tmp = temp_path(final)
+    tmp.mkdir()
+    try:
+        ret = write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(stage_dir)
+    return ret
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

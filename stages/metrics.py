@@ -175,7 +175,8 @@ def vqa_scores(preds: Mapping[int, str], records: Iterable[Any], *, official_gt_
     In: ``preds``: question_id -> predicted answer string; ``records``: objects with
     attributes ``question_id`` (int), ``answers`` (list of the human answer strings) and
     ``answer_type`` ("yes/no" | "number" | "other").
-    Out: ``{"vqa_acc": ..., "vqa_acc_yes/no": ..., "vqa_acc_number": ..., "vqa_acc_other": ...}``
+    Out: ``{"vqa_acc": ..., "vqa_acc_yes_no": ..., "vqa_acc_number": ..., "vqa_acc_other": ...}`` (an answer
+    type's "/" becomes "_": a metric key's "/" opens a chart section in MLflow)
     in percent (0..100, unrounded; the official tool rounds to 2 decimals). A per-type key is
     present only when that answer type occurs in ``records``.
 
@@ -200,7 +201,7 @@ def vqa_scores(preds: Mapping[int, str], records: Iterable[Any], *, official_gt_
         raise ValueError("vqa_scores: no records")
     out = {"vqa_acc": 100.0 * float(np.mean(accs))}
     for t in sorted(by_type):
-        out[f"vqa_acc_{t}"] = 100.0 * float(np.mean(by_type[t]))
+        out[f"vqa_acc_{t.replace('/', '_')}"] = 100.0 * float(np.mean(by_type[t]))
     return out
 
 

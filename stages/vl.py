@@ -28,29 +28,32 @@ from stages.config.vl import Config  # noqa: F401 - the kind's config
 from stages.contract import StageContext, StageResult
 from stages.data.text import special_ids, unigram_logprobs
 from stages.data.text_regions import caption_data, open_regions, regions_of
-from stages.models.masking import mask_tokens, normal_token_ids, step_generator
+from stages.models.masking import mask_tokens, normal_token_ids
 from stages.models.vlp import VLP, build_model, check_length, save_vl, transfer_blocks
 from stages.train.evaluate import held_out_mlm
+from stages.train.distributed import ExampleRandom, example_random, gather_rows, global_token_mean, rank
 from stages.train.loop import fit
 
 
 def pretrain_loss(ctx: StageContext, cfg: Config, tok):
     """The training loss -> ``loss_fn(m, batch, step)``: masked LM on the caption tokens, each example under
     the seq2seq mask with probability ``s2s_prob`` (else bidirectional), plus image-text matching when the
-    model has an ITM head. Masks and draws come from the step's generator (a resume redraws the same)."""
+    model has an ITM head. Masks and draws are per example, keyed by (seed, step, position in the step's
+    global batch): a resume, or a run on another number of ranks, redraws the same; the MLM loss is the
+    global batch's token mean."""
     pad, normal = tok.pad_token_id, normal_token_ids(tok)
 
     def loss_fn(m: VLP, batch, step: int):
-        gen = step_generator(ctx.seed, step)
         text = batch["text"]  # (B, T)
+        gen = example_random(ctx.seed, step, len(text))
         k = batch["feats"].shape[1]
-        s2s = (torch.rand(len(text), generator=gen) < cfg.s2s_prob).to(text.device)  # else bidirectional
+        s2s = (gen.rand(1, 3)[:, 0] < cfg.s2s_prob).to(text.device)  # else bidirectional
         masked, labels = mask_tokens(text, text != pad, cfg.mask_prob, tok.mask_token_id, normal, gen,
                                      max_pred=cfg.max_pred)
         h = m(masked, regions_of(batch), s2s)[:, k + 2:]  # (B, T, H)
         sel = labels != -100
         logits = m.mlm.cls(h[sel])
-        loss = nn.functional.cross_entropy(logits, labels[sel])
+        loss = global_token_mean(nn.functional.cross_entropy(logits, labels[sel]), sel.sum())
         logs = {"masked_acc": (logits.argmax(-1) == labels[sel]).float().mean().detach()}
         if m.itm is not None:
             itm_loss, logs["itm_acc"] = itm_step(m, batch, gen)
@@ -59,15 +62,19 @@ def pretrain_loss(ctx: StageContext, cfg: Config, tok):
     return loss_fn
 
 
-def itm_step(m: VLP, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-text matching: half the examples get another example's regions (the batch rolled by one);
-    the ITM head on the final [CLS] state predicts 1 = mismatch. -> (loss, accuracy)."""
+def itm_step(m: VLP, batch: dict[str, torch.Tensor], gen: ExampleRandom) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text matching: half the examples get another example's regions (those of the example before it
+    in the global micro-batch, gathered from every rank); the ITM head on the final [CLS] state predicts
+    1 = mismatch. -> (loss, accuracy)."""
     text = batch["text"]
-    swap = (torch.rand(len(text), generator=gen) < 0.5).to(text.device)
-    other = torch.roll(torch.arange(len(text), device=text.device), 1)
-    swap &= batch["row"][other] != batch["row"]
-    src = torch.where(swap, other, torch.arange(len(text), device=text.device))
-    regions = {key: v[src] for key, v in regions_of(batch).items()}
+    n, dev = len(text), text.device
+    swap = (gen.rand(1, 4)[:, 0] < 0.5).to(dev)
+    rows = gather_rows(batch["row"])  # (world * n,) the global micro-batch
+    mine = torch.arange(n, device=dev) + rank() * n
+    other = (mine - 1) % len(rows)
+    swap &= rows[other] != batch["row"]
+    src = torch.where(swap, other, mine)
+    regions = {key: gather_rows(v)[src] for key, v in regions_of(batch).items()}
     itm_logits = m.itm(m(text, regions, torch.zeros_like(swap))[:, 0])  # (B, 2)
     loss = nn.functional.cross_entropy(itm_logits, swap.long())
     return loss, (itm_logits.argmax(-1) == swap.long()).float().mean().detach()

@@ -29,6 +29,7 @@ from stages.models.vlp import VQAModel, build_model, check_length, save_vl, tran
 from stages.train.checkpoint import save_weights
 from stages.train.device import autocast, to_device
 from stages.train.loop import fit
+from stages.progress import Progress
 
 
 @torch.no_grad()
@@ -36,10 +37,12 @@ def predict(ctx: StageContext, model: VQAModel, ds: TextRegionData, batch_size: 
     """Answer index per example of ``ds`` (in order)."""
     model.eval()
     out = []
+    bar = Progress(ctx.name, "eval", len(ds), "questions")
     for batch in ds.batches(batch_size):
         batch = to_device(batch, ctx.device)
         with autocast(ctx):
             out.append(model(batch["text"], regions_of(batch)).float().argmax(-1).cpu())
+        bar.update(len(out[-1]))
     return torch.cat(out)
 
 

@@ -12,8 +12,6 @@ bottom-up-attention TSV), checked to open and passed on as the ``regions`` outpu
 vqa read with ``regions: <this stage>``."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,28 +20,7 @@ from stages.config.world import CAPTION_SOURCES, OUTPUTS, Config
 from stages.contract import StageContext, StageError, StageResult, log
 from stages.data.regions import RegionStore
 from stages.data.synthetic import COLOUR_NAMES, RELATIONS, SHAPES, SIZES, generate
-from stages.fsio import fsync_dir, temp_path, temps_of
-
-
-def _publish(stage_dir: Path, write) -> Any:
-    """Run ``write(tmp_outputs_dir)`` then rename the folder to ``stage_dir/outputs`` (nothing
-    half-written survives a failure or a kill: a stale temp dir (stages.fsio.temps_of) is removed next time)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    final = stage_dir / "outputs"
-    for stale in temps_of(final):
-        shutil.rmtree(stale, ignore_errors=True)
-    if final.exists():  # partial outputs of an earlier, interrupted run (result.json is the truth)
-        shutil.rmtree(final)
-    tmp = temp_path(final)
-    tmp.mkdir()
-    try:
-        ret = write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(stage_dir)
-    return ret
+from stages.fsio import publish_outputs
 
 
 def convert_captions(out: Path, cfg: Config, found: dict[str, Path]) -> dict[str, int]:
@@ -97,7 +74,7 @@ def _run_real(ctx: StageContext, cfg: Config) -> StageResult:
     found = {k: Path(outputs.pop(k)) for k in (*CAPTION_SOURCES, "karpathy_images") if k in outputs}
     if found:
         t0 = time.perf_counter()
-        counts = _publish(Path(ctx.stage_dir), lambda tmp: convert_captions(tmp, cfg, found))
+        counts = publish_outputs(Path(ctx.stage_dir), lambda tmp: convert_captions(tmp, cfg, found))
         outputs["coco"] = "outputs/coco"
         info["captions_from"] = {k: str(v) for k, v in found.items()}
         log.info("world: converted %s to COCO captions in %.1fs: %s", sorted(found), time.perf_counter() - t0, counts)
@@ -112,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
         return _run_real(ctx, cfg)
 
     t0 = time.perf_counter()
-    counts = _publish(Path(ctx.stage_dir), lambda tmp: generate(tmp, cfg, ctx.seed))
+    counts = publish_outputs(Path(ctx.stage_dir), lambda tmp: generate(tmp, cfg, ctx.seed))
     seconds = time.perf_counter() - t0
     log.info("world: generated %s in %.1fs", counts, seconds)
     ctx.tracker.log_params({k: v for k, v in counts.items() if k in (

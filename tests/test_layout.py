@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stages", "flows")
-RECIPES = {f"stages.{k}" for k in ("world", "cnn", "detector", "bert", "vl", "caption", "vqa")}
+RECIPES = {f"stages.{k}" for k in ("world", "cnn", "detector", "bert", "vl", "caption", "vqa", "targets")}
 MAX_LINES = 80
 
 # Functions allowed to stay longer than MAX_LINES, as "path:qualified.name", each with a comment saying

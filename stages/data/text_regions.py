@@ -81,7 +81,10 @@ def encode_texts(tok, texts: list[str], max_len: int) -> list[list[int]]:
 class TextRegionData(torch.utils.data.Dataset):
     """(image row, text ids) pairs. Items are indices; :meth:`collate` builds the whole batch:
     {"text": (B, T) ids [PAD]-padded to the batch's longest, "row": (B,), + the regions dict},
-    plus every extra per-example tensor in ``extras`` (e.g. VQA targets)."""
+    plus every extra per-example tensor in ``extras`` (e.g. VQA targets). ``collate`` draws no random numbers:
+    the training loop may build batches in a prefetch thread (stages.train.prefetch) while the step runs."""
+
+    prefetchable = True
 
     def __init__(self, table: RegionTable, rows: list[int], texts: list[list[int]], pad_id: int,
                  extras: dict[str, torch.Tensor] | None = None):

@@ -363,11 +363,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         return self.pixels[i], self.targets[i]
 
 
-def prepare_batch(xs: list[torch.Tensor], targets: list[dict], train: bool) -> tuple[list[torch.Tensor], list[dict]]:
+def prepare_batch(xs: list[torch.Tensor], targets: list[dict], train: bool, flips: torch.Tensor | None = None
+                  ) -> tuple[list[torch.Tensor], list[dict]]:
     """uint8 images (on any device) -> float in [0, 1]; ``train``: each image and its boxes flipped
-    horizontally with probability 1/2 (main-process torch RNG, one draw per image)."""
+    horizontally where ``flips`` (B,) is true (default: probability 1/2 from the main-process torch RNG, one
+    draw per image)."""
     out_x, out_t = [], []
-    flips = torch.rand(len(xs)) < 0.5 if train else torch.zeros(len(xs), dtype=torch.bool)
+    if flips is None:
+        flips = torch.rand(len(xs)) < 0.5 if train else torch.zeros(len(xs), dtype=torch.bool)
     for x, t, f in zip(xs, targets, flips.tolist()):
         x = x.float().div_(255.0)
         if f:

@@ -29,6 +29,7 @@ from stages.config.detector import (
 from stages.contract import StageError
 from stages.models.resnet import build_classifier
 from stages.train.checkpoint import load_into, load_weights, save_weights
+from stages.train.distributed import global_token_mean
 from stages.train.transfer import TransferBlocks
 
 
@@ -126,7 +127,9 @@ class AttributeRoIHeads(RoIHeads):
         use = positive & (att.sum(1) > 0)
         logits = self.attribute_predictor(box_features[0][use]).float()
         loss = nn.functional.binary_cross_entropy_with_logits(logits, att[use].float(), reduction="sum")
-        losses["loss_attributes"] = self.attribute_loss_weight * loss / max(int(use.sum()), 1)
+        n = int(use.sum())
+        # under DDP the mean over every rank's boxes (one rank: this mean)
+        losses["loss_attributes"] = self.attribute_loss_weight * global_token_mean(loss / max(n, 1), n)
         return result, losses
 
 

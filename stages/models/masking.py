@@ -22,11 +22,14 @@ def mask_tokens(ids: torch.Tensor, candidates: torch.Tensor, mask_prob: float, m
     become [MASK] 80%, a random token from ``normal_ids`` 10%, stay 10%.
     ``word_start`` (B, L bool) makes a word's WordPieces share one draw (whole-word masking).
     Returns (masked ids, labels: the original id where chosen, -100 elsewhere). Runs on CPU with
-    ``gen``; results are moved to ``ids.device``."""
+    ``gen``: a torch.Generator (one stream for the whole batch: evaluation) or a per-example source with
+    ``rand(length, stream)`` / ``randint(high, length, stream)`` (training: stages.train.distributed.
+    ExampleRandom, the same draws for an example whatever rank or micro-batch it is in); results are moved
+    to ``ids.device``."""
     dev = ids.device
     ids_c, cand = ids.cpu(), candidates.cpu()
     B, L = ids_c.shape
-    r = torch.rand(B, L, generator=gen)
+    r = _rand(gen, B, L, 0)
     if word_start is not None:
         pos = torch.arange(L).expand(B, L)
         # (B, L) index of the word's first piece
@@ -38,12 +41,18 @@ def mask_tokens(ids: torch.Tensor, candidates: torch.Tensor, mask_prob: float, m
     if max_pred is not None:
         rank = r.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
         chosen &= rank < max_pred
-    u = torch.rand(B, L, generator=gen)
-    rand_tok = normal_ids[torch.randint(len(normal_ids), (B, L), generator=gen)]
+    u = _rand(gen, B, L, 1)
+    rand_tok = normal_ids[torch.randint(len(normal_ids), (B, L), generator=gen) if isinstance(gen, torch.Generator)
+                          else gen.randint(len(normal_ids), L, 2)]
     out = torch.where(chosen & (u < 0.8), torch.full_like(ids_c, mask_id), ids_c)
     out = torch.where(chosen & (u >= 0.8) & (u < 0.9), rand_tok, out)
     labels = torch.where(chosen, ids_c, torch.full_like(ids_c, -100))
     return out.to(dev), labels.to(dev)
+
+
+def _rand(gen, B: int, L: int, stream: int) -> torch.Tensor:
+    """(B, L) uniform draws from a torch.Generator, or stream ``stream`` of a per-example source."""
+    return torch.rand(B, L, generator=gen) if isinstance(gen, torch.Generator) else gen.rand(L, stream)
 
 
 def normal_token_ids(tok) -> torch.Tensor:

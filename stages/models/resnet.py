@@ -76,6 +76,16 @@ def load_classifier(model_dir: Path, field: str) -> tuple[nn.Module, ModelConfig
     return model, cfg
 
 
+def pretrained_classifier(model_dir: Path, num_classes: int, field: str) -> tuple[nn.Module, ModelConfig]:
+    """A classifier for ``num_classes`` with the architecture and weights of the one saved in ``model_dir``
+    (:func:`save_classifier`), its class head freshly initialised: a downstream fine-tune's start."""
+    _, cfg = load_classifier(model_dir, field)  # checks the saved weights fit their own config
+    model = build_classifier(cfg, num_classes)
+    load_into(model, load_weights(model_dir / "model.safetensors"), f"{field}: {model_dir}", strict=True,
+              ignore=(head_name(model) + ".",))
+    return model, cfg
+
+
 def head_name(model: nn.Module) -> str:
     """The class head's attribute: ``fc`` (ResNet family) or ``classifier`` (VGG16 / AlexNet). The one rule
     for what :func:`init_weights` re-initialises and what :func:`transfer_blocks` calls the head."""

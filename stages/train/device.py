@@ -31,3 +31,10 @@ def grad_scaler(ctx: StageContext) -> torch.amp.GradScaler:
     On CPU the math stays fp32 (no autocast) but the scaler still runs, so its state is checkpointed
     and resumed the same way everywhere."""
     return torch.amp.GradScaler(ctx.device.type, enabled=ctx.config.runtime.precision == "fp16")
+
+
+def cudnn_autotune(ctx: StageContext) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms for each new input shape and keep the fastest
+    (``cudnn.benchmark``), unless ``runtime.deterministic`` asks for reproducible kernels."""
+    if ctx.device.type == "cuda" and not ctx.config.runtime.deterministic:
+        torch.backends.cudnn.benchmark = True

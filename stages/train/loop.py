@@ -6,7 +6,13 @@ fp16 scaler, gradient accumulation, the OOM retry, non-finite bookkeeping), then
 decide whether this step is theirs: the log window (progress.py), the validator with keep-best
 (validate.py) and the checkpointer (below: full-state checkpoints every ``runtime.checkpoint_every`` steps,
 and resume from the newest valid one: weights, :class:`TrainState`, the data position, so an epoch is never
-replayed). A non-finite loss stops the stage at the first of them that looks, before any checkpoint after it."""
+replayed). A non-finite loss stops the stage at the first of them that looks, before any checkpoint after it.
+
+Under DDP (``runtime.nproc_per_node`` > 1, stages.train.distributed) every rank runs ``fit``: each trains on
+its slice of every global batch, rank 0 alone validates (the others wait for its values), writes the
+checkpoints (with every rank's RNG states; all ranks pass a barrier after each) and logs; when the last step
+is checkpointed the other ranks leave (:class:`~stages.train.distributed.RankDone`) and rank 0 returns
+alone, out of the process group, to the stage's final evaluation and outputs."""
 from __future__ import annotations
 
 import logging
@@ -19,7 +25,10 @@ import torch
 
 from stages.config.train import TrainConfig
 from stages.contract import StageContext, StageError, StageInterrupted
+from stages.train import distributed
 from stages.train.checkpoint import CheckpointManager
+from stages.train.compile import train_module
+from stages.train.device import cudnn_autotune
 from stages.train.progress import LogWindow
 from stages.train.state import TrainState, rng_state, set_rng_state
 from stages.train.step import LossFn, TrainStep, build_optimizer
@@ -55,10 +64,15 @@ class Checkpointer:
             return 0
         weights, raw = ckpt.load()
         state = TrainState.from_dict(raw, self.cfg)
+        if state.world_size != distributed.world():
+            raise StageError(f"stage {self.ctx.name!r}: checkpoint {ckpt.path} was written by {state.world_size} "
+                             f"rank(s) and runtime.nproc_per_node asks for {distributed.world()}: resume it with "
+                             f"runtime.nproc_per_node: {state.world_size} (the per-rank RNG states are saved for "
+                             "that many ranks)")
         state.say_disagreements(self.ctx.name, ckpt.path, self.cfg, self.ctx.config.runtime.precision)
         self.model.load_state_dict(weights)
         self.train_step.load(state, ckpt.path)
-        set_rng_state(state.rng)
+        set_rng_state(state.rank_rng[distributed.rank()] if state.rank_rng else state.rng)
         self.validator.best = state.best
         self.window.load(state.log_window)
         log.info("[%s] resumed from checkpoint at step %d/%d (%s)", self.ctx.name, state.step, self.cfg.steps,
@@ -73,10 +87,14 @@ class Checkpointer:
         # metrics first: a kill between the two then leaves the history ahead of the newest checkpoint
         # (the resumed tracker drops the re-computed overlap), never a gap behind it
         self.ctx.tracker.flush()
-        weights = self.model.state_dict()
-        state = TrainState(step=done, rng=rng_state(), log_window=self.window.state(), best=self.validator.best,
-                           **self.train_step.state())
-        self.ctx.checkpoints.save(done, weights, state.to_dict())
+        rngs = distributed.all_gather_objects(rng_state())  # every rank's streams; only rank 0 writes
+        window = self.window.state()
+        if distributed.is_main():
+            state = TrainState(step=done, rng=rngs[0], log_window=window, best=self.validator.best,
+                               world_size=len(rngs), rank_rng=rngs if len(rngs) > 1 else None,
+                               **self.train_step.state())
+            self.ctx.checkpoints.save(done, self.model.state_dict(), state.to_dict())
+        distributed.barrier()  # no rank runs ahead of a checkpoint
 
 
 def _check_options(ctx: StageContext, cfg: TrainConfig, evaluate: Evaluate | None,
@@ -87,6 +105,24 @@ def _check_options(ctx: StageContext, cfg: TrainConfig, evaluate: Evaluate | Non
     if cfg.keep_best and best_metric is None:
         raise StageError(f"stage {ctx.name!r}: train.keep_best is set but this stage kind names no metric to "
                          "select the best checkpoint by")
+
+
+def _leave_ranks(ctx: StageContext, model: torch.nn.Module) -> None:
+    """DDP: after the last checkpoint the ranks compare their weights (a digest each: ranks that drifted
+    apart fail the stage), then the ranks other than 0 leave (RankDone); rank 0 goes on alone, out of the
+    process group, so no rank waits in a collective during the stage's final evaluation."""
+    if not distributed.active():
+        return
+    digests = distributed.all_gather_objects(distributed.weights_digest(model))
+    distributed.last_digests[:] = digests
+    if len(set(digests)) > 1:
+        raise StageError(f"stage {ctx.name!r}: the ranks hold different weights at the end of training "
+                         f"(sha256 per rank: {[d[:12] for d in digests]})")
+    r = distributed.rank()
+    distributed.leave()
+    if r:
+        log.info("[%s] rank %d: training done, leaving", ctx.name, r)
+        raise distributed.RankDone()
 
 
 def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | None, loss_fn: LossFn,
@@ -106,17 +142,20 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     if ctx.checkpoints is None:
         ctx.checkpoints = CheckpointManager(ctx.stage_dir / "checkpoints", keep=rt.keep_checkpoints)
     model.to(ctx.device)
+    cudnn_autotune(ctx)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     opt, sched, plan = build_optimizer(ctx, model, cfg, blocks, head)
-    train_step = TrainStep(ctx, model, dataset, collate, loss_fn, cfg, opt, sched, plan)
+    train_step = TrainStep(ctx, train_module(model, rt), dataset, collate, loss_fn, cfg, opt, sched, plan)
     ctx.tracker.log_params({f"train.{k}": v for k, v in cfg.model_dump().items() if k != "transfer"} | plan.describe())
     validator = Validator(ctx, model, cfg, evaluate, best_metric, train_step.non_finite)
     window = LogWindow(ctx, cfg, train_step)
     checkpointer = Checkpointer(ctx, model, cfg, train_step, window, validator)
 
+    distributed.seed_rank(ctx.seed)  # ranks > 0: their own dropout streams (a resume restores them)
     start = checkpointer.resume()
     if start >= cfg.steps:  # done before (e.g. killed during its final evaluation)
+        _leave_ranks(ctx, model)
         validator.restore_best()
         kept = validator.kept
         return FitResult(kept["step"] if kept else start, start, float("nan"), 0.0, 0.0, kept)
@@ -138,6 +177,7 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
         raise StageInterrupted(ctx.name, done, cfg.steps, saved[-1] if saved else None) from None
     plan.apply(cfg.steps)
     secs = time.perf_counter() - t0
+    _leave_ranks(ctx, model)
     validator.restore_best()
     kept = validator.kept
     # final val metrics logged at res.step then sit on the selected checkpoint's step, not on the last

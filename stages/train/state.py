@@ -7,6 +7,8 @@
   log_window             [loss summed since the last log line, its step count]
   best                   (keep_best) {"step", "metric", "value"} of the best checkpoint so far
   scaler                 (runtime.precision fp16) the GradScaler's ``state_dict()``
+  world_size, rank_rng   (DDP, runtime.nproc_per_node > 1) the number of ranks and every rank's RNG states
+                         (``rng`` is rank 0's); absent from a 1-rank checkpoint
   step                   added by :meth:`CheckpointManager.save`
 Checkpoints written before this class read the same way; their ``extra`` key (always empty) is ignored, and
 keys that older versions did not write take the defaults below."""
@@ -60,13 +62,16 @@ class TrainState:
     log_window: tuple[float, int] = (0.0, 0)
     best: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
+    world_size: int = 1
+    rank_rng: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``state.pt`` dict, without ``step`` (the checkpoint manager adds it)."""
         return ({"optimizer": self.optimizer, "scheduler": self.scheduler, "rng": self.rng,
                  "grad_accum": self.grad_accum, "log_window": [float(self.log_window[0]), int(self.log_window[1])]}
                 | ({"best": self.best} if self.best else {})
-                | ({"scaler": self.scaler} if self.scaler is not None else {}))
+                | ({"scaler": self.scaler} if self.scaler is not None else {})
+                | ({"world_size": self.world_size, "rank_rng": self.rank_rng} if self.world_size > 1 else {}))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], cfg: TrainConfig) -> TrainState:
@@ -74,7 +79,8 @@ class TrainState:
         window = d.get("log_window", (0.0, 0))
         return cls(step=int(d["step"]), optimizer=d["optimizer"], scheduler=d["scheduler"], rng=d["rng"],
                    grad_accum=int(d.get("grad_accum", cfg.grad_accum)), log_window=(window[0], window[1]),
-                   best=d.get("best"), scaler=d.get("scaler") or None)
+                   best=d.get("best"), scaler=d.get("scaler") or None, world_size=int(d.get("world_size", 1)),
+                   rank_rng=d.get("rank_rng"))
 
     def disagreements(self, cfg: TrainConfig, precision: str) -> list[str]:
         """Where this state and the config of the run resuming it differ: each names the key and both values."""

@@ -15,10 +15,17 @@ from the step number alone.
   linear_probe  only the head trains
   partial       the first freeze_blocks blocks stay frozen
   lp_ft         linear probe for lp_steps, then everything trains at LR x ft_lr_mult
+
+A frozen block is a frozen feature extractor: its BatchNorm layers (found by their affine weights in the
+block) are in eval mode, running statistics neither used from the batch nor updated, for as long as the block
+is frozen (linear_probe: always; partial: the frozen blocks; lp_ft: the backbone until lp_steps). The loop
+calls :meth:`TransferPlan.apply` before every step, after any ``model.train()`` (validation passes end in
+one), so the modes follow the step number alone and a resumed run reproduces them. Families with
+LayerNorm only (bert, vlp) and the detector's FrozenBatchNorm2d are unaffected.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -43,6 +50,7 @@ class TransferPlan:
     blocks: list[list[torch.nn.Parameter]]
     head: list[torch.nn.Parameter]
     groups: list[dict]  # optimizer param groups; each has 'block' (-1 = head) and 'lr_mult'
+    norms: list[tuple[int, torch.nn.Module]] = field(default_factory=list)  # (block, its BatchNorm layer)
 
     def trainable_blocks(self, step: int) -> set[int]:
         n = len(self.blocks)
@@ -56,13 +64,16 @@ class TransferPlan:
         return set(range(n))
 
     def apply(self, step: int) -> None:
-        """Set requires_grad for the phase that ``step`` is in."""
+        """Put a model in train mode into the phase that ``step`` is in: requires_grad of every block, and
+        the BatchNorm layers of the frozen blocks in eval mode (those of the live blocks in train mode)."""
         live = self.trainable_blocks(step)
         for i, params in enumerate(self.blocks):
             for p in params:
                 p.requires_grad_(i in live)
         for p in self.head:
             p.requires_grad_(True)
+        for i, m in self.norms:
+            m.train(i in live)
 
     def lr_factor(self, group: dict, step: int) -> float:
         """Multiplier on the group's base LR at ``step`` (before the schedule)."""
@@ -81,9 +92,30 @@ class TransferPlan:
         return out
 
 
+def block_norms(model: torch.nn.Module, blocks: list[list[torch.nn.Parameter]]) -> list[tuple[int, torch.nn.Module]]:
+    """(block index, layer) for every BatchNorm of ``model`` with running statistics whose affine weights are in
+    a backbone block (those in the head, or in no group, are left as they are). A BatchNorm without affine
+    weights cannot be placed in a block: refused, naming it, rather than left updating a frozen block."""
+    where = {id(p): i for i, params in enumerate(blocks) for p in params}
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or not m.track_running_stats:
+            continue
+        owners = {where.get(id(p)) for p in m.parameters(recurse=False)}
+        if not owners:
+            raise ValueError(f"BatchNorm {name!r} has no affine weights: the transfer plan cannot tell which "
+                             "block it belongs to (use affine=True)")
+        if len(owners) > 1:
+            raise ValueError(f"BatchNorm {name!r} has its weight and bias in different blocks/head: {owners}")
+        if (i := owners.pop()) is not None:
+            out.append((i, m))
+    return out
+
+
 def build_plan(blocks: list[list[torch.nn.Parameter]], head: list[torch.nn.Parameter], cfg: Transfer,
-               weight_decay: float) -> TransferPlan:
-    """Param groups: one per (block, decay/no-decay) with LR multipliers from the strategy."""
+               weight_decay: float, model: torch.nn.Module | None = None) -> TransferPlan:
+    """Param groups: one per (block, decay/no-decay) with LR multipliers from the strategy. With ``model``,
+    the plan also sets the train/eval mode of the blocks' BatchNorm layers (:func:`block_norms`)."""
     n = len(blocks)
     seen = {id(p) for p in head}
     groups: list[dict] = []
@@ -104,6 +136,7 @@ def build_plan(blocks: list[list[torch.nn.Parameter]], head: list[torch.nn.Param
         add(f"block{i}", i, params, mult)
     seen -= {id(p) for p in head}
     add("head", -1, head, 1.0)
-    plan = TransferPlan(cfg, blocks, head, groups)
+    norms = block_norms(model, blocks) if model is not None and cfg.strategy != "finetune" else []
+    plan = TransferPlan(cfg, blocks, head, groups, norms)
     plan.trainable_blocks(0)  # validates freeze_blocks against the model
     return plan

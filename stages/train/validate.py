@@ -10,6 +10,7 @@ import torch
 
 from stages.config.train import TrainConfig
 from stages.contract import StageContext, StageError
+from stages.train import distributed
 from stages.train.checkpoint import load_weights
 from stages.train.state import rng_state, set_rng_state
 from stages.train.step import NonFinite
@@ -56,7 +57,9 @@ class Validator:
         if self.cfg.eval_every is None or (done % self.cfg.eval_every and done != self.cfg.steps):
             return False
         self.non_finite.check(done)
-        vals = _validate(self.ctx, self.model, self.evaluate, done)
+        # DDP: rank 0 validates, the others wait for its values (so every rank keeps the same best)
+        vals = _validate(self.ctx, self.model, self.evaluate, done) if distributed.is_main() else None
+        vals = distributed.broadcast_object(vals)
         if not self.cfg.keep_best:
             return False
         name, mode = self.best_metric

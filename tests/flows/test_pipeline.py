@@ -31,7 +31,7 @@ def cached(output: str) -> set[str]:
 def first_run(tmp_path_factory):
     art = tmp_path_factory.mktemp("e2e") / "artifacts"
     t0 = time.perf_counter()
-    p = baton(["run", CONFIG], art)
+    p = baton(["run", CONFIG], art, env={"BATON_SYSTEM_METRICS_INTERVAL": "1"})
     return art, p.stderr + p.stdout, time.perf_counter() - t0
 
 
@@ -80,6 +80,110 @@ def test_lineage_vl_inputs_are_detector_and_bert_models(first_run):
     assert len(client.get_metric_history(vl_run.info.run_id, "train/loss")) >= 2
 
 
+def first_results(art: Path) -> dict:
+    """{stage: result.json} of the recipe as shipped (the first run's stage dirs; later tests add variants)."""
+    from flows.fingerprint import plan_fingerprints
+    from stages.recipe import load_recipe
+
+    fps = {n: p.fingerprint for n, p in plan_fingerprints(load_recipe(ROOT / CONFIG).stages).items()}
+    return {n: next(r for r in rs if r["fingerprint"] == fps[n]) for n, rs in results(art).items()}
+
+
+def test_final_metrics_are_logged_once_at_the_last_step_and_carried_by_the_logged_model(first_run):
+    """Bugs 2 and 3: a stage's final val/* and baseline/* metrics are one point each at its last step (not a
+    second copy at step 0); its LoggedModel is the run's output at that step and carries the metrics, the
+    fingerprint as a param and the resolved config; an upstream model links forward to the runs that used it."""
+    art, _, _ = first_run
+    res, client = first_results(art), mlflow_client(art)
+    for name, steps in (("cnn", 10), ("vqa", 6)):  # train.steps in the micro recipe
+        info = res[name]["info"]
+        run_id = info["mlflow_run_id"]
+        for key, value in list(res[name]["metrics"].items()) + [
+                (f"baseline/{k}", v) for k, v in res[name]["baselines"].items()]:
+            assert [(m.step, m.value) for m in client.get_metric_history(run_id, key)] == [(steps, value)], key
+        assert info["steps"] == steps
+        run = client.get_run(run_id)
+        assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(info["mlflow_model_id"], steps)]
+        model = client.get_logged_model(info["mlflow_model_id"])
+        assert {m.key: m.value for m in model.metrics}.items() >= res[name]["metrics"].items()
+        assert {m.step for m in model.metrics} == {steps}
+        assert model.params["baton.fingerprint"] == res[name]["fingerprint"]
+        assert model.params["train.steps"] == str(steps)
+    cnn_model = client.get_logged_model(res["cnn"]["info"]["mlflow_model_id"])
+    det_run = res["detector"]["info"]["mlflow_run_id"]
+    assert cnn_model.tags[f"baton.used_by.{det_run}"] == "detector"
+    assert f"runs/{det_run}" in cnn_model.tags["mlflow.note.content"]
+
+
+def test_each_stage_records_the_datasets_it_reads(first_run):
+    """Bug 4: a stage's dataset inputs are the upstream outputs it read, not every output of world."""
+    art, _, _ = first_run
+    res, client = first_results(art), mlflow_client(art)
+    want = {"cnn": {"world/imagenet"}, "bert": {"world/corpus"}, "detector": {"world/vg"},
+            "vqa": {"world/vqa", "detector/regions"}, "caption": {"world/coco", "detector/regions"}}
+    for name, datasets in want.items():
+        run = client.get_run(res[name]["info"]["mlflow_run_id"])
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == datasets, name
+
+
+def test_mlflow_pages_tell_the_story(first_run):
+    """Bug 5 (no "/" inside a metric's name), the experiment's model-training layout, git commit and user on
+    runs, descriptions linking upstream runs and models, the parent run's metrics and lineage picture, and
+    the Prefect flow run's stages table."""
+    import httpx
+
+    from flows.server import live_server
+
+    art, _, _ = first_run
+    res, client = first_results(art), mlflow_client(art)
+    vqa = client.get_run(res["vqa"]["info"]["mlflow_run_id"])
+    assert "val/vqa_acc_yes_no" in vqa.data.metrics and not [k for k in vqa.data.metrics if "yes/no" in k]
+    assert client.get_experiment(vqa.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert vqa.data.tags["mlflow.source.git.commit"] == commit and vqa.data.tags["mlflow.user"]
+    note = vqa.data.tags["mlflow.note.content"]
+    for up in ("detector", "vl"):
+        assert f"runs/{res[up]['info']['mlflow_run_id']}" in note and res[up]["info"]["mlflow_model_id"] in note
+    parent = client.get_run(vqa.data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["vqa/val/vqa_acc"] == res["vqa"]["metrics"]["val/vqa_acc"]
+    assert parent.data.tags["mlflow.source.git.commit"] == commit
+    png = Path(client.download_artifacts(parent.info.run_id, "lineage.png", str(art / "tmp")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", str(art / "tmp")))
+                         .read_text())
+    assert {n["stage"]: n["model_id"] for n in lineage["nodes"]}["vl"] == res["vl"]["info"]["mlflow_model_id"]
+    det = res["detector"]["info"]["mlflow_run_id"]  # a few val images with their predicted boxes, system metrics
+    assert len([a for a in client.list_artifacts(det, "images") if a.path.endswith(".png")]) == 4
+    assert "system/cpu_utilization_percentage" in client.get_run(det).data.metrics
+    url = live_server(art)["url"]
+    arts = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"key": {"any_": ["stages-vlp-micro"]}}}).json()
+    table = json.loads(arts[-1]["data"]) if isinstance(arts[-1]["data"], str) else arts[-1]["data"]
+    rows = {r["stage"]: r for r in table}
+    assert list(rows) == STAGES and rows["vqa"]["fingerprint"] == res["vqa"]["fingerprint"][:16]
+    assert rows["vqa"]["mlflow run"].endswith(f"/runs/{res['vqa']['info']['mlflow_run_id']}"
+                                              f"?workflowType=machine_learning")
+
+
+def test_watching_the_flow_run_prints_its_stages(first_run):
+    """What `baton submit --wait` prints while it waits (flows.progress.watch_flow_run), read from the real
+    Prefect server: the flow run's state and every stage's task-run state; a finished run: one line."""
+    import sys
+
+    from flows.server import live_server
+
+    art, _, _ = first_run
+    res, client = first_results(art), mlflow_client(art)
+    parent = client.get_run(client.get_run(res["vqa"]["info"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    code = ("import sys\nfrom prefect.client.orchestration import get_client\nfrom flows.progress import "
+            "watch_flow_run\nwith get_client(sync_client=True) as c:\n    watch_flow_run(c, sys.argv[1])")
+    env = os.environ | {"PREFECT_API_URL": live_server(art)["url"], "PREFECT_HOME": str(art / "prefect")}
+    p = subprocess.run([sys.executable, "-c", code, parent.data.tags["baton.prefect_flow_run_id"]], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"\[\d\d:\d\d:\d\d\] Completed: world Completed; ", lines[0]), p.stdout + p.stderr
+    assert {f"{s} Completed" for s in STAGES} == set(lines[0].split(": ", 1)[1].split("; "))
+
+
 def test_second_run_trains_nothing_and_every_stage_is_cached(first_run):
     art, _, _ = first_run
     t0 = time.perf_counter()
@@ -94,6 +198,15 @@ def test_second_run_trains_nothing_and_every_stage_is_cached(first_run):
     assert {s["state"] for s in summary["stages"]} == {"cached"}
     vqa = summary["stages"][-1]
     assert vqa["mlflow_run_id"] and vqa["metrics"] and vqa["seconds"] > 0
+    # the invocation shows its stages in MLflow: a child run each, tagged cached, with the stage's metrics
+    client = mlflow_client(art)
+    parent = summary["mlflow_parent_run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    by_stage = {r.data.tags["baton.stage"]: r for r in children}
+    assert set(by_stage) == set(STAGES) and {r.data.tags["baton.cached"] for r in children} == {"true"}
+    assert by_stage["vqa"].data.tags["baton.cached_from"] == vqa["mlflow_run_id"]
+    assert by_stage["vqa"].data.metrics["val/vqa_acc"] == vqa["metrics"]["val/vqa_acc"]
+    assert client.get_run(parent).data.metrics["vqa/val/vqa_acc"] == vqa["metrics"]["val/vqa_acc"]
 
 
 def test_status_reports_without_running(first_run):

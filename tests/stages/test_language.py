@@ -408,7 +408,7 @@ def test_vqa_contract_from_scratch(world, bert_stage):
     results = json.loads((out / res.outputs["results"]).read_text())
     qs = json.loads((world / "world" / "outputs" / "vqa" / "v2_OpenEnded_mscoco_val_questions.json").read_text())
     assert [r["question_id"] for r in results] == [q["question_id"] for q in qs["questions"]]
-    assert {"val/vqa_acc", "val/vqa_acc_yes/no", "val/vqa_acc_number", "val/vqa_acc_other"} <= set(res.metrics)
+    assert {"val/vqa_acc", "val/vqa_acc_yes_no", "val/vqa_acc_number", "val/vqa_acc_other"} <= set(res.metrics)
     assert "val/vqa_acc_type_prior" in res.baselines and res.info["init"] == "scratch"
     assert (out / res.outputs["model"] / "head.safetensors").exists()
 

@@ -213,8 +213,8 @@ def test_vqa_scores():
         SimpleNamespace(question_id=3, answers=["2"] * 2 + ["3"] * 8, answer_type="number"),
     ]
     out = vqa_scores({1: "yes", 2: "yes", 3: "two", 99: "ignored"}, recs)
-    assert set(out) == {"vqa_acc", "vqa_acc_yes/no", "vqa_acc_number"}
-    assert out["vqa_acc_yes/no"] == pytest.approx(50.0)
+    assert set(out) == {"vqa_acc", "vqa_acc_yes_no", "vqa_acc_number"}
+    assert out["vqa_acc_yes_no"] == pytest.approx(50.0)
     assert out["vqa_acc_number"] == pytest.approx(60.0)
     assert out["vqa_acc"] == pytest.approx((100 + 0 + 60) / 3)
     with pytest.raises(ValueError):

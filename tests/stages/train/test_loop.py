@@ -435,3 +435,69 @@ def test_fp16_loss_scaler_is_checkpointed_and_resumed(tmp_path):
     assert tstate3["scaler"]["scale"] == 2.0 ** 13
     for a, b in zip(before.values(), over.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class BNToy(Toy):
+    """Toy with a BatchNorm in each backbone block: a frozen block must be a frozen feature extractor, its
+    running statistics untouched (eval mode) for as long as it is frozen, validation passes included."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                                  nn.BatchNorm1d(16))
+
+    def blocks(self):
+        return ([[*self.body[0].parameters(), *self.body[1].parameters()],
+                 [*self.body[3].parameters(), *self.body[4].parameters()]], list(self.head.parameters()))
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _bn(state, i):
+    return [state[f"body.{i}.{s}"] for s in BN_STATS]
+
+
+def train_bn(path, transfer, crash_at=None, steps=12):
+    model = BNToy()
+    blocks, head = model.blocks()
+    # eval_every: each validation pass ends in model.train(), which must not unfreeze a frozen BatchNorm
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=0.05, transfer=transfer, eval_every=3)
+    res = fit(ctx_for(path), model, Data(), None, loss_fn(crash_at), cfg, blocks, head,
+              evaluate=lambda m: {"val/x": float(m(Data().x).sum())})
+    return model, res
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_frozen_blocks_keep_their_batchnorm_statistics(tmp_path):
+    before = BNToy().state_dict()
+    lp, _ = train_bn(tmp_path / "lp", {"strategy": "linear_probe"})
+    for i in (1, 4):
+        assert _same(_bn(lp.state_dict(), i), _bn(before, i)), f"linear_probe moved body.{i}'s BatchNorm statistics"
+    part, _ = train_bn(tmp_path / "p", {"strategy": "partial", "freeze_blocks": 1})
+    assert _same(_bn(part.state_dict(), 1), _bn(before, 1))
+    assert not torch.equal(part.state_dict()["body.4.running_mean"], before["body.4.running_mean"])
+    assert part.body[1].training is False and part.body[4].training is True
+    ft, _ = train_bn(tmp_path / "ft", {"strategy": "finetune"})
+    assert not any(_same(_bn(ft.state_dict(), i), _bn(before, i)) for i in (1, 4))
+
+
+def test_lp_ft_batchnorm_frozen_until_lp_steps_then_trains_and_resumes_bitwise(tmp_path):
+    before = BNToy().state_dict()
+    lp_ft = {"strategy": "lp_ft", "lp_steps": 5}
+    with pytest.raises(KeyboardInterrupt):
+        train_bn(tmp_path / "x", lp_ft, crash_at=7)
+    at5, _ = CheckpointManager(tmp_path / "x" / "checkpoints").latest().load()
+    for i in (1, 4):
+        assert _same(_bn(at5, i), _bn(before, i)), f"lp_ft moved body.{i}'s BatchNorm during the probe"
+    resumed, _ = train_bn(tmp_path / "x", lp_ft)
+    for i in (1, 4):
+        assert int(resumed.state_dict()[f"body.{i}.num_batches_tracked"]) == 12 - 5
+        assert not torch.equal(resumed.state_dict()[f"body.{i}.running_mean"], before[f"body.{i}.running_mean"])
+    unbroken, _ = train_bn(tmp_path / "y", lp_ft)
+    for k, v in unbroken.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

@@ -126,3 +126,27 @@ def test_the_family_head_rules():
     assert {id(p) for p in tb.head} == {id(p) for p in [*m.head.parameters(), *m.vlp.visual.parameters()]}
     m, tb = _vlp("vqa", "vl", itm=False)
     assert {id(p) for p in m.vlp.visual.parameters()} <= {id(p) for p in tb.blocks[0]}
+
+
+@pytest.mark.parametrize("case", ["cnn/narrow_resnet", "cnn/resnet18", "det/narrow_resnet/False/2/4",
+                                  "det/narrow_resnet/True/5/0", "vqa/vl/False"])
+def test_frozen_blocks_put_their_batchnorm_in_eval_mode(case):
+    """Every family's BatchNorm layers are placed in their block; the plan's phases set their modes: a linear
+    probe keeps every block's BatchNorm in eval mode, lp_ft until lp_steps, then train mode."""
+    torch.manual_seed(0)
+    model, tb = CASES[case]()
+    in_blocks = {id(p) for block in tb.blocks for p in block}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and all(id(p) in in_blocks for p in m.parameters())]
+    assert bool(bns) == case.startswith(("cnn", "det/narrow_resnet/False")), case  # pretrained det: FrozenBN
+    lp = build_plan(tb.blocks, tb.head, Transfer(strategy="linear_probe"), 0.01, model)
+    assert {id(m) for _, m in lp.norms} == {id(m) for m in bns}
+    model.train()
+    lp.apply(0)
+    assert not any(m.training for m in bns)
+    lp_ft = build_plan(tb.blocks, tb.head, Transfer(strategy="lp_ft", lp_steps=3), 0.01, model)
+    model.train()
+    lp_ft.apply(2)
+    assert not any(m.training for m in bns)
+    lp_ft.apply(3)
+    assert all(m.training for m in bns)

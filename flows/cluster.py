@@ -1,0 +1,298 @@
+"""Stages on a Ray cluster, through Prefect's own integration (``baton run CONFIG --cluster ADDRESS``).
+
+The flow's task runner becomes ``prefect_ray.RayTaskRunner``: each stage's Prefect task is a Ray task that
+asks for the stage's ``runtime`` resources (``cpus``, ``gpus``, ``memory_gb``, custom ``resources``), so Ray
+places it on a node that has them, and independent stages run on different nodes at once. On that node the
+task finds the stage Cached (``result.json`` in the shared store) or spawns the stage process there (a fresh
+``python -m flows.worker``: the fork server lives on the driver). What this module owns:
+
+- :func:`refuse_config`: what the recipe alone tells is impossible on a cluster (``device: cuda:N``,
+  ``nnodes > 1``), refused before anything connects;
+- :func:`connect`: ``ray.init`` with the driver's code shipped to every node (``runtime_env.py_modules``:
+  baton's ``flows`` and ``stages`` packages, so the code that runs is the code that was fingerprinted) and
+  the environment a stage needs (Prefect and MLflow servers, ``BATON_*``);
+- :func:`refuse_unplaceable`: a stage whose resources no node has, refused at submission naming the stage,
+  the resource and what the cluster offers (never a Ray task left pending forever);
+- :class:`RayStageTask`: the stage task's body on the node, which first recomputes the stage kind's code
+  digest there and refuses, naming node, module and both digests, when it differs from the driver's.
+
+Addresses: ``ray://host:10001`` (Ray Client), ``host:6379`` or ``auto`` (join as a driver on a cluster
+node), ``local`` (a Ray instance of this machine, started for the run).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from flows.fingerprint import StagePlan, code_digest
+from stages.contract import StageConfig, StageError
+from stages.recipe import Recipe, RecipeError
+
+log = logging.getLogger("baton")
+GIB = 2 ** 30
+# the environment a stage process needs on a node: where the Prefect and MLflow servers are, baton's settings
+SHIPPED_ENV = re.compile(r"^(PREFECT_|MLFLOW_|BATON_|OMP_NUM_THREADS$|PYTHONUNBUFFERED$)")
+SHIP_CODE_ENV = "BATON_CLUSTER_SHIP_CODE"  # "0": nodes import their own installed baton (then checked by digest)
+# the config key behind each Ray resource, for the refusal's message
+RESOURCE_KEYS = {"CPU": "runtime.cpus", "GPU": "runtime.gpus", "memory": "runtime.memory_gb"}
+
+
+def check_address(address: str) -> str:
+    """The ``--cluster`` value if it is one Ray understands, else a RecipeError."""
+    if address in ("auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", address):
+        return address
+    raise RecipeError(f"--cluster {address!r}: expected ray://HOST:PORT (Ray Client), HOST:PORT (the cluster's GCS), "
+                      "auto (the cluster this machine is a node of) or local (a Ray instance on this machine)")
+
+
+def refuse_config(recipe: Recipe, wanted: set[str]) -> None:
+    """Refuse, naming the config key, what cannot run on a cluster whatever it offers."""
+    for name in (n for n in recipe.stages if n in wanted):
+        rt = recipe.stages[name].runtime
+        if re.fullmatch(r"cuda:\d+", rt.device):
+            raise RecipeError(f"stages.{name}.runtime.device={rt.device!r}: under --cluster Ray assigns the devices "
+                              f"(CUDA_VISIBLE_DEVICES of the node's task); use device: cuda or auto and ask for "
+                              f"stages.{name}.runtime.gpus")
+        if rt.nnodes > 1:
+            raise RecipeError(f"stages.{name}.runtime.nnodes={rt.nnodes}: a stage across nodes needs data-parallel "
+                              "training in the stage loop, which this baton does not have yet; set nnodes: 1")
+
+
+def threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
+    """torch threads of each stage process on its node: runtime.threads, else the CPUs it asked Ray for."""
+    return {n: recipe.stages[n].runtime.threads or max(1, int(recipe.stages[n].runtime.cpus)) for n in wanted}
+
+
+def demand(cfg: StageConfig) -> dict[str, float]:
+    """The Ray resources one stage asks a node for (zero amounts left out)."""
+    rt = cfg.runtime
+    need = {"CPU": rt.cpus, "GPU": rt.gpus, "memory": rt.memory_gb * GIB, **rt.resources}
+    return {k: float(v) for k, v in need.items() if v}
+
+
+def remote_options(cfg: StageConfig) -> dict[str, Any]:
+    """``ray.remote`` options of the stage's task: its resources. Ray does not re-execute the task
+    (max_retries=0): retries are Prefect's (``recipe.retries``), so one task run never becomes two executions.
+    (No per-task runtime_env: every stage task can reuse the job's workers.)"""
+    rt = cfg.runtime
+    opts: dict[str, Any] = {"num_cpus": rt.cpus, "num_gpus": rt.gpus, "max_retries": 0}
+    if rt.memory_gb:
+        opts["memory"] = int(rt.memory_gb * GIB)
+    if rt.resources:
+        opts["resources"] = dict(rt.resources)
+    return opts
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    def one(k: str, v: float) -> str:
+        return f"memory {v / GIB:.1f} GiB" if k == "memory" else f"{k} {v:g}"
+    return ", ".join(one(k, v) for k, v in sorted(resources.items())
+                     if not k.startswith("node:") and k != "object_store_memory" and not k.startswith("accelerator_"))
+
+
+def refuse_unplaceable(recipe: Recipe, wanted: set[str], nodes: list[dict]) -> None:
+    """A RecipeError for the first wanted stage that no alive node can hold: its name, the resource (and the
+    config key behind it) and what each node offers."""
+    alive = [n for n in nodes if n.get("Alive")]
+    offers = "; ".join(f"node {n['NodeID'][:12]} ({n.get('NodeManagerAddress', '?')}): {_fmt(n['Resources'])}"
+                       for n in alive) or "no alive node"
+    for name in (n for n in recipe.stages if n in wanted):
+        need = demand(recipe.stages[name])
+        if any(all(n["Resources"].get(k, 0.0) >= v for k, v in need.items()) for n in alive):
+            continue
+        short = [k for k, v in need.items() if max((n["Resources"].get(k, 0.0) for n in alive), default=0.0) < v]
+        what = ", ".join(f"{_fmt({k: need[k]})} ({RESOURCE_KEYS.get(k, f'runtime.resources.{k}')})" for k in short) \
+            if short else f"{_fmt(need)} on one node (each resource exists, but on different nodes)"
+        raise RecipeError(f"stage {name!r} asks for {what}: no node of the Ray cluster has it. "
+                          f"The cluster offers: {offers}")
+
+
+def runtime_env(ship_code: bool | None = None) -> dict[str, Any]:
+    """The job's Ray runtime_env: baton's packages as py_modules (they go first on every worker's PYTHONPATH,
+    and the stage processes inherit it); each stage task brings its environment (:class:`RayStageTask`)."""
+    import flows
+    import stages
+
+    if ship_code is None:
+        ship_code = os.environ.get(SHIP_CODE_ENV, "1") != "0"
+    out: dict[str, Any] = {"env_vars": {"BATON_WORKER_START": "spawn"}}
+    if ship_code:
+        out["py_modules"] = [str(Path(m.__file__).parent) for m in (flows, stages)]
+        out["excludes"] = ["__pycache__", "*.pyc"]
+    return out
+
+
+def connect_checked(address: str, recipe: Recipe, wanted: set[str]) -> None:
+    """Connect to the cluster and refuse (disconnected again) a stage that no node can hold."""
+    connect(address)
+    try:
+        refuse_unplaceable(recipe, wanted, cluster_nodes())
+    except BaseException:
+        disconnect()
+        raise
+
+
+def connect(address: str) -> None:
+    """``ray.init`` for this run (a no-op if this process is already connected), with :func:`runtime_env`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "namespace": "baton", "log_to_driver": True}
+    if address == "local":
+        kwargs |= {"include_dashboard": False, "object_store_memory": 256 * 2 ** 20}
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise StageError(f"--cluster {address}: could not connect to Ray: {e}") from None
+
+
+def disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_nodes() -> list[dict]:
+    import ray
+
+    return ray.nodes()
+
+
+def node_info() -> dict[str, Any]:
+    """The node this Ray task runs on: id, address, and its (custom) resources."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    node_id = ctx.get_node_id()
+    me = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
+    res = {k: v for k, v in me.get("Resources", {}).items() if not k.startswith("node:")}
+    return {"id": node_id, "address": me.get("NodeManagerAddress"), "resources": res}
+
+
+def verify_code(stage: str, plan: StagePlan, node: dict[str, Any]) -> None:
+    """Refuse to run a stage on a node whose copy of the stage's code differs from what the driver
+    fingerprinted: names the node, the module and both digests."""
+    here = code_digest(plan.kind)
+    there = plan.payload.get("code", {})
+    for module in sorted(set(here) | set(there)):
+        if here.get(module) != there.get(module):
+            raise StageError(
+                f"stage {stage!r}: the code on Ray node {node['id'][:12]} ({node['address']}) is not the code "
+                f"that was fingerprinted: module {module} has digest {str(here.get(module))[:16]} there, "
+                f"{str(there.get(module))[:16]} on the driver (ship the code: unset {SHIP_CODE_ENV}, or install "
+                "the same baton on every node)")
+
+
+class RayStageTask:
+    """The stage task's body on a Ray node: flows.pipeline's StageTask, made picklable (no tracking client, no
+    semaphore: Ray places and limits the tasks); the MLflow client is made on the node from the same settings
+    as the driver's: its environment travels with the task (where the Prefect and MLflow servers are,
+    ``BATON_*``: known only once the Prefect server answered, after the job's runtime_env was set) and the
+    stage process inherits it. No ``__dict__``: Prefect's task copies its function's ``__dict__`` onto
+    itself, and the StageTask in it must not travel unstripped."""
+
+    __slots__ = ("task", "experiment", "env")
+
+    def __init__(self, task, experiment: str):
+        self.task, self.experiment = task, experiment
+        self.env = {k: v for k, v in os.environ.items() if SHIPPED_ENV.match(k)} | {"BATON_WORKER_START": "spawn"}
+
+    def __getstate__(self) -> dict[str, Any]:
+        task = copy.copy(self.task)
+        task.tracking, task.slots = None, None
+        return {"task": task, "experiment": self.experiment, "env": self.env}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.task, self.experiment, self.env = state["task"], state["experiment"], state["env"]
+
+    def __call__(self, stage: str) -> Any:
+        os.environ.update(self.env)  # this worker runs stage tasks of this job only (namespace, runtime_env)
+        _log_to_stderr()
+        node = node_info()
+        log.info("[%s] on Ray node %s (%s)", stage, node["id"][:12], node["address"])
+        task = self.task
+        verify_code(stage, task.plans[stage], node)
+        if task.tracking is None and task.parent_id:
+            from flows.tracking import Tracking
+
+            task.tracking = Tracking(task.art, self.experiment)
+        if task.slots is None:
+            task.slots = threading.Semaphore(1)
+        out = task(stage)
+        data = getattr(out, "data", out)  # a Cached state carries the result as its data
+        if isinstance(data, dict):
+            data.setdefault("info", {})["ray_node"] = node
+        return out
+
+
+def _log_to_stderr() -> None:
+    """baton's log lines (the stage process's, forwarded) on the Ray worker's stderr, which Ray sends to the
+    driver's terminal prefixed with the task and pid (Prefect's handlers, if any, send them to its API)."""
+    log.setLevel(logging.INFO)
+    if not log.handlers:  # (Prefect's, when it set up logging in this worker, already print them)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+
+
+def launch_across_nodes(script_argv: list[str], nnodes: int, nproc_per_node: int = 1, cpus: float = 1,
+                        resources: dict[str, float] | None = None, max_restarts: int = 0, env: dict[str, str] | None = None,
+                        timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Run ``python -m torch.distributed.run --nnodes N --nproc-per-node R --rdzv-backend c10d ... SCRIPT_ARGV``
+    as N Ray tasks in a STRICT_SPREAD placement group (N distinct nodes, each bundle ``cpus`` + ``resources``),
+    meeting at a c10d rendezvous hosted on the first bundle's node. Returns, per node, its Ray node id and the
+    exit status. This is where ``runtime.nnodes > 1`` will start a stage (``SCRIPT_ARGV`` = ``-m flows.worker
+    STAGE ...``) once the stage loop trains data-parallel; until then :func:`refuse_config` refuses it."""
+    import uuid
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": float(cpus), **(resources or {})}
+    pg = placement_group([bundle] * nnodes, strategy="STRICT_SPREAD")
+    if not ray.wait([pg.ready()], timeout=timeout)[0]:
+        remove_placement_group(pg)
+        raise StageError(f"no {nnodes} distinct Ray nodes with {_fmt(bundle)} each within {timeout:.0f}s")
+    try:
+        def on(i: int) -> dict[str, Any]:
+            return {"num_cpus": cpus, "resources": resources or {}, "max_retries": 0,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+
+        host, port = ray.get(ray.remote(_rendezvous_endpoint).options(**on(0)).remote())
+        argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={host}:{port}", f"--rdzv-id={uuid.uuid4().hex}", f"--max-restarts={max_restarts}"]
+        run = ray.remote(_torchrun)  # the first node's agent hosts the rendezvous store (is_host), not a guess
+        return ray.get([run.options(**on(i)).remote([*argv, f"--rdzv-conf=is_host={int(i == 0)}", *script_argv],
+                                                    env or {}) for i in range(nnodes)])
+    finally:
+        remove_placement_group(pg)
+
+
+def _rendezvous_endpoint() -> tuple[str, int]:
+    """(this node's address, a free port on it): where the c10d rendezvous store will listen."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def _torchrun(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One node's ``torch.distributed.run`` (an elastic agent and its ranks), in a Ray task."""
+    import subprocess
+
+    import ray
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv], env=os.environ | env)
+    return {"node": ray.get_runtime_context().get_node_id(), "returncode": p.returncode}

@@ -3,8 +3,10 @@
     baton run configs/vlp-tiny.yaml            # runs it as part of the recipe
 Reads VQA v2 questions + annotations (the ``vqa`` output of ``data``) and the region store. The
 ``init`` stage's VLP encoder (``init: null`` = same architecture, random weights: the control)
-reads ``[CLS] regions [SEP] question [SEP]`` under the bidirectional mask; the final [CLS] state
-goes through an MLP to one logit per answer of the vocabulary (the ``num_answers`` most frequent
+reads ``[CLS] regions [SEP] question [SEP]`` under the bidirectional mask; the final [CLS] state, beside
+``counters`` soft counts over the regions' final states (:class:`stages.models.vlp.AnswerHead`: "how many"
+needs a sum, which softmax attention into [CLS] cannot carry), goes through an MLP to one logit per answer
+of the vocabulary (the ``num_answers`` most frequent
 normalised training answers; 0 = all). Targets are VQA soft scores min(#annotators / 3, 1),
 loss = binary cross-entropy with logits (summed over answers, averaged over questions).
 

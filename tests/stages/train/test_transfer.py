@@ -81,12 +81,12 @@ PINNED = {  # sha256[:16] of [(group name, block, lr_mult, [parameter names])] a
     "vl/scratch/True": "42878c3b3a2a3541",
     "vl/vl/False": "89170eda5febe94d",
     "vl/vl/True": "5e7d031da8d967c0",
-    "vqa/bert/False": "fbc38a2d6a3cfd5b",
-    "vqa/bert/True": "fbc38a2d6a3cfd5b",
-    "vqa/scratch/False": "fbc38a2d6a3cfd5b",
-    "vqa/scratch/True": "fbc38a2d6a3cfd5b",
-    "vqa/vl/False": "301a4c427d83bf5a",
-    "vqa/vl/True": "301a4c427d83bf5a",
+    "vqa/bert/False": "c56121a975ec1edd",
+    "vqa/bert/True": "c56121a975ec1edd",
+    "vqa/scratch/False": "c56121a975ec1edd",
+    "vqa/scratch/True": "c56121a975ec1edd",
+    "vqa/vl/False": "6675660c87417a38",
+    "vqa/vl/True": "6675660c87417a38",
 }
 
 

@@ -115,14 +115,21 @@ class StageTask:
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]
                  ) -> tuple[dict[str, Any], tuple[str, BaseException] | None]:
-    """Submit each wanted stage once everything it needs has finished (so no worker thread sits blocked
-    on upstream futures; ``wait_for`` still records the edges for the Prefect UI); a failed stage's
-    downstream stages are not run. Returns ({stage: result}, the first failure or None)."""
-    futures: dict[str, Any] = {}
+    """Submit each wanted stage once everything it needs has finished (:func:`run_graph` over the recipe's
+    stages). Returns ({stage: result}, the first failure or None)."""
     pending = [n for n in recipe.stages if n in wanted]
-    results: dict[str, Any] = {}
+    return run_graph(pending, {n: [u for u in recipe.stages[n].needs if u in wanted] for n in pending}, submit)
+
+
+def run_graph(order: list, needs: dict[Any, list], submit: Callable[[Any, list], Any]
+              ) -> tuple[dict[Any, Any], tuple[Any, BaseException] | None]:
+    """Submit each node (in topological ``order``) once every node it ``needs`` has finished (so no worker
+    thread sits blocked on upstream futures; ``wait_for`` still records the edges for the Prefect UI); a
+    failed node's downstream nodes are not run. Returns ({node: result}, the first failure or None)."""
+    futures: dict[Any, Any] = {}
+    pending = list(order)
+    results: dict[Any, Any] = {}
     failed, skipped = None, set()
-    needs = {n: [u for u in recipe.stages[n].needs if u in wanted] for n in pending}
     while True:
         if interrupt.requested():  # Ctrl-C: nothing new starts
             skipped.update(pending)
@@ -219,6 +226,22 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
 
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
                   server: str | None, force: list[str] | None) -> dict[str, Any]:
+    def call() -> dict[str, Any]:
+        from prefect.task_runners import ThreadPoolTaskRunner  # once PREFECT_API_URL is set
+
+        # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's
+        # slots cap how many stage processes run at once (recipe.max_concurrency).
+        flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
+                                         flow_run_name=f"{recipe.name}")
+        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
+
+    return with_prefect_server(artifacts, server, lambda: _kinds_to_run(recipe, artifacts, None, force), track, call)
+
+
+def with_prefect_server(artifacts: Path, server: str | None, kinds: Callable[[], list[str]], track: bool,
+                        call: Callable[[], Any]) -> Any:
+    """``call()`` (which runs a flow) once a Prefect server answers (flows.server), the fork server is
+    importing the ``kinds()`` stage kinds and this thread has imported MLflow (if ``track``)."""
     from flows.server import ensure_server
 
     configure_prefect(artifacts)
@@ -239,21 +262,15 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     if server or os.environ.get("PREFECT_API_URL"):
         finder.join()
     if not (found and isinstance(found[0], BaseException)):
-        prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
+        prewarm_workers(kinds())
         if track:
             __import__("mlflow")
     finder.join()
     if isinstance(found[0], BaseException):
         raise found[0]
     users = found[0]  # the background server's users lock: it stays up while this run lasts
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    # Threads only wait on stage processes (flows.worker); every stage can have one, and StageTask's
-    # slots cap how many stage processes run at once (recipe.max_concurrency).
-    flow = build_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(recipe.stages)),
-                                     flow_run_name=f"{recipe.name}")
     try:
-        return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force)
+        return call()
     finally:
         if users is not None:
             users.close()

@@ -3,7 +3,7 @@ with an example; ``baton --install-completion`` installs shell completion.
 
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
               [--dry-run] [--force STAGE]     the plan only (cached / will run, and why) / rerun STAGE + downstream
-    baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
+    baton status CONFIG|SWEEP_FILE [overrides]  per stage (and sweep member): fingerprint and complete / partial / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton dag CONFIG [overrides] [--dot]      the planned DAG: stage, kind, fingerprint, state, needs
@@ -17,6 +17,9 @@ with an example; ``baton --install-completion`` installs shell completion.
                                               $BATON_SERVER_IDLE_TIMEOUT seconds (default 1800) idle
     baton serve [--port 4200]                 a Prefect server + UI serving the deployment baton/baton
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
+    baton sweep SWEEP_FILE|CONFIG [--variant NAME='k=v ...'] [--grid K=V1,V2] [--seeds 0,1,2]
+                                              variants as one flow; shared stages run once (flows.sweep)
+    baton report SWEEP                        charts + index.html of a finished sweep (flows.report)
 
 Adding a command: a function decorated with ``@command("baton NAME example args")``; its docstring's first
 line is its help. It raises ``RecipeError`` for bad input (exit 2), ``StageError`` / ``OSError`` for a

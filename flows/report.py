@@ -165,9 +165,13 @@ def _bars(path: Path, refs: list[str], stats: dict[str, dict[str, Stat]], title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(refs), figsize=(max(4.5, 3.2 * len(next(iter(stats.values()))))
-                                                     * min(len(refs), 3) / 1.6, 4.2), squeeze=False)
-    for ax, ref in zip(axes[0], refs):
+    cols = min(3, len(refs))
+    rows = math.ceil(len(refs) / cols)
+    width = max(3.5, 0.9 * len(next(iter(stats.values()))) + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 4.0 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(refs):]:
+        ax.set_visible(False)
+    for ax, ref in zip(axes.flat, refs):
         groups = stats[ref]
         names = list(groups)
         means = [groups[g].mean for g in names]

@@ -267,7 +267,8 @@ def expand(spec: SweepSpec, path: Path | None = None) -> Sweep:
             node = nodes.setdefault(key, Node(n, key[1], [], [(u, m.plans[u].fingerprint)
                                                             for u in m.recipe.stages[n].needs]))
             node.members.append(m.name)
-    return Sweep(spec, path, base, members, swept, seeded, nodes)
+    used = {n for n, _ in nodes}
+    return Sweep(spec, path, base, members, swept, [n for n in seeded if n in used], nodes)
 
 
 def load_sweep(config: Path, variants: list[str] | None = None, grid: list[str] | None = None,

@@ -35,6 +35,7 @@ class SweepTracking:
         self.tracking = Tracking(artifacts, sweep.base.name)
         client = self.client = self.tracking.client
         spec = sweep.spec
+        self.name = spec.sweep
         self.sweep_run = self.tracking.start_parent(f"sweep:{spec.sweep}@{time.strftime('%Y%m%d-%H%M%S')}", {
             "baton.sweep": spec.sweep, "baton.kind": "sweep", "baton.recipe": spec.recipe,
             "baton.prefect_flow_run_id": flow_run_id, "baton.swept_stages": ",".join(sweep.swept),
@@ -57,7 +58,7 @@ class SweepTracking:
         run_id = (result.get("info") or {}).get("mlflow_run_id")
         if run_id:
             self.client.set_tag(run_id, "baton.variants", ",".join(node.members)[:5000])
-            self.client.set_tag(run_id, "baton.sweep", self.client.get_run(self.sweep_run).data.tags["baton.sweep"])
+            self.client.set_tag(run_id, "baton.sweep", self.name)
         for m in node.members:
             self.client.set_tag(self.member_runs[m], f"stage.{node.stage}", run_id or "")
 

@@ -203,7 +203,10 @@ def _scatter(path: Path, record: dict, results: dict, x: str, y: str, corr: dict
                if m["variant"] == v]
         pts = [p for p in pts if None not in p]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=f"C{i}", label=f"{v} (n={len(pts)})")
+            px, py = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(px, py, "o", color=f"C{i}", alpha=0.5, label=f"{v} (n={len(pts)})")
+            ax.errorbar(statistics.fmean(px), statistics.fmean(py), xerr=Stat(px).sd, yerr=Stat(py).sd,
+                        fmt="s", color=f"C{i}", capsize=4, ms=7)
     xs, ys = corr["x"], corr["y"]
     if len(xs) >= 2 and statistics.pstdev(xs) > 0:
         slope, icept = statistics.linear_regression(xs, ys)
@@ -212,7 +215,7 @@ def _scatter(path: Path, record: dict, results: dict, x: str, y: str, corr: dict
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.legend(fontsize=8)
-    ax.set_title(f"{title}\n{corr['text']}", fontsize=9)
+    ax.set_title(f"{title}\n{corr['text']}\ndots: members (seeds); squares: variant mean ±1 SD", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -56,3 +56,15 @@ def test_scatter_report_numbers_verdicts_and_missing(tmp_path):
     html = rep.index.read_text()
     assert "scatter.png" in html and "bars.png" in html and "Pearson r = " in html and "<th>n</th>" in html
     assert (rep.dir / "scatter.png").stat().st_size > 5000
+
+
+def test_gc_keeps_the_stage_dirs_of_a_recorded_sweep(tmp_path):
+    from flows.gc import find_garbage
+
+    art = tmp_path / "art"
+    members = [_member(art, "a@s0", "a", 0, 0.1, 0.2)]
+    (art / "sweeps").mkdir(parents=True)
+    (art / "sweeps" / "toy.json").write_text(json.dumps({"sweep": "toy", "members": members}))
+    assert find_garbage(art, [], keep_days=-1, mlflow=False) == []
+    (art / "sweeps" / "toy.json").unlink()
+    assert {g.path.parent.name for g in find_garbage(art, [], keep_days=-1, mlflow=False)} == {"cnn", "detector"}

@@ -236,11 +236,16 @@ def sweep(config: Annotated[Path, typer.Argument(show_default=False, help="a swe
               "--name", show_default=False, help="the sweep's name (default: the sweep file's, else recipe-<hash>)")]
           = None, no_track: NoTrack = False, no_report: Annotated[bool, typer.Option(
               "--no-report", help="do not write the report at the end (`baton report` writes it later)")] = False,
+          max_concurrency: Annotated[int | None, typer.Option(
+              "--max-concurrency", min=1, show_default=False, help="stage processes at once (default: the sweep "
+                                                                    "file's, else the recipe's)")] = None,
           artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None, dry_run: DryRun = False) -> int:
     """Run variants of a recipe as one flow: stages they share (same fingerprint) run once; then the report."""
     from flows.sweep import load_sweep, status_rows
 
     sw = load_sweep(config, variant, grid, seeds, seeds_from, only, name)
+    if max_concurrency:
+        sw.spec = sw.spec.model_copy(update={"max_concurrency": max_concurrency})
     art = artifacts_root(artifacts)
     if dry_run:
         rows = status_rows(sw, art)

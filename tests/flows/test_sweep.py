@@ -171,3 +171,12 @@ def test_4_variants_x_3_seeds_train_each_shared_stage_once(tmp_path):
     numbers = json.loads((art / "reports/s43/numbers.json").read_text())
     assert {g: v["n"] for g, v in numbers["metrics"]["vqa/val/vqa_acc"].items()} == \
         {"ft": 3, "lp_ft": 3, "lp": 3, "part": 3}
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/sweeps/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_validates_and_shares_its_upstream(path):
+    sw = load_sweep(path)
+    assert len(sw.members) >= 12 and sw.spec.seeds == [0, 1, 2] and sw.spec.report.get("claim")
+    assert sw.nodes[("world", sw.members[0].plans["world"].fingerprint)].members == [m.name for m in sw.members]
+    for ref in sw.spec.report.get("metrics") or [sw.spec.report["x"], sw.spec.report["y"]]:
+        assert ref.split("/")[0] in sw.members[0].wanted, ref

@@ -248,8 +248,9 @@ def _verdicts(spec: dict[str, Any], stats: dict[str, dict[str, Stat]], corr: dic
         held, clear = diff > 0, diff > 2 * se if not math.isnan(se) else False
         out.append({"expect": e, "held": held, "clear": clear, "diff": diff, "se": se,
                     "text": f"{e['metric']}: {e['better']} > {e['than']}: " + ("held" if held else "did NOT hold")
-                    + f" (difference {diff:+.4g}, SE {se:.2g}: " + ("more than 2 SE)" if clear else
-                                                                     "within 2 SE: not conclusive)")})
+                    + f" (difference {diff:+.4g}, " + ("n=1: no SE, not conclusive)" if math.isnan(se) else
+                                                        f"SE {se:.2g}: " + ("more than 2 SE)" if clear else
+                                                                            "within 2 SE: not conclusive)"))})
     return out
 
 

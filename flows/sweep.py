@@ -268,7 +268,7 @@ def expand(spec: SweepSpec, path: Path | None = None) -> Sweep:
                                                             for u in m.recipe.stages[n].needs]))
             node.members.append(m.name)
     used = {n for n, _ in nodes}
-    return Sweep(spec, path, base, members, swept, [n for n in seeded if n in used], nodes)
+    return Sweep(spec, path, base, members, [n for n in swept if n in used], [n for n in seeded if n in used], nodes)
 
 
 def load_sweep(config: Path, variants: list[str] | None = None, grid: list[str] | None = None,

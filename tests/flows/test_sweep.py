@@ -105,12 +105,8 @@ def test_2x2_report_files_mlflow_and_prefect_carry_the_results(two_by_two):
     assert all(f"| vqa/val/vqa_acc | {m} |" in md for m in MEMBERS), md
 
 
-def test_2x2_rerun_trains_nothing_and_status_reads_the_sweep(two_by_two, tmp_path):
+def test_status_reads_a_sweep_file(two_by_two, tmp_path):
     art, _, _ = two_by_two
-    p = baton(["sweep", CONFIG, "--name", "s22", "--variant", "ft=", "--variant", LP_FT,
-               "--grid", "stages.vqa.train.lr=0.001,0.003", "--only", "vqa", "--no-report"], art)
-    assert done(p.stderr + p.stdout) == []
-    assert (p.stderr + p.stdout).count("Finished in state Cached") == 9
     f = tmp_path / "s22.yaml"
     f.write_text(f"sweep: s22\nrecipe: {Path(CONFIG).resolve()}\nonly: [vqa]\nvariants:\n  ft: ''\n"
                  f"  lp_ft: 'stages.vqa.train.transfer.strategy=lp_ft stages.vqa.train.transfer.lp_steps=3'\n"
@@ -118,6 +114,15 @@ def test_2x2_rerun_trains_nothing_and_status_reads_the_sweep(two_by_two, tmp_pat
     st = json.loads(baton(["status", str(f), "--json"], art).stdout)
     assert {r["state"] for r in st["stages"]} == {"complete"} and len(st["stages"]) == 4 * 6
     assert {r["shared"] for r in st["stages"] if r["name"] == "vl"} == {4}
+
+
+@pytest.mark.slow
+def test_2x2_rerun_trains_nothing(two_by_two):
+    art, _, _ = two_by_two
+    p = baton(["sweep", CONFIG, "--name", "s22", "--variant", "ft=", "--variant", LP_FT,
+               "--grid", "stages.vqa.train.lr=0.001,0.003", "--only", "vqa", "--no-report"], art)
+    assert done(p.stderr + p.stdout) == []
+    assert (p.stderr + p.stdout).count("Finished in state Cached") == 9
 
 
 def test_a_bad_variant_is_refused_naming_it_and_the_key_before_anything_runs(tmp_path):

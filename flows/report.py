@@ -245,7 +245,7 @@ def _verdicts(spec: dict[str, Any], stats: dict[str, dict[str, Stat]], corr: dic
             continue
         diff = a.mean - b.mean
         se = math.sqrt(a.se ** 2 + b.se ** 2) if a.n > 1 and b.n > 1 else math.nan
-        held, clear = diff > 0, diff > 2 * se if not math.isnan(se) else False
+        held, clear = diff > 0, abs(diff) > 2 * se if not math.isnan(se) else False  # clear: either way
         out.append({"expect": e, "held": held, "clear": clear, "diff": diff, "se": se,
                     "text": f"{e['metric']}: {e['better']} > {e['than']}: " + ("held" if held else "did NOT hold")
                     + f" (difference {diff:+.4g}, " + ("n=1: no SE, not conclusive)" if math.isnan(se) else

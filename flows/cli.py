@@ -4,7 +4,7 @@ with an example; ``baton --install-completion`` installs shell completion.
     baton run CONFIG [dotted.key=value ...]   run / resume a recipe through Prefect, tracked in MLflow
               [--dry-run] [--force STAGE]     the plan only (cached / will run, and why) / rerun STAGE + downstream
               [--cluster ray://HOST:10001]    the stages as Ray tasks on a cluster (prefect-ray; README "Running on a cluster")
-    baton status CONFIG [overrides]           per stage: fingerprint and complete / partial at step k / not started
+    baton status CONFIG|SWEEP_FILE [overrides]  per stage (and sweep member): fingerprint and complete / partial / not started
     baton ls / baton cp NAME [DEST]           the shipped recipes / copy one to edit it
     baton ui [--port 5000]                    MLflow UI on 127.0.0.1 over artifacts/mlflow.db
     baton dag CONFIG [overrides] [--dot]      the planned DAG: stage, kind, fingerprint, state, needs
@@ -21,6 +21,9 @@ with an example; ``baton --install-completion`` installs shell completion.
                                               form: overrides, only, track) and baton/baton
     baton serve --db postgresql://U@H/DB      team mode: Prefect + MLflow servers on PostgreSQL (flows.team)
     baton submit CONFIG [overrides] [--wait]  run a recipe through that deployment (retryable from the UI)
+    baton sweep SWEEP_FILE|CONFIG [--variant NAME='k=v ...'] [--grid K=V1,V2] [--seeds 0,1,2]
+                                              variants as one flow; shared stages run once (flows.sweep)
+    baton report SWEEP                        charts + index.html of a finished sweep (flows.report)
 
 Adding a command: a function decorated with ``@command("baton NAME example args")``; its docstring's first
 line is its help. It raises ``RecipeError`` for bad input (exit 2), ``StageError`` / ``OSError`` for a
@@ -62,7 +65,7 @@ app = typer.Typer(name="baton", no_args_is_help=True, rich_markup_mode=None,
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = ((RecipeError, 2), (StageError, 1), (ServerError, 1),
                                                            (OSError, 1))
 # commands whose output Prefect's console handler already formats (it prints our 'baton' logger)
-_PREFECT_LOGGING = {"run", "resume", "retry", "serve"}
+_PREFECT_LOGGING = {"run", "resume", "retry", "serve", "sweep"}
 
 Artifacts = Annotated[Path | None, typer.Option(
     "--artifacts", metavar="DIR", show_default=False,
@@ -160,9 +163,18 @@ def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = N
     """Per stage: fingerprint and complete / partial at step k / not started, without running anything."""
     from flows.execute import stage_dirs
     from flows.store import describe_state
+    from flows.sweep import is_sweep_file, load_sweep, status_rows
 
-    recipe = load_recipe(config, overrides or ())
     art = artifacts_root(artifacts)
+    if is_sweep_file(config):
+        sw = load_sweep(config)
+        rows = status_rows(sw, art)
+        if as_json:
+            _print_json({"sweep": sw.spec.sweep, "config": str(config), "artifacts": str(art), "stages": rows})
+        else:
+            print(render_sweep_status(sw, rows))
+        return
+    recipe = load_recipe(config, overrides or ())
     rows = []
     for name, d in stage_dirs(recipe, art).items():
         state, step = d.state()
@@ -215,6 +227,98 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
         m = ", ".join(f"{k}={v:.4g}" for k, v in s["metrics"].items())
         b = ", ".join(f"{k}={v:.4g}" for k, v in s["baselines"].items())
         print(f"  {s['name']:<10} {s['state']:<6} {m}" + (f"   [baseline {b}]" if b else ""))
+
+
+Variants = Annotated[list[str] | None, typer.Option(
+    "--variant", metavar="NAME='k=v ...'", show_default=False,
+    help="a named bundle of overrides, e.g. lp_ft='stages.vqa.train.transfer.strategy=lp_ft "
+         "stages.vqa.train.transfer.lp_steps=50' (NAME='' = the recipe as it is); repeatable")]
+Grid = Annotated[list[str] | None, typer.Option(
+    "--grid", metavar="KEY=V1,V2", show_default=False, help="multiplies the variants; repeatable")]
+Seeds = Annotated[str | None, typer.Option(
+    "--seeds", metavar="0,1,2", show_default=False,
+    help="seeds of the swept stages (those a variant changes) and everything downstream of them")]
+SeedsFrom = Annotated[str | None, typer.Option(
+    "--seeds-from", metavar="STAGE", show_default=False, help="seed this stage and its downstream stages too")]
+
+
+@command("baton sweep configs/vlp-micro.yaml --variant ft='' --variant lp_ft='stages.vqa.train.transfer.strategy="
+         "lp_ft stages.vqa.train.transfer.lp_steps=3' --grid stages.vqa.train.lr=1e-3,3e-3 --seeds 0,1")
+def sweep(config: Annotated[Path, typer.Argument(show_default=False, help="a sweep file (configs/sweeps/) or a recipe")],
+          variant: Variants = None, grid: Grid = None, seeds: Seeds = None, seeds_from: SeedsFrom = None,
+          only: Only = None, name: Annotated[str | None, typer.Option(
+              "--name", show_default=False, help="the sweep's name (default: the sweep file's, else recipe-<hash>)")]
+          = None, no_track: NoTrack = False, no_report: Annotated[bool, typer.Option(
+              "--no-report", help="do not write the report at the end (`baton report` writes it later)")] = False,
+          max_concurrency: Annotated[int | None, typer.Option(
+              "--max-concurrency", min=1, show_default=False, help="stage processes at once (default: the sweep "
+                                                                    "file's, else the recipe's)")] = None,
+          artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None, dry_run: DryRun = False) -> int:
+    """Run variants of a recipe as one flow: stages they share (same fingerprint) run once; then the report."""
+    from flows.sweep import load_sweep, status_rows
+
+    sw = load_sweep(config, variant, grid, seeds, seeds_from, only, name)
+    if max_concurrency:
+        sw.spec = sw.spec.model_copy(update={"max_concurrency": max_concurrency})
+    art = artifacts_root(artifacts)
+    if dry_run:
+        rows = status_rows(sw, art)
+        if as_json:
+            _print_json({"sweep": sw.spec.sweep, "members": [m.to_json() for m in sw.members], "stages": rows,
+                         "nodes": len(sw.nodes), "swept": sw.swept, "seeded": sw.seeded})
+        else:
+            print(render_sweep_status(sw, rows))
+        return 0
+    _check_writable(art)
+    from flows.sweep_flow import run_sweep
+
+    t0 = time.perf_counter()
+    with _stdout_to_stderr() if as_json else _no_redirect():
+        out = run_sweep(sw, art, track=not no_track, server=server, report=not no_report)
+    out = {**(out if isinstance(out, dict) else {}), "seconds": round(time.perf_counter() - t0, 2),
+           "members": [m.name for m in sw.members], "swept": sw.swept, "seeded": sw.seeded,
+           "record": str(art / "sweeps" / f"{sw.spec.sweep}.json")}
+    if as_json:
+        _print_json(out)
+    else:
+        print(f"\nsweep {sw.spec.sweep}: {len(sw.members)} members, {len(sw.nodes)} unique stages, "
+              f"{out['seconds']:.1f}s; swept {', '.join(sw.swept) or '-'}, seeded {', '.join(sw.seeded) or '-'}; "
+              f"MLflow sweep run {out.get('mlflow_run_id') or '-'}" + (f"; report {out['report']}" if out.get("report")
+                                                                        else ""))
+    return 0
+
+
+def render_sweep_status(sw, rows: list[dict]) -> str:
+    from flows.store import describe_state
+
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"sweep {sw.spec.sweep} ({sw.spec.recipe}): {len(sw.members)} members, {len(sw.nodes)} unique stages "
+             f"({sum(r['state'] == 'complete' for r in {(r['name'], r['fingerprint']): r for r in rows}.values())} "
+             f"complete); swept {', '.join(sw.swept) or '-'}; seeded {', '.join(sw.seeded) or '-'}"]
+    for m in sw.members:
+        lines.append(f"  {m.name}")
+        for r in (r for r in rows if r["member"] == m.name):
+            shared = f"  (shared x{r['shared']})" if r["shared"] > 1 else ""
+            lines.append(f"    {r['name']:<{width}}  {r['fingerprint'][:16]}  {describe_state(r['state'], r['step'])}"
+                         f"{shared}")
+    return "\n".join(lines)
+
+
+@command("baton report frozen-vs-finetuned")
+def report(ref: Annotated[str, typer.Argument(metavar="SWEEP", show_default=False,
+                                              help="a sweep's name, its sweep file or its MLflow sweep run id")],
+           artifacts: Artifacts = None, as_json: AsJson = False, no_publish: Annotated[bool, typer.Option(
+               "--no-publish", help="only the files: no MLflow / Prefect artifacts")] = False) -> None:
+    """Charts + index.html of a sweep's finished results (artifacts/reports/NAME/), logged to its MLflow sweep run
+    and published as a Prefect artifact. Never trains."""
+    from flows.report import make_report
+
+    art = artifacts_root(artifacts)
+    rep = make_report(art, ref, publish=not no_publish)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        print(rep.text())
 
 
 def print_plan(recipe, art: Path, only: list[str] | None, force: list[str] | None, as_json: bool) -> None:

@@ -82,7 +82,9 @@ def find_garbage(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0,
                  now: float | None = None) -> list[Garbage]:
     """What gc would remove (locks are checked again when removing)."""
     artifacts = Path(artifacts)
-    keep = referenced(recipes)
+    from flows.sweep import referenced_by_sweeps
+
+    keep = referenced(recipes) | referenced_by_sweeps(artifacts)  # a recorded sweep's members count as recipes
     nodes = scan_store(artifacts)
     if mlflow:
         attach_mlflow(nodes, artifacts)

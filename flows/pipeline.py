@@ -134,16 +134,22 @@ class StageTask:
 
 def run_in_order(recipe: Recipe, wanted: set[str], submit: Callable[[str, list], Any]
                  ) -> tuple[dict[str, Any], tuple[str, BaseException] | None]:
-    """Submit every wanted stage at once, in dependency order, each waiting for the futures of the stages it
-    needs (``wait_for``): the Prefect UI shows the whole graph from the start, stages not yet started as
-    Pending (a task thread waiting on its upstream costs nothing: stage processes do the work). A failed
-    stage's downstream stages are not run (Prefect leaves them NotReady). Returns ({stage: result}, the
-    first failure or None)."""
-    futures: dict[str, Any] = {}
+    """:func:`run_graph` over the recipe's wanted stages. Returns ({stage: result}, the first failure or None)."""
     pending = [n for n in recipe.stages if n in wanted]
-    results: dict[str, Any] = {}
+    return run_graph(pending, {n: [u for u in recipe.stages[n].needs if u in wanted] for n in pending}, submit)
+
+
+def run_graph(order: list, needs: dict[Any, list], submit: Callable[[Any, list], Any]
+              ) -> tuple[dict[Any, Any], tuple[Any, BaseException] | None]:
+    """Submit every node at once, in topological ``order``, each waiting for the futures of the nodes it
+    ``needs`` (``wait_for``): the Prefect UI shows the whole graph from the start, nodes not yet started as
+    Pending (a task thread waiting on its upstream costs nothing: stage processes do the work; the task
+    runner has a thread per node). A failed node's downstream nodes are not run (Prefect leaves them
+    NotReady). Returns ({node: result}, the first failure or None)."""
+    futures: dict[Any, Any] = {}
+    pending = list(order)
+    results: dict[Any, Any] = {}
     failed, skipped = None, set()
-    needs = {n: [u for u in recipe.stages[n].needs if u in wanted] for n in pending}
     while True:
         if interrupt.requested():  # Ctrl-C: nothing new starts
             skipped.update(pending)
@@ -353,6 +359,34 @@ def _task_runner(recipe: Recipe, cluster: str | None):
 
 def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool,
                   server: str | None, force: list[str] | None, cluster: str | None = None) -> dict[str, Any]:
+    def prepare() -> None:
+        if cluster:  # connected, and every stage checked against the nodes, while the Prefect server starts
+            from flows.cluster import connect_checked
+
+            connect_checked(cluster, recipe, needed_stages(recipe, only))
+        else:
+            prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
+
+    def call() -> dict[str, Any]:
+        flow = build_flow().with_options(task_runner=_task_runner(recipe, cluster), flow_run_name=f"{recipe.name}")
+        with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
+            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force,
+                        cluster=cluster)
+
+    try:
+        return with_prefect_server(artifacts, server, prepare, track, call)
+    finally:
+        if cluster:
+            from flows.cluster import disconnect
+
+            disconnect()
+
+
+def with_prefect_server(artifacts: Path, server: str | None, prepare: Callable[[], None], track: bool,
+                        call: Callable[[], Any]) -> Any:
+    """``call()`` (which runs a flow) once a Prefect server answers (flows.server; a team server joined,
+    flows.team), ``prepare()`` has run (the fork server importing the stage kinds that will run, or the Ray
+    cluster connected and checked) and this thread has imported MLflow (if ``track``)."""
     from flows.server import ensure_server
     from flows.team import client_auth_env, join_team, team_server
 
@@ -377,34 +411,16 @@ def _run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None, track
     if server or os.environ.get("PREFECT_API_URL"):
         finder.join()
     if not (found and isinstance(found[0], BaseException)):
-        if cluster:  # connected, and every stage checked against the nodes, while the Prefect server starts
-            from flows.cluster import connect_checked
-
-            connect_checked(cluster, recipe, needed_stages(recipe, only))
-        else:
-            prewarm_workers(_kinds_to_run(recipe, artifacts, None, force))
+        prepare()
         if track:
             __import__("mlflow")
     finder.join()
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    users = found[0]  # the background server's users lock: it stays up while this run lasts
     try:
-        if isinstance(found[0], BaseException):
-            raise found[0]
         join_team(os.environ["PREFECT_API_URL"], artifacts)  # team mode if the server is a team server
-        return _run_flow(recipe, artifacts, only, track, force, cluster, users=found[0])
-    finally:
-        if cluster:
-            from flows.cluster import disconnect
-
-            disconnect()
-
-
-def _run_flow(recipe: Recipe, artifacts: Path, only: list[str] | None, track: bool, force: list[str] | None,
-              cluster: str | None, users) -> dict[str, Any]:
-    """The flow itself; ``users``: the background server's users lock (it stays up while this run lasts)."""
-    try:
-        flow = build_flow().with_options(task_runner=_task_runner(recipe, cluster), flow_run_name=f"{recipe.name}")
-        with live_bars(sys.stderr.isatty() and os.environ.get("BATON_BARS", "1") != "0"):
-            return flow(str(recipe.path), recipe.raw, str(Path(artifacts).resolve()), only, track, force, cluster=cluster)
+        return call()
     finally:
         if users is not None:
             users.close()

@@ -122,8 +122,8 @@ def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None, node
             if nodes:
                 remove_path(nodes_result_file(ctx.stage_dir))
             res = run_ranks(ctx, tracker, **(nodes or {}))
-            if res is None and nodes:  # global rank 0 was on another node
-                res = _nodes_result(ctx)
+            if nodes:  # global rank 0 may have been on another node
+                res = _nodes_result(ctx, res)
         else:
             seed_stage(cfg)
             res = kind_module(cfg.kind).run(ctx)
@@ -137,14 +137,16 @@ def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None, node
     return res
 
 
-def _nodes_result(ctx: StageContext) -> StageResult:
+def _nodes_result(ctx: StageContext, res: StageResult | None) -> StageResult:
+    """This node's result if it held global rank 0, else the one rank 0 left in the stage dir (removed)."""
     from stages.train.launch import nodes_result_file
 
     f = nodes_result_file(ctx.stage_dir)
-    if not f.exists():
+    if res is None and not f.exists():
         raise RuntimeError(f"stage {ctx.name!r}: the ranks finished but global rank 0 (on another node) left no "
                            f"result in {f}; rerun to resume from the newest checkpoint")
-    res = StageResult.model_validate_json(f.read_text())
+    if res is None:
+        res = StageResult.model_validate_json(f.read_text())
     remove_path(f)
     return res
 

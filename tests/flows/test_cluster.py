@@ -36,14 +36,18 @@ def summary(p: subprocess.CompletedProcess) -> dict:
     return json.loads(p.stdout)
 
 
-def test_cluster_refuses_cuda_index_and_nnodes_before_connecting(tmp_path):
+def test_cluster_refuses_cuda_index_and_nnodes_without_cluster_or_forced_before_connecting(tmp_path):
     """No Ray needed: the address answers nothing, the refusal comes from the config alone."""
     art = tmp_path / "art"
     p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "stages.cnn.runtime.device=cuda:1"], art, check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "stages.cnn.runtime.device='cuda:1'" in p.stderr and "Ray assigns the devices" in p.stderr
-    p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "stages.vl.runtime.nnodes=2"], art, check=False)
-    assert p.returncode == 2 and "stages.vl.runtime.nnodes=2" in p.stderr, p.stderr[-2000:]
+    p = baton(["run", CONFIG, "stages.vl.runtime.nnodes=2"], art, check=False)  # nnodes needs --cluster
+    assert p.returncode == 2 and "stages.vl.runtime.nnodes=2: a stage across several nodes runs only on a Ray " \
+        "cluster" in " ".join(p.stderr.split()), p.stderr[-2000:]
+    p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "--force", "bert", "stages.vl.runtime.nnodes=2"], art,
+              check=False)  # vl is downstream of bert
+    assert p.returncode == 2 and "--force of a stage across several nodes" in p.stderr, p.stderr[-2000:]
     assert not (art / "stages").exists()
 
 

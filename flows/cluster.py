@@ -373,6 +373,10 @@ def _stage_on_node(stage: str, snapshot: str, art: str, parent_id: str, threads:
     import json
 
     verify_code(stage, StagePlan.from_json(json.loads(Path(snapshot).read_text())["plans"][stage]), node)
+    import ray
+
+    # the torch agents' address for each other: Ray's own address of this node (reachable from the others)
+    extra = [*extra, "--node-addr", ray.util.get_node_ip_address()]
     cached = run_stage_process(stage, Path(snapshot), Path(art), parent_id, threads, extra)
     return {"node": node, "cached": cached}
 

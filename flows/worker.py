@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-rank", type=int, default=0, help="this node's (0 holds the lock, writes result.json)")
     p.add_argument("--rdzv-endpoint", default="", help="host:port of the c10d rendezvous store (node 0's)")
     p.add_argument("--rdzv-id", default="", help="the rendezvous' id, the same on every node")
+    p.add_argument("--node-addr", default=None, help="the address other nodes reach this one at")
     args = p.parse_args(argv)
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = None
         if args.nnodes > 1:
             nodes = {"nnodes": args.nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.rdzv_endpoint,
-                     "run_id": args.rdzv_id}
+                     "run_id": args.rdzv_id, "local_addr": args.node_addr}
             if args.node_rank > 0:
                 uri = _tracking_uri(args.artifacts) if args.parent_run_id else None
                 join_stage(args.stage, cfg, plans, args.artifacts, uri, nodes)

@@ -116,13 +116,13 @@ def _start_method(ctx: StageContext) -> str:
 
 
 def run_ranks(ctx: StageContext, tracker: Callable | None = None, nnodes: int = 1, rdzv_endpoint: str = "127.0.0.1:0",
-              run_id: str | None = None, node_rank: int = 0) -> StageResult:
+              run_id: str | None = None, node_rank: int = 0, local_addr: str | None = None) -> StageResult:
     """Run stage ``ctx`` on ``runtime.nproc_per_node`` ranks; ``tracker()`` (picklable, e.g. a partial of a
     module-level function) opens rank 0's tracker. Returns rank 0's StageResult (None on the nodes that do not
     hold global rank 0). A rank's StageError is raised here as a StageError; a crashed or killed rank as
     RuntimeError; SIGINT as StageInterrupted. One node by default; a cluster runner calls this once per node
     with ``nnodes``, a shared ``rdzv_endpoint`` (host:port of a c10d store, hosted by ``node_rank`` 0's agent) and
-    a shared ``run_id``; every node passes the same ``tracker`` (global rank 0 tracks, on whichever node it is)
+    a shared ``run_id`` (``local_addr``: the address the other nodes reach this one at, else its FQDN); every node passes the same ``tracker`` (global rank 0 tracks, on whichever node it is)
     and global rank 0 also leaves its result in :func:`nodes_result_file` (the agents wait for each other
     before they return)."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
@@ -140,7 +140,7 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None, nnodes: int = 
     with tempfile.TemporaryDirectory(prefix="baton-ranks-") as tmp:  # the agent's files and a rank's error
         config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=n,
                               run_id=run_id or f"baton-{ctx.name}-{os.getpid()}", rdzv_backend="c10d",
-                              rdzv_endpoint=rdzv_endpoint, local_addr="127.0.0.1" if nnodes == 1 else None,
+                              rdzv_endpoint=rdzv_endpoint, local_addr=local_addr or ("127.0.0.1" if nnodes == 1 else None),
                               rdzv_configs={"is_host": node_rank == 0},  # node 0's agent hosts the c10d store
                               max_restarts=rt.max_restarts, monitor_interval=0.2, start_method=_start_method(ctx),
                               logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))

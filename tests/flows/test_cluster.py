@@ -48,6 +48,9 @@ def test_cluster_refuses_cuda_index_and_nnodes_without_cluster_or_forced_before_
     p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "--force", "bert", "stages.vl.runtime.nnodes=2"], art,
               check=False)  # vl is downstream of bert
     assert p.returncode == 2 and "--force of a stage across several nodes" in p.stderr, p.stderr[-2000:]
+    p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "stages.bert.runtime.nnodes=3"], art, check=False)
+    assert p.returncode == 2 and "train.batch_size=16 does not split into runtime.nproc_per_node=1 x " \
+        "runtime.nnodes=3" in " ".join(p.stderr.split()), p.stderr[-2000:]  # the global batch: 3 ranks
     assert not (art / "stages").exists()
 
 
@@ -59,6 +62,11 @@ def test_unplaceable_stage_refused_naming_stage_resource_and_offer(cluster, tmp_
     err = " ".join(p.stderr.split())
     assert "stage 'bert' asks for GPU 8 (runtime.gpus): no node of the Ray cluster has it" in err, err[-2000:]
     assert "vision 1" in err and "text 1" in err  # what each node offers
+    p = baton(["run", CONFIG, "--cluster", cluster.address, "stages.bert.runtime.nnodes=2",
+               "stages.bert.runtime.resources={text: 1}"], art, check=False, timeout=300)
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "stage 'bert' asks for 2 nodes (runtime.nnodes) with CPU 1, text 1 each: 1 " \
+        "node(s) of the Ray cluster have it" in err, err[-2000:]
     assert not (art / "stages").exists()  # refused at submission: nothing started
 
 

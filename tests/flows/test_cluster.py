@@ -178,7 +178,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_one_rank_per_node_meets_through_c10d_in_a_strict_spread_group(cluster, tmp_path):
-    """The launch behind runtime.nnodes (refused for stages until the loop trains data-parallel): two Ray
+    """The script launch beside runtime.nnodes's stage launch (test_cluster_nnodes.py): two Ray
     nodes of one CPU rank each all-reduce through torch.distributed.run's c10d rendezvous."""
     import ray
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def test_cluster_refuses_cuda_index_and_nnodes_without_cluster_or_forced_before_
     assert p.returncode == 2 and "train.batch_size=16 does not split into runtime.nproc_per_node=1 x " \
         "runtime.nnodes=3" in " ".join(p.stderr.split()), p.stderr[-2000:]  # the global batch: 3 ranks
     assert not (art / "stages").exists()
+    p = subprocess.run([sys.executable, "-m", "stages", CONFIG, "bert", "--out", str(tmp_path / "alone"),
+                        "stages.bert.runtime.nnodes=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "stages.bert.runtime.nnodes=2: a stage across several nodes runs through " \
+        "`baton run ... --cluster ADDRESS`" in p.stderr, p.stderr[-2000:]  # python -m stages: one machine
+    assert not (tmp_path / "alone").exists()
 
 
 def test_unplaceable_stage_refused_naming_stage_resource_and_offer(cluster, tmp_path):

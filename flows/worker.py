@@ -1,6 +1,7 @@
 """One stage in its own process, both ends: launching it (from the flow) and the process itself.
 
     python -m flows.worker STAGE --snapshot FILE --artifacts DIR [--parent-run-id ID] [--threads N]
+        [--nnodes N --node-rank I --rdzv-endpoint HOST:PORT --rdzv-id ID --node-addr ADDR]   (flows.cluster)
 
 The flow's task for a stage calls :func:`run_stage_process`, which starts this process and streams its
 log lines into Prefect. Giving every executing stage its own process means concurrent stages do not

@@ -6,15 +6,16 @@ places it on a node that has them, and independent stages run on different nodes
 task finds the stage Cached (``result.json`` in the shared store) or spawns the stage process there (a fresh
 ``python -m flows.worker``: the fork server lives on the driver). What this module owns:
 
-- :func:`refuse_config`: what the recipe alone tells is impossible on a cluster (``device: cuda:N``,
-  ``nnodes > 1``), refused before anything connects;
+- :func:`refuse_config`: what the recipe alone tells is impossible on a cluster (``device: cuda:N``), and
+  :func:`refuse_nnodes` ``nnodes > 1`` without a cluster, refused before anything connects;
 - :func:`connect`: ``ray.init`` with the driver's code shipped to every node (``runtime_env.py_modules``:
   baton's ``flows`` and ``stages`` packages, so the code that runs is the code that was fingerprinted) and
   the environment a stage needs (Prefect and MLflow servers, ``BATON_*``);
 - :func:`refuse_unplaceable`: a stage whose resources no node has, refused at submission naming the stage,
   the resource and what the cluster offers (never a Ray task left pending forever);
 - :class:`RayStageTask`: the stage task's body on the node, which first recomputes the stage kind's code
-  digest there and refuses, naming node, module and both digests, when it differs from the driver's.
+  digest there and refuses, naming node, module and both digests, when it differs from the driver's;
+- :func:`run_stage_across_nodes`: a stage with ``runtime.nnodes > 1``, one stage process per node.
 
 Addresses: ``ray://host:10001`` (Ray Client), ``host:6379`` or ``auto`` (join as a driver on a cluster
 node), ``local`` (a Ray instance of this machine, started for the run).
@@ -59,9 +60,23 @@ def refuse_config(recipe: Recipe, wanted: set[str]) -> None:
             raise RecipeError(f"stages.{name}.runtime.device={rt.device!r}: under --cluster Ray assigns the devices "
                               f"(CUDA_VISIBLE_DEVICES of the node's task); use device: cuda or auto and ask for "
                               f"stages.{name}.runtime.gpus")
-        if rt.nnodes > 1:
-            raise RecipeError(f"stages.{name}.runtime.nnodes={rt.nnodes}: a stage across nodes needs data-parallel "
-                              "training in the stage loop, which this baton does not have yet; set nnodes: 1")
+
+
+def refuse_nnodes(recipe: Recipe, wanted: set[str], cluster: str | None, force: set[str]) -> None:
+    """``runtime.nnodes > 1`` needs ``--cluster`` (the nodes are Ray's), and is not forced (``--force``: the
+    other nodes could not know the temp directory node 0 reruns it into)."""
+    from flows.plan import downstream_of
+
+    forced = downstream_of(recipe, sorted(force)) & wanted if force else set()
+    for name in (n for n in recipe.stages if n in wanted):
+        nnodes = recipe.stages[name].runtime.nnodes
+        if nnodes > 1 and not cluster:
+            raise RecipeError(f"stages.{name}.runtime.nnodes={nnodes}: a stage across several nodes runs only on a "
+                              "Ray cluster (baton run ... --cluster ADDRESS; --cluster local for this machine's); "
+                              "on one machine use runtime.nproc_per_node and nnodes: 1")
+        if nnodes > 1 and name in forced:
+            raise RecipeError(f"stages.{name}.runtime.nnodes={nnodes}: --force of a stage across several nodes is "
+                              f"not supported; remove its stage directory (baton gc / rm) to rerun it")
 
 
 def threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
@@ -79,8 +94,11 @@ def demand(cfg: StageConfig) -> dict[str, float]:
 def remote_options(cfg: StageConfig) -> dict[str, Any]:
     """``ray.remote`` options of the stage's task: its resources. Ray does not re-execute the task
     (max_retries=0): retries are Prefect's (``recipe.retries``), so one task run never becomes two executions.
-    (No per-task runtime_env: every stage task can reuse the job's workers.)"""
+    (No per-task runtime_env: every stage task can reuse the job's workers.) A stage across several nodes
+    asks for nothing: its task only coordinates, the nodes' resources are its placement group's bundles."""
     rt = cfg.runtime
+    if rt.nnodes > 1:
+        return {"num_cpus": 0, "max_retries": 0}
     opts: dict[str, Any] = {"num_cpus": rt.cpus, "num_gpus": rt.gpus, "max_retries": 0}
     if rt.memory_gb:
         opts["memory"] = int(rt.memory_gb * GIB)
@@ -103,9 +121,13 @@ def refuse_unplaceable(recipe: Recipe, wanted: set[str], nodes: list[dict]) -> N
     offers = "; ".join(f"node {n['NodeID'][:12]} ({n.get('NodeManagerAddress', '?')}): {_fmt(n['Resources'])}"
                        for n in alive) or "no alive node"
     for name in (n for n in recipe.stages if n in wanted):
-        need = demand(recipe.stages[name])
-        if any(all(n["Resources"].get(k, 0.0) >= v for k, v in need.items()) for n in alive):
+        need, nnodes = demand(recipe.stages[name]), recipe.stages[name].runtime.nnodes
+        fits = sum(all(n["Resources"].get(k, 0.0) >= v for k, v in need.items()) for n in alive)
+        if fits >= nnodes:
             continue
+        if fits:
+            raise RecipeError(f"stage {name!r} asks for {nnodes} nodes (runtime.nnodes) with {_fmt(need)} each: "
+                              f"{fits} node(s) of the Ray cluster have it. The cluster offers: {offers}")
         short = [k for k, v in need.items() if max((n["Resources"].get(k, 0.0) for n in alive), default=0.0) < v]
         what = ", ".join(f"{_fmt({k: need[k]})} ({RESOURCE_KEYS.get(k, f'runtime.resources.{k}')})" for k in short) \
             if short else f"{_fmt(need)} on one node (each resource exists, but on different nodes)"
@@ -243,36 +265,143 @@ def _log_to_stderr() -> None:
         log.addHandler(handler)
 
 
+def multi_node_launchers(recipe: Recipe, wanted: set[str]) -> dict[str, Any]:
+    """{stage: its launch (StageTask.launchers)} for the wanted stages with ``runtime.nnodes > 1``."""
+    import functools
+
+    out = {}
+    for name in sorted(wanted):
+        cfg = recipe.stages[name]
+        if cfg.runtime.nnodes > 1:
+            out[name] = functools.partial(run_stage_across_nodes, nnodes=cfg.runtime.nnodes,
+                                          bundle=demand(cfg) or {"CPU": 1.0})
+    return out
+
+
+def _ready_group(nnodes: int, bundle: dict[str, float], timeout: float):
+    """A STRICT_SPREAD placement group of ``nnodes`` bundles (``nnodes`` distinct nodes), ready, or a StageError."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([bundle] * nnodes, strategy="STRICT_SPREAD")
+    if not ray.wait([pg.ready()], timeout=timeout)[0]:
+        remove_placement_group(pg)
+        raise StageError(f"no {nnodes} distinct Ray nodes with {_fmt(bundle)} each within {timeout:.0f}s")
+    return pg
+
+
+def _on(pg, i: int, bundle: dict[str, float]) -> dict[str, Any]:
+    """``ray.remote`` options of a task that uses bundle ``i`` of placement group ``pg`` (all of it)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
+    opts: dict[str, Any] = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0), "resources": custom,
+                            "max_retries": 0,
+                            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+    if bundle.get("memory"):
+        opts["memory"] = int(bundle["memory"])
+    return opts
+
+
+def run_stage_across_nodes(stage: str, snapshot: Path, art: Path, parent_id: str, threads: int, *, nnodes: int,
+                           bundle: dict[str, float], timeout: float = 600.0) -> bool:
+    """The launch of a stage with ``runtime.nnodes`` > 1 (in place of flows.worker.run_stage_process, called by
+    the stage's Ray task, which asked for no resources): ``nnodes`` Ray tasks in a STRICT_SPREAD placement group
+    of the stage's per-node resources, each starting the stage process on its node (``python -m flows.worker
+    STAGE ... --node-rank I``), which runs that node's ``nproc_per_node`` ranks through torch's elastic agent
+    (stages.train.launch.run_ranks, as on one node) meeting the others at a c10d rendezvous on node 0's host.
+    Node 0's process holds the stage's lock and MLflow run and writes result.json. When a node fails, the others
+    get a grace period to fail on their own (a peer's death breaks gloo's connections), then are cancelled.
+    Returns whether node 0 found the stage complete already."""
+    import uuid
+
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from flows.worker import node_args
+
+    pg = _ready_group(nnodes, bundle, timeout)
+    try:
+        host, port = ray.get(ray.remote(_rendezvous_endpoint).options(**_on(pg, 0, bundle)).remote())
+        rdzv = f"baton-{stage}-{uuid.uuid4().hex[:12]}"
+        env = {k: v for k, v in os.environ.items() if SHIPPED_ENV.match(k)}
+        node = ray.remote(_stage_on_node)
+        log.info("[%s] across %d Ray nodes (%s each), rendezvous at %s:%d", stage, nnodes, _fmt(bundle), host, port)
+        refs = [node.options(**_on(pg, i, bundle)).remote(stage, str(snapshot), str(art), parent_id, threads,
+                                                          node_args(nnodes, i, f"{host}:{port}", rdzv), env)
+                for i in range(nnodes)]
+        return _gather_nodes(refs)
+    finally:
+        remove_placement_group(pg)
+
+
+def _gather_nodes(refs: list, grace_s: float = 60.0) -> bool:
+    """Wait for the nodes' tasks; the first error is raised once the others ended or ``grace_s`` passed (then
+    they are cancelled: their stage processes and ranks die with their Ray workers). Node 0 finding the stage
+    complete ends the others at once (they would wait for it at the rendezvous)."""
+    import ray
+
+    pending, error, out = list(refs), None, {}
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=grace_s if error else None)
+            if not done:
+                break
+            try:
+                out[refs.index(done[0])] = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - the first node's error is the stage's
+                error = error or e
+            if out.get(0, {}).get("cached"):
+                return True
+        if error is not None:
+            raise error
+        return bool(out[0]["cached"])
+    finally:
+        for r in pending:
+            ray.cancel(r, force=True)
+
+
+def _stage_on_node(stage: str, snapshot: str, art: str, parent_id: str, threads: int, extra: list[str],
+                   env: dict[str, str]) -> dict[str, Any]:
+    """One node's stage process (flows.worker with ``extra`` = its node arguments), in a Ray task there."""
+    from flows.worker import run_stage_process
+
+    os.environ.update(env)
+    _log_to_stderr()
+    node = node_info()
+    log.info("[%s] node %s of the stage on Ray node %s (%s)", stage, extra[3], node["id"][:12], node["address"])
+    import json
+
+    verify_code(stage, StagePlan.from_json(json.loads(Path(snapshot).read_text())["plans"][stage]), node)
+    import ray
+
+    # the torch agents' address for each other: Ray's own address of this node (reachable from the others)
+    extra = [*extra, "--node-addr", ray.util.get_node_ip_address()]
+    cached = run_stage_process(stage, Path(snapshot), Path(art), parent_id, threads, extra)
+    return {"node": node, "cached": cached}
+
+
 def launch_across_nodes(script_argv: list[str], nnodes: int, nproc_per_node: int = 1, cpus: float = 1,
                         resources: dict[str, float] | None = None, max_restarts: int = 0, env: dict[str, str] | None = None,
                         timeout: float = 300.0) -> list[dict[str, Any]]:
     """Run ``python -m torch.distributed.run --nnodes N --nproc-per-node R --rdzv-backend c10d ... SCRIPT_ARGV``
     as N Ray tasks in a STRICT_SPREAD placement group (N distinct nodes, each bundle ``cpus`` + ``resources``),
     meeting at a c10d rendezvous hosted on the first bundle's node. Returns, per node, its Ray node id and the
-    exit status. This is where ``runtime.nnodes > 1`` will start a stage (``SCRIPT_ARGV`` = ``-m flows.worker
-    STAGE ...``) once the stage loop trains data-parallel; until then :func:`refuse_config` refuses it."""
+    exit status. (A script's launch; a stage's is :func:`run_stage_across_nodes`.)"""
     import uuid
 
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.placement_group import remove_placement_group
 
     bundle = {"CPU": float(cpus), **(resources or {})}
-    pg = placement_group([bundle] * nnodes, strategy="STRICT_SPREAD")
-    if not ray.wait([pg.ready()], timeout=timeout)[0]:
-        remove_placement_group(pg)
-        raise StageError(f"no {nnodes} distinct Ray nodes with {_fmt(bundle)} each within {timeout:.0f}s")
+    pg = _ready_group(nnodes, bundle, timeout)
     try:
-        def on(i: int) -> dict[str, Any]:
-            return {"num_cpus": cpus, "resources": resources or {}, "max_retries": 0,
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
-
-        host, port = ray.get(ray.remote(_rendezvous_endpoint).options(**on(0)).remote())
+        host, port = ray.get(ray.remote(_rendezvous_endpoint).options(**_on(pg, 0, bundle)).remote())
         argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={host}:{port}", f"--rdzv-id={uuid.uuid4().hex}", f"--max-restarts={max_restarts}"]
         run = ray.remote(_torchrun)  # the first node's agent hosts the rendezvous store (is_host), not a guess
-        return ray.get([run.options(**on(i)).remote([*argv, f"--rdzv-conf=is_host={int(i == 0)}", *script_argv],
-                                                    env or {}) for i in range(nnodes)])
+        return ray.get([run.options(**_on(pg, i, bundle)).remote([*argv, f"--rdzv-conf=is_host={int(i == 0)}",
+                                                                  *script_argv], env or {}) for i in range(nnodes)])
     finally:
         remove_placement_group(pg)
 

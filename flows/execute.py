@@ -107,16 +107,23 @@ def _datasets_read(ctx: StageContext) -> dict[str, tuple[str, str]]:
             if k not in WEIGHTS_OUTPUTS}
 
 
-def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> StageResult:
+def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None, nodes: dict | None = None) -> StageResult:
     """The stage's ``run(ctx)`` here, or with ``runtime.nproc_per_node`` > 1 on that many ranks launched from
-    this process (stages.train.launch; rank 0 logs into the same MLflow run: one run per stage)."""
+    this process (stages.train.launch; rank 0 logs into the same MLflow run: one run per stage). ``nodes``
+    (node 0 of a stage across several nodes, flows.cluster): this node's ranks join the others' at the
+    rendezvous; global rank 0, on whichever node, tracks and leaves the result in the stage directory."""
     t0 = time.perf_counter()
     try:
-        if cfg.runtime.ranks > 1:
+        if cfg.runtime.ranks > 1 or nodes:
             from flows.tracking import rank_tracker
-            from stages.train.launch import run_ranks
+            from stages.train.launch import nodes_result_file, run_ranks
 
-            res = run_ranks(ctx, partial(rank_tracker, tracking.uri, run_id) if tracking is not None else None)
+            tracker = partial(rank_tracker, tracking.uri, run_id) if tracking is not None else None
+            if nodes:
+                remove_path(nodes_result_file(ctx.stage_dir))
+            res = run_ranks(ctx, tracker, **(nodes or {}))
+            if nodes:  # global rank 0 may have been on another node
+                res = _nodes_result(ctx, res)
         else:
             seed_stage(cfg)
             res = kind_module(cfg.kind).run(ctx)
@@ -128,6 +135,38 @@ def _run(cfg: StageConfig, ctx: StageContext, tracking, run_id: str | None) -> S
         raise
     res.info["seconds"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+def _nodes_result(ctx: StageContext, res: StageResult | None) -> StageResult:
+    """This node's result if it held global rank 0, else the one rank 0 left in the stage dir (removed)."""
+    from stages.train.launch import nodes_result_file
+
+    f = nodes_result_file(ctx.stage_dir)
+    if res is None and not f.exists():
+        raise RuntimeError(f"stage {ctx.name!r}: the ranks finished but global rank 0 (on another node) left no "
+                           f"result in {f}; rerun to resume from the newest checkpoint")
+    if res is None:
+        res = StageResult.model_validate_json(f.read_text())
+    remove_path(f)
+    return res
+
+
+def join_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking_uri: str | None,
+               nodes: dict) -> None:
+    """A node other than node 0 of a stage across several nodes (flows.cluster): start this node's ranks of the
+    stage into the same stage directory, to meet node 0's at the rendezvous. Node 0's process holds the lock,
+    the MLflow run (whose id it wrote to run.json before its ranks started: global rank 0, wherever it is,
+    reads it from there) and writes result.json; nothing here writes besides the ranks."""
+    from stages.train.launch import run_ranks
+
+    sd = StageDir(artifacts, name, plans[name].fingerprint)
+    up_dirs, up_results = _upstream(name, cfg, plans, artifacts)
+    ctx = StageContext(name=name, config=cfg, stage_dir=sd.path, upstream=up_results,
+                       upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
+                       tracker=NullTracker())
+    from flows.tracking import stage_dir_tracker
+
+    run_ranks(ctx, partial(stage_dir_tracker, tracking_uri, str(sd.path)) if tracking_uri else None, **nodes)
 
 
 def _log_result(name: str, sd: StageDir, res: StageResult, ctx: StageContext, tracking, run_id: str) -> None:
@@ -150,7 +189,7 @@ def _log_result(name: str, sd: StageDir, res: StageResult, ctx: StageContext, tr
 
 
 def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking, parent_id: str,
-             sd: StageDir) -> StageResult:
+             sd: StageDir, nodes: dict | None = None) -> StageResult:
     """Run the stage into ``sd`` (its directory, or a forced rerun's temp directory) and write result.json."""
     up_dirs, up_results = _upstream(name, cfg, plans, artifacts)
     resolved = cfg.model_dump(mode="json")
@@ -160,7 +199,7 @@ def _execute(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts
                        upstream_dirs={u: d.path for u, d in up_dirs.items()}, fingerprint=sd.fingerprint,
                        tracker=tracker)
     with tracking.system_metrics(run_id) if tracking is not None else nullcontext():
-        res = _run(cfg, ctx, tracking, run_id)
+        res = _run(cfg, ctx, tracking, run_id, nodes)
     if tracking is not None:
         _log_result(name, sd, res, ctx, tracking, run_id)
         tracking.link_model(parent_id, res.info.get("mlflow_model_id"))
@@ -206,18 +245,22 @@ def _lost_lease() -> None:
 
 
 def execute_stage(name: str, cfg: StageConfig, plans: dict[str, StagePlan], artifacts: Path, tracking,
-                  parent_id: str, force: bool = False) -> tuple[dict, bool]:
+                  parent_id: str, force: bool = False, nodes: dict | None = None) -> tuple[dict, bool]:
     """Run stage ``name`` (config ``cfg``) under its directory lock. ``plans`` holds this stage's and its
     upstream stages' fingerprints; ``tracking`` is a flows.tracking.Tracking or None (no MLflow);
-    ``force``: rerun it even if it is complete (see :func:`_force`).
+    ``force``: rerun it even if it is complete (see :func:`_force`); ``nodes``: this is node 0 of a stage
+    across several nodes (:func:`_run`; not with ``force``: the other nodes could not know its temp directory).
     Returns (result as a dict, whether it was already complete)."""
     sd = StageDir(artifacts, name, plans[name].fingerprint)
     with sd.lock(on_lost=_lost_lease):
         sd.remove_stale_temps()  # a killed earlier run's half-written files (we hold the lock: nobody writes)
         old = sd.result() if force else None
+        if old is not None and nodes:
+            raise StageError(f"stage {name!r}: a forced rerun of a stage across runtime.nnodes="
+                             f"{nodes['nnodes']} nodes is not supported; remove {sd.path} to rerun it")
         if old is not None:
             return _force(name, cfg, plans, artifacts, tracking, parent_id, sd, old).model_dump(mode="json"), False
         done = cached_result(name, sd, tracking, parent_id)  # another run may have finished it while we waited
         if done is not None:
             return done.model_dump(mode="json"), True
-        return _execute(name, cfg, plans, artifacts, tracking, parent_id, sd).model_dump(mode="json"), False
+        return _execute(name, cfg, plans, artifacts, tracking, parent_id, sd, nodes).model_dump(mode="json"), False

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import interrupt
+from flows.cluster import refuse_nnodes
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.invocation import prewarm, publish
@@ -88,6 +89,7 @@ class StageTask:
         self.forced = forced
         self.snapshot, self.threads = snapshot, threads
         self.slots = threading.Semaphore(max_concurrency)
+        self.launchers: dict[str, Callable[..., bool]] = {}  # stage -> its launch, if not run_stage_process
         self.outcome: dict[str, str] = {}  # stage -> ran | cached | failed (for flows.invocation)
         self.seconds: dict[str, float] = {}
 
@@ -118,8 +120,8 @@ class StageTask:
                 with self.slots:
                     if interrupt.requested():
                         return Cancelled(message=f"stage {stage!r} not started: interrupted")
-                    was_complete = run_stage_process(stage, self.snapshot, self.art, self.parent_id,
-                                                     self.threads[stage])
+                    launch = self.launchers.get(stage, run_stage_process)
+                    was_complete = launch(stage, self.snapshot, self.art, self.parent_id, self.threads[stage])
             except interrupt.Interrupted as e:  # Ctrl-C: the stage stopped where it was (not a failure, no retry)
                 interrupt.stage_stopped(str(e))
                 return Cancelled(message=str(e))
@@ -198,10 +200,12 @@ def _stage_task(recipe: Recipe, art: Path, plans: dict[str, StagePlan], tracking
     if not cluster:
         return StageTask(art, plans, tracking, parent_id, snapshot, _threads_per_stage(recipe, wanted),
                          recipe.max_concurrency, forced)
-    from flows.cluster import RayStageTask, threads_per_stage
+    from flows.cluster import RayStageTask, multi_node_launchers, threads_per_stage
 
-    return RayStageTask(StageTask(art, plans, tracking, parent_id, snapshot, threads_per_stage(recipe, wanted),
-                                  len(recipe.stages), forced), recipe.name)
+    task = StageTask(art, plans, tracking, parent_id, snapshot, threads_per_stage(recipe, wanted),
+                     len(recipe.stages), forced)
+    task.launchers = multi_node_launchers(recipe, wanted)
+    return RayStageTask(task, recipe.name)
 
 
 def _submitter(recipe: Recipe, run_stage, cluster: str | None) -> Callable[[str, list], Any]:
@@ -286,6 +290,7 @@ def build_flow():
         art = Path(artifacts or os.environ.get("BATON_ARTIFACTS", "artifacts")).resolve()
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
+        refuse_nnodes(recipe, needed_stages(recipe, only), cluster, set(force or ()))  # deployment runs, too
         if not cluster:
             prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
@@ -330,11 +335,13 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
     raises ``interrupt.Interrupted`` saying which stages stopped at which step. ``cluster``: a Ray address
     (flows.cluster): every stage runs as a Ray task on a node that has its resources."""
-    if cluster:
-        from flows.cluster import check_address, refuse_config
+    from flows.cluster import check_address, refuse_config
 
+    wanted = needed_stages(recipe, only)
+    refuse_nnodes(recipe, wanted, cluster, set(force or ()))
+    if cluster:
         check_address(cluster)
-        refuse_config(recipe, needed_stages(recipe, only))
+        refuse_config(recipe, wanted)
     with interrupt.handling():
         try:
             return _run_pipeline(recipe, artifacts, only, track, server, force, cluster)

@@ -132,6 +132,16 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
 
+def stage_dir_tracker(uri: str, stage_dir: str) -> MlflowTracker:
+    """:func:`rank_tracker` of the MLflow run whose id the stage directory's run.json holds (global rank 0 of a
+    stage across nodes, on a node other than the one that opened the run)."""
+    f = Path(stage_dir) / "run.json"
+    run_id = json.loads(f.read_text()).get("mlflow_run_id") if f.exists() else None
+    if run_id is None:
+        raise RuntimeError(f"{stage_dir}: no run.json with the stage's MLflow run id")
+    return rank_tracker(uri, run_id)
+
+
 def rank_tracker(uri: str, run_id: str) -> MlflowTracker:
     """The tracker of rank 0 of a multi-rank stage (stages.train.launch): the stage's own run, through a client
     of its own. A forked rank drops the database connections it inherited from the launching process

@@ -1,6 +1,7 @@
 """One stage in its own process, both ends: launching it (from the flow) and the process itself.
 
     python -m flows.worker STAGE --snapshot FILE --artifacts DIR [--parent-run-id ID] [--threads N]
+        [--nnodes N --node-rank I --rdzv-endpoint HOST:PORT --rdzv-id ID --node-addr ADDR]   (flows.cluster)
 
 The flow's task for a stage calls :func:`run_stage_process`, which starts this process and streams its
 log lines into Prefect. Giving every executing stage its own process means concurrent stages do not
@@ -128,12 +129,13 @@ def prewarm_workers(kinds: list[str]) -> None:
         _prewarmed.update(mods=mods, sig=sig)
 
 
-def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int) -> tuple[int, list[str]]:
+def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int,
+                  extra: list[str] = ()) -> tuple[int, list[str]]:
     """Run one stage in its own process (flows.worker), forwarding its log lines. Returns (exit code, last lines).
     The process is forked from the fork server (``prewarm_workers``), or with ``BATON_WORKER_START=spawn`` a
     fresh ``python -m flows.worker``. Either way its stdout and stderr (fds 1 and 2) come through a pipe."""
     argv = [name, "--snapshot", str(snapshot), "--artifacts", str(artifacts),
-            "--threads", str(threads)] + (["--parent-run-id", parent_id] if parent_id else [])
+            "--threads", str(threads), *extra] + (["--parent-run-id", parent_id] if parent_id else [])
     env = os.environ | {"PYTHONUNBUFFERED": "1", "BATON_PROGRESS": "events"}
     cwd = Path(__file__).resolve().parents[1]
     tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -184,10 +186,12 @@ def launch_worker(name: str, snapshot: Path, artifacts: Path, parent_id: str, th
     return proc.exitcode, list(tail)
 
 
-def run_stage_process(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int) -> bool:
+def run_stage_process(name: str, snapshot: Path, artifacts: Path, parent_id: str, threads: int,
+                      extra: list[str] = ()) -> bool:
     """Execute stage ``name`` in its own process; True if it turned out to be complete already. A config
-    or data error in the process is raised as StageError (never retried), a crash as RuntimeError."""
-    rc, tail = launch_worker(name, snapshot, artifacts, parent_id, threads)
+    or data error in the process is raised as StageError (never retried), a crash as RuntimeError.
+    ``extra``: more arguments of the process (one node of a stage across nodes: :func:`node_args`)."""
+    rc, tail = launch_worker(name, snapshot, artifacts, parent_id, threads, extra)
     if rc in (EXIT_OK, EXIT_CACHED):
         return rc == EXIT_CACHED
     if rc == EXIT_INTERRUPTED or interrupt.requested():
@@ -198,6 +202,12 @@ def run_stage_process(name: str, snapshot: Path, artifacts: Path, parent_id: str
     if rc == EXIT_BAD_INPUT and msg:
         raise StageError(msg)
     raise RuntimeError(f"stage {name!r}: worker exited with status {rc}:\n" + "\n".join(tail[-12:]))
+
+
+def node_args(nnodes: int, node_rank: int, rdzv_endpoint: str, rdzv_id: str) -> list[str]:
+    """The stage process's arguments that make it node ``node_rank`` of a stage across ``nnodes`` nodes."""
+    return ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-endpoint", rdzv_endpoint,
+            "--rdzv-id", rdzv_id]
 
 
 # ---------------------------------------------------------------------------------------------- the process
@@ -220,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--parent-run-id", default="")
     p.add_argument("--threads", type=int, default=None, help="torch threads when runtime.threads is unset")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of this stage (flows.cluster); then also:")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's (0 holds the lock, writes result.json)")
+    p.add_argument("--rdzv-endpoint", default="", help="host:port of the c10d rendezvous store (node 0's)")
+    p.add_argument("--rdzv-id", default="", help="the rendezvous' id, the same on every node")
+    p.add_argument("--node-addr", default=None, help="the address other nodes reach this one at")
     args = p.parse_args(argv)
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -232,15 +247,23 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.runtime.threads is None and args.threads:
             cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": args.threads})})
         plans = {n: StagePlan.from_json(v) for n, v in snap["plans"].items()}
-        from flows.execute import execute_stage
+        from flows.execute import execute_stage, join_stage
 
+        nodes = None
+        if args.nnodes > 1:
+            nodes = {"nnodes": args.nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.rdzv_endpoint,
+                     "run_id": args.rdzv_id, "local_addr": args.node_addr}
+            if args.node_rank > 0:
+                uri = _tracking_uri(args.artifacts) if args.parent_run_id else None
+                join_stage(args.stage, cfg, plans, args.artifacts, uri, nodes)
+                return EXIT_OK
         tracking = None
         if args.parent_run_id:
             from flows.tracking import Tracking
 
             tracking = Tracking(args.artifacts, snap["recipe"])
         _, was_complete = execute_stage(args.stage, cfg, plans, args.artifacts, tracking, args.parent_run_id,
-                                        force=args.stage in snap.get("force", ()))
+                                        force=args.stage in snap.get("force", ()), nodes=nodes)
         return EXIT_CACHED if was_complete else EXIT_OK
     except (StageError, RecipeError) as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
@@ -248,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # SIGINT from the flow (Ctrl-C); a StageInterrupted names the step
         print(f"{INTERRUPTED_PREFIX}{e or f'stage {args.stage!r} interrupted before training'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _tracking_uri(artifacts: Path) -> str:
+    from flows.tracking import tracking_uri
+
+    return tracking_uri(artifacts)
 
 
 def forked_main(argv: list[str], env: dict[str, str], cwd: str, out) -> None:

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage not in recipe.stages:
             raise RecipeError(f"{args.config}: no stage {args.stage!r} (stages: {', '.join(recipe.stages)})")
         cfg = recipe.stages[args.stage]
+        if cfg.runtime.nnodes > 1:
+            raise RecipeError(f"stages.{args.stage}.runtime.nnodes={cfg.runtime.nnodes}: a stage across several "
+                              "nodes runs through `baton run ... --cluster ADDRESS` (one process per Ray node); "
+                              "here use runtime.nproc_per_node and nnodes: 1")
         dirs = dict(args.upstream)
         missing = [n for n in cfg.needs if n not in dirs]
         if missing:

@@ -117,15 +117,17 @@ class StageConfig(Strict):
     def _check_ranks(self) -> "StageConfig":
         """Several ranks (DDP) need the shared training loop and a global batch that splits evenly into
         ranks x micro-batches: refused here, before anything runs."""
-        n = self.runtime.ranks
+        n = self.runtime.ranks * self.runtime.nnodes
         if n == 1:
             return self
+        ranks = f"runtime.nproc_per_node={self.runtime.ranks}" + (
+            f" x runtime.nnodes={self.runtime.nnodes}" if self.runtime.nnodes > 1 else "")
         train = getattr(self, "train", None)
         if not hasattr(train, "batch_size") or not hasattr(train, "grad_accum"):
-            raise ValueError(f"runtime.nproc_per_node={n}: stage kind {self.kind!r} does not train with the shared "
-                             "loop, it runs in one process (set runtime.nproc_per_node: 1)")
+            raise ValueError(f"{ranks}: stage kind {self.kind!r} does not train with the shared "
+                             "loop, it runs in one process (set runtime.nproc_per_node: 1, runtime.nnodes: 1)")
         if train.batch_size % (train.grad_accum * n):
-            raise ValueError(f"train.batch_size={train.batch_size} does not split into runtime.nproc_per_node={n} "
+            raise ValueError(f"train.batch_size={train.batch_size} does not split into {ranks} "
                              f"ranks x train.grad_accum={train.grad_accum} micro-batches of equal size")
         return self
 

@@ -79,7 +79,10 @@ def rank_main(spec: dict) -> dict | None:
         if distributed.last_digests:
             res.info["ranks"] = {"world_size": len(distributed.last_digests),
                                  "weights_sha256": distributed.last_digests}
-        return res.model_dump(mode="json")
+        out = res.model_dump(mode="json")
+        if spec.get("result_file"):  # several nodes: global rank 0 may be on another node than the launcher's
+            _write_json(Path(spec["result_file"]), out)
+        return out
     except distributed.RankDone:
         return None
     except StageError as e:  # the launcher says it as the stage's error (a config/data error: not retried)
@@ -87,6 +90,20 @@ def rank_main(spec: dict) -> dict | None:
         raise
     finally:
         distributed.leave()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def nodes_result_file(stage_dir: Path) -> Path:
+    """Where global rank 0 of a stage across several nodes leaves its result for the node that writes
+    result.json (the torch agents' ranks are ordered by host and pid, not by node: it can be any node)."""
+    return Path(stage_dir) / ".nodes-result.json"
 
 
 def _start_method(ctx: StageContext) -> str:
@@ -99,12 +116,15 @@ def _start_method(ctx: StageContext) -> str:
 
 
 def run_ranks(ctx: StageContext, tracker: Callable | None = None, nnodes: int = 1, rdzv_endpoint: str = "127.0.0.1:0",
-              run_id: str | None = None) -> StageResult:
+              run_id: str | None = None, node_rank: int = 0, local_addr: str | None = None) -> StageResult:
     """Run stage ``ctx`` on ``runtime.nproc_per_node`` ranks; ``tracker()`` (picklable, e.g. a partial of a
     module-level function) opens rank 0's tracker. Returns rank 0's StageResult (None on the nodes that do not
     hold global rank 0). A rank's StageError is raised here as a StageError; a crashed or killed rank as
     RuntimeError; SIGINT as StageInterrupted. One node by default; a cluster runner calls this once per node
-    with ``nnodes``, a shared ``rdzv_endpoint`` (host:port of a c10d store) and a shared ``run_id``."""
+    with ``nnodes``, a shared ``rdzv_endpoint`` (host:port of a c10d store, hosted by ``node_rank`` 0's agent) and
+    a shared ``run_id`` (``local_addr``: the address the other nodes reach this one at, else its FQDN); every node passes the same ``tracker`` (global rank 0 tracks, on whichever node it is)
+    and global rank 0 also leaves its result in :func:`nodes_result_file` (the agents wait for each other
+    before they return)."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -120,14 +140,18 @@ def run_ranks(ctx: StageContext, tracker: Callable | None = None, nnodes: int = 
     with tempfile.TemporaryDirectory(prefix="baton-ranks-") as tmp:  # the agent's files and a rank's error
         config = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=n,
                               run_id=run_id or f"baton-{ctx.name}-{os.getpid()}", rdzv_backend="c10d",
-                              rdzv_endpoint=rdzv_endpoint, local_addr="127.0.0.1" if nnodes == 1 else None,
+                              rdzv_endpoint=rdzv_endpoint, local_addr=local_addr or ("127.0.0.1" if nnodes == 1 else None),
+                              rdzv_configs={"is_host": node_rank == 0},  # node 0's agent hosts the c10d store
                               max_restarts=rt.max_restarts, monitor_interval=0.2, start_method=_start_method(ctx),
                               logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
         log.info("[%s] launching %d ranks (%s, %s)", ctx.name, n, "nccl" if ctx.device.type == "cuda" else "gloo",
                  config.start_method)
         error_file = os.path.join(tmp, "error")
+        spec = _spec(ctx, tracker, error_file)
+        if nnodes > 1:
+            spec["result_file"] = str(nodes_result_file(ctx.stage_dir))
         try:
-            out = elastic_launch(config, rank_main)(_spec(ctx, tracker, error_file))
+            out = elastic_launch(config, rank_main)(spec)
         except ChildFailedError as e:
             if os.path.exists(error_file):
                 raise StageError(Path(error_file).read_text()) from None

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,15 +37,27 @@ def summary(p: subprocess.CompletedProcess) -> dict:
     return json.loads(p.stdout)
 
 
-def test_cluster_refuses_cuda_index_and_nnodes_before_connecting(tmp_path):
+def test_cluster_refuses_cuda_index_and_nnodes_without_cluster_or_forced_before_connecting(tmp_path):
     """No Ray needed: the address answers nothing, the refusal comes from the config alone."""
     art = tmp_path / "art"
     p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "stages.cnn.runtime.device=cuda:1"], art, check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "stages.cnn.runtime.device='cuda:1'" in p.stderr and "Ray assigns the devices" in p.stderr
-    p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "stages.vl.runtime.nnodes=2"], art, check=False)
-    assert p.returncode == 2 and "stages.vl.runtime.nnodes=2" in p.stderr, p.stderr[-2000:]
+    p = baton(["run", CONFIG, "stages.vl.runtime.nnodes=2"], art, check=False)  # nnodes needs --cluster
+    assert p.returncode == 2 and "stages.vl.runtime.nnodes=2: a stage across several nodes runs only on a Ray " \
+        "cluster" in " ".join(p.stderr.split()), p.stderr[-2000:]
+    p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "--force", "bert", "stages.vl.runtime.nnodes=2"], art,
+              check=False)  # vl is downstream of bert
+    assert p.returncode == 2 and "--force of a stage across several nodes" in p.stderr, p.stderr[-2000:]
+    p = baton(["run", CONFIG, "--cluster", "127.0.0.1:9", "stages.bert.runtime.nnodes=3"], art, check=False)
+    assert p.returncode == 2 and "train.batch_size=16 does not split into runtime.nproc_per_node=1 x " \
+        "runtime.nnodes=3" in " ".join(p.stderr.split()), p.stderr[-2000:]  # the global batch: 3 ranks
     assert not (art / "stages").exists()
+    p = subprocess.run([sys.executable, "-m", "stages", CONFIG, "bert", "--out", str(tmp_path / "alone"),
+                        "stages.bert.runtime.nnodes=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "stages.bert.runtime.nnodes=2: a stage across several nodes runs through " \
+        "`baton run ... --cluster ADDRESS`" in p.stderr, p.stderr[-2000:]  # python -m stages: one machine
+    assert not (tmp_path / "alone").exists()
 
 
 def test_unplaceable_stage_refused_naming_stage_resource_and_offer(cluster, tmp_path):
@@ -55,6 +68,11 @@ def test_unplaceable_stage_refused_naming_stage_resource_and_offer(cluster, tmp_
     err = " ".join(p.stderr.split())
     assert "stage 'bert' asks for GPU 8 (runtime.gpus): no node of the Ray cluster has it" in err, err[-2000:]
     assert "vision 1" in err and "text 1" in err  # what each node offers
+    p = baton(["run", CONFIG, "--cluster", cluster.address, "stages.bert.runtime.nnodes=2",
+               "stages.bert.runtime.resources={text: 1}"], art, check=False, timeout=300)
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "stage 'bert' asks for 2 nodes (runtime.nnodes) with CPU 1, text 1 each: 1 " \
+        "node(s) of the Ray cluster have it" in err, err[-2000:]
     assert not (art / "stages").exists()  # refused at submission: nothing started
 
 
@@ -166,7 +184,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_one_rank_per_node_meets_through_c10d_in_a_strict_spread_group(cluster, tmp_path):
-    """The launch behind runtime.nnodes (refused for stages until the loop trains data-parallel): two Ray
+    """The script launch beside runtime.nnodes's stage launch (test_cluster_nnodes.py): two Ray
     nodes of one CPU rank each all-reduce through torch.distributed.run's c10d rendezvous."""
     import ray
 

@@ -23,8 +23,10 @@ def test_wheel_packages_are_every_product_package_and_no_tool_or_test():
 def test_wheel_ships_every_recipe_in_configs_as_package_data():
     """`baton ls` / `baton cp` read flows/configs/: a link to configs/ here, real files in the wheel."""
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["flows"]
-    shipped = {p.name for pat in patterns for p in (ROOT / "flows").glob(pat)}
-    assert shipped == {p.name for p in (ROOT / "configs").glob("*.yaml")} and "vlp-tiny.yaml" in shipped
+    shipped = {str(p.relative_to(ROOT / "flows" / "configs")) for pat in patterns for p in (ROOT / "flows").glob(pat)}
+    recipes = {str(p.relative_to(ROOT / "configs")) for pat in ("*.yaml", "sweeps/*.yaml")
+               for p in (ROOT / "configs").glob(pat)}
+    assert shipped == recipes and "vlp-tiny.yaml" in shipped and "sweeps/frozen-vs-finetuned.yaml" in shipped
 
 
 @pytest.mark.slow  # ~20-60 s: builds the wheel

@@ -175,6 +175,8 @@ def fit(ctx: StageContext, model: torch.nn.Module, dataset, collate: Callable | 
     except KeyboardInterrupt:  # Ctrl-C: say where we were and what a rerun resumes from
         saved = ctx.checkpoints.steps()
         raise StageInterrupted(ctx.name, done, cfg.steps, saved[-1] if saved else None) from None
+    finally:
+        train_step.close()  # the read-ahead thread stops (a failed step, a non-finite loss, the end)
     plan.apply(cfg.steps)
     secs = time.perf_counter() - t0
     _leave_ranks(ctx, model)

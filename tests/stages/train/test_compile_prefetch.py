@@ -1,6 +1,5 @@
 """runtime.compile (checkpoints keep the uncompiled keys; resume works across compile on/off) and the
 prefetch thread (same batches in the same order, errors reach the loop, a stopped reader ends)."""
-import threading
 import time
 
 import pytest
@@ -80,7 +79,7 @@ def test_closed_prefetcher_stops_reading():
     time.sleep(0.2)
     # depth in the queue, the one in hand and one the reader may have started as close() drained the queue
     assert len(reads) <= n + 1 and n <= 6, "the reader reads at most depth (+ the one in hand) ahead"
-    assert not any(t.name == "baton-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert not p._thread.is_alive()
 
 
 def test_prefetched_training_equals_unprefetched_bitwise(tmp_path):

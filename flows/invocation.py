@@ -1,7 +1,7 @@
 """What one invocation leaves for a person to look at, once its stages are done (or failed):
 
 - on the MLflow parent run: each stage's final metrics as ``<stage>/<metric>`` (so invocations compare in
-  the chart view), a description with a row per stage linking its run, and ``lineage.png`` (flows.picture)
+  the chart view), a description with a row per stage linking its run, and ``lineage.svg`` (flows.picture)
   with ``lineage.json`` (flows.lineage's DAG) at its artifact root;
 - on the Prefect flow run: a table artifact, a row per stage (Ran/Cached, fingerprint, seconds, key metrics,
   its MLflow run's address).
@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,6 @@ from flows.tracking import ML_LAYOUT
 from stages.recipe import Recipe
 
 log = logging.getLogger("baton")
-
-
-def prewarm() -> None:
-    """Import matplotlib (seconds on a busy machine) in the background while the stages run, so that drawing
-    the lineage picture at the end does not wait for it."""
-    def load() -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - publish() reports it when it draws
-            log.debug("matplotlib: %s", e)
-
-    threading.Thread(target=load, name="baton-matplotlib", daemon=True).start()
 
 
 def mlflow_ui_url() -> str:
@@ -94,10 +78,10 @@ def _to_parent_run(dag: Dag, rows: list[dict], outcome: dict[str, str], seconds:
     note += [f"| {r['stage']} | {r['state']} | `{r['fingerprint'][:12]}` | {r['seconds']} | {r['headline']} | "
              + (f"[{r['mlflow run'].rsplit('/', 1)[-1][:8]}]({r['mlflow run'].split('/', 3)[-1]})" if r["mlflow run"]
                 else "-") + " |" for r in rows]  # the link relative to the UI: "#/experiments/..."
-    tracking.client.set_tag(parent_id, "mlflow.note.content", "\n".join(note + ["", "Lineage: `lineage.png`"]))
+    tracking.client.set_tag(parent_id, "mlflow.note.content", "\n".join(note + ["", "Lineage: `lineage.svg`"]))
     with tempfile.TemporaryDirectory(prefix="baton-lineage-") as tmp:
-        png = draw_lineage(dag, outcome, seconds, Path(tmp) / "lineage.png")
-        tracking.client.log_artifact(parent_id, str(png))
+        svg = draw_lineage(dag, outcome, seconds, Path(tmp) / "lineage.svg")
+        tracking.client.log_artifact(parent_id, str(svg))
     tracking.client.log_dict(parent_id, dag.to_json(), "lineage.json")
 
 

@@ -21,7 +21,7 @@ from flows import interrupt
 from flows.cluster import refuse_nnodes
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
-from flows.invocation import prewarm, publish
+from flows.invocation import publish
 from flows.plan import check_stage_names, downstream_of, needed_stages
 from flows.progress import live_bars
 from flows.prefect_env import configure_prefect, hold_flow_run_lock
@@ -295,8 +295,6 @@ def build_flow():
             prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
         tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
             if track else (None, "")
-        if track:
-            prewarm()  # the lineage picture's matplotlib
         wanted = needed_stages(recipe, only)
         forced = downstream_of(recipe, force or []) & wanted
         snapshot = write_snapshot(art, recipe, plans, forced)

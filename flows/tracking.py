@@ -166,6 +166,8 @@ class Tracking:
         self.mlflow = mlflow
         artifacts = Path(artifacts).resolve()
         self.uri = tracking_uri(artifacts)
+        self._running: set[str] | None = None  # running_runs()
+        self._running_lock = threading.Lock()
         if not self.uri.startswith("sqlite:"):  # a tracking server (team mode): it creates its own tables
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = _server_experiment(self.client, experiment)
@@ -218,7 +220,7 @@ class Tracking:
     def finish_if_running(self, run_id: str | None, stage_dir: Path) -> None:
         """A complete stage (result.json) whose run is still RUNNING: the process that wrote result.json
         was killed before it ended the run. Log what it would have logged last and end it."""
-        if not run_id:
+        if not run_id or run_id not in self.running_runs():
             return
         try:
             run = self.client.get_run(run_id)
@@ -229,6 +231,18 @@ class Tracking:
                 if (Path(stage_dir) / f).exists():
                     self.client.log_artifact(run_id, str(Path(stage_dir) / f))
             self.end_run(run_id, "FINISHED")
+
+    def running_runs(self) -> set[str]:
+        """The experiment's runs that were RUNNING when this invocation first asked (one query, not a get_run per
+        cached stage); a stage run that ends later is no longer this invocation's to finish."""
+        with self._running_lock:
+            if self._running is None:
+                from mlflow.entities import ViewType
+
+                found = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                                run_view_type=ViewType.ACTIVE_ONLY, max_results=5000)
+                self._running = {r.info.run_id for r in found}
+            return self._running
 
     def log_lineage(self, run_id: str, upstream_models: dict[str, str], datasets: dict[str, tuple[str, str]]) -> None:
         """Model inputs (upstream LoggedModel ids) and dataset inputs ({name: (source, digest)})."""
@@ -244,6 +258,14 @@ class Tracking:
                            cached_from: str | None = None) -> None:
         """The run's description (``mlflow.note.content``, markdown): fingerprint, and per upstream stage its run
         and LoggedModel as links; each upstream LoggedModel gets a forward link back to this run."""
+        if not cached_from:
+            for info in upstream.values():
+                if info.get("mlflow_model_id"):
+                    self._link_model_user(info["mlflow_model_id"], run_id, stage)
+        self.client.set_tag(run_id, "mlflow.note.content", self.stage_note(stage, fingerprint, upstream, cached_from))
+
+    def stage_note(self, stage: str, fingerprint: str, upstream: dict[str, dict], cached_from: str | None) -> str:
+        """The markdown of :meth:`describe_stage_run`."""
         lines = [f"**{stage}** stage, fingerprint `{fingerprint[:16]}`" + (
             f": cached, the run that made it is [{cached_from[:8]}]({self.run_link(cached_from)})" if cached_from
             else ""), ""]
@@ -253,9 +275,7 @@ class Tracking:
             lines.append(f"- **{name}** `{info.get('fingerprint', '')[:12]}`"
                          + (f" run [{run[:8]}]({self.run_link(run)})" if run else "")
                          + (f", model [{model}]({self.model_link(model)})" if model else ""))
-            if model and not cached_from:
-                self._link_model_user(model, run_id, stage)
-        self.client.set_tag(run_id, "mlflow.note.content", "\n".join(lines))
+        return "\n".join(lines)
 
     def _link_model_user(self, model_id: str, run_id: str, stage: str) -> None:
         """Forward lineage: the LoggedModel records every run that used it (a tag per run, and its description
@@ -316,14 +336,21 @@ class Tracking:
 
     def log_cached_stage(self, parent_id: str, result, upstream: dict[str, dict]) -> str:
         """A child run of this invocation for a stage found complete: tagged ``baton.cached``, with the result's
-        metrics and baselines, its description linking the run (and LoggedModel) that made it."""
+        metrics and baselines, its description linking the run (and LoggedModel) that made it. Three calls (the
+        run with its tags, its metrics, its end): every stage of a cached rerun makes one."""
+        from mlflow.entities import Metric, Param
+
         made_by = result.info.get("mlflow_run_id")
-        run_id = self.start_stage_run(parent_id, result.stage, result.fingerprint, {"kind": result.kind}, tags={
-            "baton.cached": "true", **({"baton.cached_from": made_by} if made_by else {})})
-        tracker = MlflowTracker(self.client, run_id)
-        tracker.log_final(result.metrics | {f"baseline/{k}": v for k, v in result.baselines.items()},
-                          int(result.info.get("steps", 0)))
-        self.describe_stage_run(run_id, result.stage, result.fingerprint, upstream, cached_from=made_by)
+        tags = source_tags() | {"mlflow.parentRunId": parent_id, "baton.stage": result.stage,
+                                "baton.fingerprint": result.fingerprint, "baton.kind": result.kind,
+                                "baton.cached": "true", **({"baton.cached_from": made_by} if made_by else {}),
+                                "mlflow.note.content": self.stage_note(result.stage, result.fingerprint, upstream,
+                                                                       made_by)}
+        run_id = self.client.create_run(self.experiment_id, run_name=result.stage, tags=tags).info.run_id
+        ts, step = int(time.time() * 1000), int(result.info.get("steps", 0))
+        values = result.metrics | {f"baseline/{k}": v for k, v in result.baselines.items()}
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()],
+                              params=[Param("kind", result.kind)])
         self.end_run(run_id, "FINISHED")
         return run_id
 

@@ -5,6 +5,7 @@ nothing (every stage Cached), an override that reruns only the stage and its dow
 SIGKILL during `vl` training that the next run resumes from its checkpoint, continuing the same
 MLflow run with one continuous metric history."""
 import json
+import xml.etree.ElementTree as ET
 import os
 import re
 import signal
@@ -147,8 +148,11 @@ def test_mlflow_pages_tell_the_story(first_run):
     parent = client.get_run(vqa.data.tags["mlflow.parentRunId"])
     assert parent.data.metrics["vqa/val/vqa_acc"] == res["vqa"]["metrics"]["val/vqa_acc"]
     assert parent.data.tags["mlflow.source.git.commit"] == commit
-    png = Path(client.download_artifacts(parent.info.run_id, "lineage.png", str(art / "tmp")))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    svg = Path(client.download_artifacts(parent.info.run_id, "lineage.svg", str(art / "tmp")))
+    boxes = ET.parse(svg).getroot().findall(".//{http://www.w3.org/2000/svg}g[@class='stage']")
+    assert len(boxes) == len(res)  # a box per stage, naming its fingerprint, model and outcome
+    text = " ".join(t.text or "" for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text"))
+    assert f"fp {res['vl']['fingerprint'][:12]}" in text and res["vl"]["info"]["mlflow_model_id"][:14] in text
     lineage = json.loads(Path(client.download_artifacts(parent.info.run_id, "lineage.json", str(art / "tmp")))
                          .read_text())
     assert {n["stage"]: n["model_id"] for n in lineage["nodes"]}["vl"] == res["vl"]["info"]["mlflow_model_id"]

@@ -286,10 +286,9 @@ def check_mlflow_ui(browser, art: Path, tmp_path: Path) -> None:
             page.goto(f"{url}/#/experiments/{exp}/runs/{parent_id}/artifacts{ML_LAYOUT}")
             page.get_by_text("recipe.yaml").first.wait_for()
             page.shot("parent-artifacts")
-            # THE LINEAGE PICTURE (vis's part of issue 16: lineage.png or .svg at the parent run's artifact root)
+            # THE LINEAGE PICTURE: lineage.svg at the parent run's artifact root (flows.picture)
             names = {a.path for a in client.list_artifacts(parent_id)}
-            if not any(re.fullmatch(r"lineage\.(png|svg)", n) for n in names):
-                pytest.xfail(f"no lineage.png/.svg on the parent run yet (artifacts: {sorted(names)}): vis's work")
+            assert "lineage.svg" in names, sorted(names)
             page.get_by_text(re.compile(r"^lineage\.(png|svg)$")).first.click()
             img = page.locator("img[alt^='lineage.']").first  # the preview pane draws the picture
             img.wait_for()

@@ -163,10 +163,16 @@ def status(config: Config, overrides: Overrides = None, artifacts: Artifacts = N
     """Per stage: fingerprint and complete / partial at step k / not started, without running anything."""
     from flows.execute import stage_dirs
     from flows.store import describe_state
-    from flows.sweep import is_sweep_file, load_sweep, status_rows
+    from stages.recipe import load_raw
 
     art = artifacts_root(artifacts)
-    if is_sweep_file(config):
+    try:
+        raw = load_raw(Path(config))
+    except RecipeError:
+        raw = None  # load_recipe below says what is wrong with it
+    if isinstance(raw, dict) and "sweep" in raw:  # a sweep file (flows.sweep.is_sweep_file)
+        from flows.sweep import load_sweep, status_rows
+
         sw = load_sweep(config)
         rows = status_rows(sw, art)
         if as_json:

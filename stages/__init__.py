@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from importlib.metadata import entry_points
 from types import ModuleType
 
 KINDS: dict[str, str] = {
@@ -61,6 +60,8 @@ def kind_module_name(kind: str) -> str:
     if kind in KINDS:
         return KINDS[kind]
     if "." not in kind:
+        from importlib.metadata import entry_points  # 10 ms: only for a kind that is not built in
+
         found = [ep.value for ep in entry_points(group=ENTRY_POINT_GROUP, name=kind)]
         if not found:
             raise UnknownKind(f"unknown stage kind {kind!r}: not one of {', '.join(KINDS)}, not an entry point in "

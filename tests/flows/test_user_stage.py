@@ -4,6 +4,7 @@ started from a directory that is neither the checkout nor the recipe's folder.
 The package (tests/fixtures/user_stage/src/my_project) adds a sixth stage after vqa to the micro recipe,
 found through the recipe's ``python_path: [src]``; it is tracked, cached on rerun and resumed after an
 interruption (it raises once after its first checkpoint) like the built-in kinds."""
+import importlib.metadata
 import json
 import os
 import re
@@ -118,13 +119,12 @@ def test_a_kind_from_an_entry_point(tmp_path, monkeypatch):
     """`kind: probe` names an entry point of group baton.stages whose value is the module."""
     from importlib.metadata import EntryPoint
 
-    import stages
     from stages.recipe import load_recipe
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     ep = EntryPoint("probe", "my_project.stages.probe", "baton.stages")
-    monkeypatch.setattr(stages, "entry_points", lambda group, name: [ep] if (group, name) == ("baton.stages",
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group, name: [ep] if (group, name) == ("baton.stages",
                                                                                               "probe") else [])
     recipe = project(tmp_path, {"world": {"kind": "world"}, "bert": {"kind": "bert", "needs": ["world"]},
                                 "p": {"kind": "probe", "needs": ["bert"], "upstream": "bert"}}, python_path=["src"])

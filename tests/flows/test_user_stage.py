@@ -124,8 +124,9 @@ def test_a_kind_from_an_entry_point(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     ep = EntryPoint("probe", "my_project.stages.probe", "baton.stages")
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group, name: [ep] if (group, name) == ("baton.stages",
-                                                                                              "probe") else [])
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [ep] if kw == {"group": "baton.stages",
+                                                                                      "name": "probe"} else real(**kw))
     recipe = project(tmp_path, {"world": {"kind": "world"}, "bert": {"kind": "bert", "needs": ["world"]},
                                 "p": {"kind": "probe", "needs": ["bert"], "upstream": "bert"}}, python_path=["src"])
     assert type(load_recipe(recipe).stages["p"]).__module__ == "my_project.stages.probe"

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,21 @@ def baton(args: list[str], artifacts: Path, timeout: int = 600, check: bool = Tr
     if check and p.returncode != 0:
         raise AssertionError(f"baton {' '.join(args)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, art: Path, stage: str, min_step: int, timeout: float = 600,
+                        poll: float = 0.1) -> tuple[Path, int] | None:
+    """While ``proc`` (a background `baton run`) runs: as soon as ``stage`` has a checkpoint at step >= min_step
+    and no result.json yet, (its stage dir, its newest checkpoint step); None if ``proc`` ended or ``timeout``
+    passed first. The tests that SIGKILL a stage (or a rank, or a node's process) mid-training wait here."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for sd in {d.parents[1] for d in art.glob(f"stages/{stage}/*/checkpoints/0*")}:
+            steps = [int(d.name) for d in (sd / "checkpoints").glob("0*") if d.is_dir()]
+            if steps and max(steps) >= min_step and not (sd / "result.json").exists():
+                return sd, max(steps)
+        time.sleep(poll)
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BATON, ROOT, baton
+from conftest import BATON, ROOT, baton, wait_for_checkpoint
 
 from tools.raycluster import LocalRayCluster
 
@@ -116,16 +115,13 @@ def test_sigkill_of_a_stage_process_on_a_node_then_rerun_resumes(cluster, tmp_pa
     argv = BATON + ["run", CONFIG, "--cluster", cluster.address, "--only", "cnn", "--json", *over]
     first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
-    deadline, killed = time.time() + 600, None
-    while time.time() < deadline and first.poll() is None and killed is None:
-        ckpts = [int(d.name) for d in art.glob("stages/cnn/*/checkpoints/0*") if d.is_dir()]
-        proc = _stage_process("cnn", art)
-        if proc is not None and ckpts and max(ckpts) >= 8:
-            proc.send_signal(signal.SIGKILL)
-            killed = max(ckpts)
-        time.sleep(0.2)
+    found = wait_for_checkpoint(first, art, "cnn", 8, poll=0.2)
+    proc = _stage_process("cnn", art) if found else None
+    if proc is not None:
+        proc.send_signal(signal.SIGKILL)
     out1, err1 = first.communicate(timeout=300)
-    assert killed, f"cnn wrote no checkpoint >= 8 on its node:\n{err1[-3000:]}"
+    assert proc is not None, f"cnn wrote no checkpoint >= 8 on its node (or its process was gone):\n{err1[-3000:]}"
+    killed = found[1]
     assert first.returncode != 0, err1[-3000:]  # the task failed: its process was killed
     (stage_dir,) = {d.parents[1] for d in art.glob("stages/cnn/*/checkpoints/0*")}
     killed_run = json.loads((stage_dir / "run.json").read_text())["mlflow_run_id"]

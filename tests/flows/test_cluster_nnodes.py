@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BATON, ROOT, baton
+from conftest import BATON, ROOT, baton, wait_for_checkpoint
 
 from tools.raycluster import LocalRayCluster
 
@@ -107,16 +106,13 @@ def test_kill_one_nodes_stage_process_then_rerun_resumes(cluster, tmp_path):
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
-    deadline, killed = time.time() + 600, None
-    while time.time() < deadline and first.poll() is None and killed is None:
-        ckpts = [int(d.name) for d in art.glob("stages/bert/*/checkpoints/0*") if d.is_dir()]
-        proc = node_process(art, 1)
-        if proc is not None and ckpts and max(ckpts) >= 40:
-            proc.send_signal(signal.SIGKILL)
-            killed = max(ckpts)
-        time.sleep(0.2)
+    found = wait_for_checkpoint(first, art, "bert", 40, poll=0.2)
+    proc = node_process(art, 1) if found else None
+    if proc is not None:
+        proc.send_signal(signal.SIGKILL)
     _, err1 = first.communicate(timeout=300)
-    assert killed, f"bert wrote no checkpoint >= 40:\n{err1[-3000:]}"
+    assert proc is not None, f"bert wrote no checkpoint >= 40 (or node 1's process was gone):\n{err1[-3000:]}"
+    killed = found[1]
     assert first.returncode != 0, err1[-3000:]  # the stage failed: one of its nodes was killed
     assert node_process(art, 0) is None and node_process(art, 1) is None  # no node's process left behind
     sd = stage_dir(art, "bert")

@@ -13,13 +13,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import BATON, ROOT, baton
+from tests.conftest import BATON, ROOT, baton, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 CONFIG = "configs/vlp-micro.yaml"
@@ -89,14 +88,11 @@ def kill_a_rank_mid_stage(art: Path, stage: str, over: list[str], min_step: int,
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(BATON + ["run", CONFIG, "--only", stage, *over], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, sd, ranks = time.time() + 600, None, []
+    ranks = []
     try:
-        while time.time() < deadline and proc.poll() is None and sd is None:
-            for d in art.glob(f"stages/{stage}/*/checkpoints/0*"):
-                if d.is_dir() and int(d.name) >= min_step and not (d.parents[1] / "result.json").exists():
-                    sd = d.parents[1]
-            time.sleep(0.05)
-        assert sd is not None, f"{stage}: no checkpoint >= {min_step}:\n{proc.communicate()[0][-3000:]}"
+        found = wait_for_checkpoint(proc, art, stage, min_step, poll=0.05)
+        assert found is not None, f"{stage}: no checkpoint >= {min_step}:\n{proc.communicate()[0][-3000:]}"
+        sd = found[0]
         ranks = rank_processes(proc.pid, stage)
         assert sorted(p.name() for p in ranks) == [f"{stage}-r0", f"{stage}-r1"], ranks
         os.kill(next(p.pid for p in ranks if p.name().endswith(f"-r{victim}")), signal.SIGKILL)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BATON, ROOT, baton
+from conftest import BATON, ROOT, baton, wait_for_checkpoint
 
 CONFIG = "configs/vlp-micro.yaml"
 STAGES = ["world", "cnn", "detector", "bert", "vl", "caption", "vqa"]
@@ -271,13 +271,9 @@ def run_until_checkpoint(art: Path, stage: str, over: list[str], min_step: int =
     env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(BATON + ["run", CONFIG, *over], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for d in art.glob(f"stages/{stage}/*/checkpoints/0*"):
-            sd = d.parents[1]
-            if d.is_dir() and int(d.name) >= min_step and not (sd / "result.json").exists():
-                return proc, sd, int(d.name)
-        time.sleep(0.1)
+    found = wait_for_checkpoint(proc, art, stage, min_step, timeout)
+    if found:
+        return proc, *found
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"{stage} wrote no checkpoint >= {min_step} within {timeout}s:\n{proc.communicate()[0][-3000:]}")

@@ -259,7 +259,8 @@ def sweep(config: Annotated[Path, typer.Argument(show_default=False, help="a swe
           max_concurrency: Annotated[int | None, typer.Option(
               "--max-concurrency", min=1, show_default=False, help="stage processes at once (default: the sweep "
                                                                     "file's, else the recipe's)")] = None,
-          artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None, dry_run: DryRun = False) -> int:
+          artifacts: Artifacts = None, as_json: AsJson = False, server: Server = None, dry_run: DryRun = False,
+          cluster: Cluster = None) -> int:
     """Run variants of a recipe as one flow: stages they share (same fingerprint) run once; then the report."""
     from flows.sweep import load_sweep, status_rows
 
@@ -275,12 +276,14 @@ def sweep(config: Annotated[Path, typer.Argument(show_default=False, help="a swe
         else:
             print(render_sweep_status(sw, rows))
         return 0
+    from flows.sweep_flow import check_cluster, run_sweep
+
+    check_cluster(sw, cluster)  # what the configs alone tell, before anything starts
     _check_writable(art)
-    from flows.sweep_flow import run_sweep
 
     t0 = time.perf_counter()
     with _stdout_to_stderr() if as_json else _no_redirect():
-        out = run_sweep(sw, art, track=not no_track, server=server, report=not no_report)
+        out = run_sweep(sw, art, track=not no_track, server=server, report=not no_report, cluster=cluster)
     out = {**(out if isinstance(out, dict) else {}), "seconds": round(time.perf_counter() - t0, 2),
            "members": [m.name for m in sw.members], "swept": sw.swept, "seeded": sw.seeded,
            "record": str(art / "sweeps" / f"{sw.spec.sweep}.json")}
@@ -681,9 +684,18 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
            wait: Annotated[bool, typer.Option(help="wait for the flow run to finish; exit 1 unless it completed")]
            = False,
            port: Annotated[int, typer.Option(help="the `baton serve` port (when PREFECT_API_URL is unset)")] = 4200,
-           artifacts: Artifacts = None) -> int:
-    """Run a recipe through the deployment baton/baton that `baton serve` serves (retryable from the UI)."""
+           artifacts: Artifacts = None, cluster: Cluster = None) -> int:
+    """Run a recipe through the deployment baton/baton that `baton serve` serves (retryable from the UI); with
+    --cluster, the served flow run (on the serving machine) runs the stages as Ray tasks on that cluster."""
     recipe = load_recipe(config, overrides or ())
+    from flows.cluster import check_address, refuse_config, refuse_nnodes
+    from flows.plan import check_stage_names, needed_stages
+
+    check_stage_names(recipe, {"--only": only})
+    refuse_nnodes(recipe, needed_stages(recipe, only), cluster, set())  # what the config alone tells, before
+    if cluster:  # anything is submitted (the flow run checks the cluster's nodes when it connects)
+        check_address(cluster)
+        refuse_config(recipe, needed_stages(recipe, only))
     art = artifacts_root(artifacts).resolve()
     _check_writable(art)
     from flows.prefect_env import configure_prefect
@@ -699,7 +711,7 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
     try:
         fr = run_deployment(DEPLOYMENT, timeout=0, flow_run_name=recipe.name, parameters={
             "recipe_path": str(recipe.path), "recipe_snapshot": recipe.raw, "artifacts": str(art),
-            "only": only, "track": not no_track})
+            "only": only, "track": not no_track, "cluster": cluster})
     except ObjectNotFound:
         raise RecipeError(f"no deployment {DEPLOYMENT} at {url}: start `baton serve` first") from None
     print(f"flow run {fr.id} ({fr.name}) submitted: {url.removesuffix('/api')}/runs/flow-run/{fr.id}", flush=True)

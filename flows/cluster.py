@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,33 @@ def connect_checked(address: str, recipe: Recipe, wanted: set[str]) -> None:
     except BaseException:
         disconnect()
         raise
+
+
+@contextmanager
+def on_cluster(address: str | None, recipe: Recipe, wanted: set[str]):
+    """Inside a flow run: make prefect-ray's runner this flow run's task runner while the block runs, when the
+    flow run did not start with it. That is a deployment run (``baton submit --cluster``, the UI's Run form,
+    a Retry): ``prefect serve`` starts the flow with the flow's own thread-pool runner, and this process (on the
+    serving machine) becomes the Ray driver here. Checks what ``baton run --cluster`` checks before connecting
+    (the address, ``device: cuda:N``) and after (a stage no node can hold), then disconnects at the end.
+    A no-op without ``address`` or when the flow run already runs on Ray (``baton run --cluster``)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if not address or ctx is None or type(ctx.task_runner).__name__ == "RayTaskRunner":
+        yield
+        return
+    check_address(address)
+    refuse_config(recipe, wanted)
+    connect_checked(address, recipe, wanted)
+    from prefect_ray import RayTaskRunner
+
+    log.info("stages on the Ray cluster %s (deployment run)", address)
+    try:
+        with RayTaskRunner(address=address) as runner, ctx.model_copy(update={"task_runner": runner}):
+            yield
+    finally:
+        disconnect()
 
 
 def connect(address: str) -> None:

@@ -6,6 +6,7 @@
                                                as shipped, Custom Run takes overrides
                       only                     stages to run (with what they need), a choice of the recipe's stages
                       track                    MLflow tracking, default on
+                      cluster                  a Ray address, default empty: the stages as Ray tasks there
     baton/baton       the whole resolved recipe as a parameter (``baton submit`` sends it)
 
 A run of a per-recipe deployment resolves the recipe when it starts and records the result as its
@@ -21,7 +22,7 @@ from typing import Any
 from stages.recipe import Recipe, RecipeError, load_recipe
 
 SUBMIT_DEPLOYMENT = "baton"  # flow/deployment name: baton/baton
-FORM_ONLY = ("overrides", "only", "track")  # the parameters a person sets; the flow's others are hidden or frozen
+FORM_ONLY = ("overrides", "only", "track", "cluster")  # what a person sets; the flow's others: hidden or frozen
 FROZEN = ("recipe_path", "artifacts")
 
 
@@ -66,7 +67,10 @@ def form_schema(schema: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
                                        "shipped)"),
         "only": field("only", type="array", items={"type": "string", "enum": list(recipe.stages)}, default=[],
                       description="run only these stages and what they need (none: every stage)"),
-        "track": field("track", type="boolean", default=True, description="track the run in MLflow")}
+        "track": field("track", type="boolean", default=True, description="track the run in MLflow"),
+        "cluster": field("cluster", type="string", default="",
+                         description="a Ray cluster to run the stages on: ray://HOST:10001, HOST:6379, auto or local "
+                                     "(empty: on this serving machine); README: Running on a cluster")}
     for k in FROZEN:  # shown read-only, with freeze()'s value as the only choice
         fields[k] |= {"type": "string", "readOnly": True, "enum": props[k]["enum"]}
     keep = {k: v | {"position": i} for i, (k, v) in enumerate(fields.items())}
@@ -80,7 +84,7 @@ def recipe_deployment(flow, path: Path, recipe: Recipe, art: Path):
     dep = flow.to_deployment(
         name=path.stem, enforce_parameter_schema=True, tags=["baton", recipe.name],
         parameters={"recipe_path": freeze(str(path)), "artifacts": freeze(str(art)), "overrides": [], "only": [],
-                    "track": True},
+                    "track": True, "cluster": ""},
         description=f"Recipe {path} ({len(recipe.stages)} stages: {', '.join(recipe.stages)}), artifacts in {art}. "
                     f"Quick Run runs it as the file says; Custom Run takes overrides (dotted key=value), the "
                     f"stages to run (only) and whether to track in MLflow. The flow run records the recipe it "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import interrupt
-from flows.cluster import refuse_nnodes
+from flows.cluster import on_cluster, refuse_nnodes
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.invocation import publish
@@ -291,37 +291,40 @@ def build_flow():
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
         refuse_nnodes(recipe, needed_stages(recipe, only), cluster, set(force or ()))  # deployment runs, too
-        if not cluster:
-            prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
-        tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
-            if track else (None, "")
-        wanted = needed_stages(recipe, only)
-        forced = downstream_of(recipe, force or []) & wanted
-        snapshot = write_snapshot(art, recipe, plans, forced)
-        run_stage = _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced, cluster)
-        submit = _submitter(recipe, run_stage, cluster)
+        cluster = cluster or None  # the Run form's empty field
+        # a deployment run (baton submit --cluster, the Run form) connects to Ray here, checked first
+        with on_cluster(cluster, recipe, needed_stages(recipe, only)):
+            if not cluster:
+                prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
+            tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
+                if track else (None, "")
+            wanted = needed_stages(recipe, only)
+            forced = downstream_of(recipe, force or []) & wanted
+            snapshot = write_snapshot(art, recipe, plans, forced)
+            run_stage = _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced, cluster)
+            submit = _submitter(recipe, run_stage, cluster)
 
-        status, results = "FAILED", {}
-        try:
-            results, failed = run_in_order(recipe, wanted, submit)
-            status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            snapshot.unlink(missing_ok=True)
-            if status != "KILLED":
-                # on Ray the stage tasks ran in other processes: the driver knows which finished, not how
-                outcome = getattr(run_stage, "outcome", None) or {n: "ran" for n in results}
-                publish(recipe, art, outcome, getattr(run_stage, "seconds", {}), {}, tracking, parent_id)
-            if tracking is not None:
-                tracking.end_run(parent_id, status)
-            alive.close()
-        if status == "KILLED":
-            return Cancelled(message=interrupt.summary())
-        if failed:
-            raise failed[1]
-        return {"results": results, "parent_run_id": parent_id}
+            status, results = "FAILED", {}
+            try:
+                results, failed = run_in_order(recipe, wanted, submit)
+                status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                snapshot.unlink(missing_ok=True)
+                if status != "KILLED":
+                    # on Ray the stage tasks ran in other processes: the driver knows which finished, not how
+                    outcome = getattr(run_stage, "outcome", None) or {n: "ran" for n in results}
+                    publish(recipe, art, outcome, getattr(run_stage, "seconds", {}), {}, tracking, parent_id)
+                if tracking is not None:
+                    tracking.end_run(parent_id, status)
+                alive.close()
+            if status == "KILLED":
+                return Cancelled(message=interrupt.summary())
+            if failed:
+                raise failed[1]
+            return {"results": results, "parent_run_id": parent_id}
 
     return baton_pipeline
 

@@ -22,6 +22,7 @@ from flows.pipeline import StageTask, run_graph, with_prefect_server
 from flows.prefect_env import hold_flow_run_lock
 from flows.sweep import Member, Node, Sweep, SweepSpec, expand, save_record, threads_per_stage
 from flows.worker import prewarm_workers, write_snapshot
+from stages.recipe import RecipeError
 
 log = logging.getLogger("baton")
 
@@ -77,29 +78,43 @@ class SweepTracking:
         self.tracking.end_run(self.sweep_run, status)
 
 
-def _stage_tasks(sweep: Sweep, art: Path, tracking: SweepTracking | None, snapshots: dict[str, Path]):
-    """One StageTask per (member, parent run), sharing one set of ``max_concurrency`` slots."""
+def _stage_tasks(sweep: Sweep, art: Path, tracking: SweepTracking | None, snapshots: dict[str, Path],
+                 cluster: str | None = None):
+    """One StageTask per (member, parent run), sharing one set of ``max_concurrency`` slots; on a Ray
+    cluster one RayStageTask each (Ray places and limits them; threads: the CPUs each stage asks for)."""
     slots = threading.Semaphore(sweep.max_concurrency)
     threads = threads_per_stage(sweep.max_concurrency)
-    made: dict[tuple[str, str], StageTask] = {}
+    made: dict[tuple[str, str], Any] = {}
 
-    def for_node(node: Node) -> StageTask:
+    def for_node(node: Node) -> Any:
         m: Member = sweep.member(node.members[0])
         parent = tracking.parent_of(node) if tracking else ""
         key = (m.name, parent)
         if key not in made:
-            made[key] = StageTask(art, m.plans, tracking.tracking if tracking else None, parent, snapshots[m.name],
-                                  dict.fromkeys(m.recipe.stages, threads), sweep.max_concurrency)
-            made[key].slots = slots
+            if cluster:
+                from flows.cluster import RayStageTask
+                from flows.cluster import threads_per_stage as cpus_per_stage
+
+                task = StageTask(art, m.plans, tracking.tracking if tracking else None, parent, snapshots[m.name],
+                                 cpus_per_stage(m.recipe, set(m.recipe.stages)), len(m.recipe.stages))
+                made[key] = RayStageTask(task, sweep.base.name)
+            else:
+                made[key] = StageTask(art, m.plans, tracking.tracking if tracking else None, parent,
+                                      snapshots[m.name], dict.fromkeys(m.recipe.stages, threads),
+                                      sweep.max_concurrency)
+                made[key].slots = slots
         return made[key]
 
     return for_node
 
 
-def _run_nodes(sweep: Sweep, art: Path, tracking: SweepTracking | None, snapshots: dict[str, Path]):
+def _run_nodes(sweep: Sweep, art: Path, tracking: SweepTracking | None, snapshots: dict[str, Path],
+               cluster: str | None = None):
     from prefect import task
 
-    for_node = _stage_tasks(sweep, art, tracking, snapshots)
+    for_node = _stage_tasks(sweep, art, tracking, snapshots, cluster)
+    if cluster:
+        return _run_nodes_on_ray(sweep, tracking, for_node)
 
     def body(key: tuple[str, str]) -> Any:
         node = sweep.nodes[key]
@@ -120,6 +135,31 @@ def _run_nodes(sweep: Sweep, art: Path, tracking: SweepTracking | None, snapshot
     return run_graph(order, {k: sweep.nodes[k].needs for k in order}, submit)
 
 
+def _run_nodes_on_ray(sweep: Sweep, tracking: SweepTracking | None, for_node):
+    """Every unique stage as a Ray task asking for its ``runtime`` resources (flows.cluster), the stage's
+    MLflow run made on its node; the driver tags the runs with the members that use them once they are done."""
+    from prefect import task
+    from prefect_ray.context import remote_options
+
+    from flows.cluster import remote_options as stage_options
+
+    def submit(key: tuple[str, str], upstream: list) -> Any:
+        node = sweep.nodes[key]
+        cfg = sweep.member(node.members[0]).recipe.stages[node.stage]
+        t = task(for_node(node), name=f"stage-{cfg.kind}", task_run_name=node.task_name(), cache_policy=None,
+                 persist_result=False)
+        with remote_options(**stage_options(cfg)):
+            return t.submit(node.stage, wait_for=upstream)
+
+    order = list(sweep.nodes)
+    results, failed = run_graph(order, {k: sweep.nodes[k].needs for k in order}, submit)
+    for key, out in results.items() if tracking is not None else ():
+        data = out if isinstance(out, dict) else getattr(out, "data", None)
+        if isinstance(data, dict):
+            tracking.stage_done(sweep.nodes[key], data)
+    return results, failed
+
+
 def build_sweep_flow():
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -127,8 +167,9 @@ def build_sweep_flow():
     @flow(name="baton-sweep", log_prints=False, validate_parameters=False,
           task_runner=ThreadPoolTaskRunner(max_workers=32))
     def baton_sweep(spec: dict, sweep_file: str | None, artifacts: str, track: bool = True,
-                    report: bool = True) -> dict[str, Any]:
-        """Run (or resume) every member of a sweep; a stage the members share runs once."""
+                    report: bool = True, cluster: str | None = None) -> dict[str, Any]:
+        """Run (or resume) every member of a sweep; a stage the members share runs once; ``cluster``: every
+        stage a Ray task (the flow's task runner is then prefect-ray's, run_sweep)."""
         from prefect.runtime import flow_run
         from prefect.states import Cancelled
 
@@ -136,14 +177,15 @@ def build_sweep_flow():
         art = Path(artifacts)
         flow_run_id = str(flow_run.id or "")
         alive = hold_flow_run_lock(art, flow_run_id)
-        prewarm_workers(sweep_kinds(sweep, art))
+        if not cluster:
+            prewarm_workers(sweep_kinds(sweep, art))
         tracking = SweepTracking(art, sweep, flow_run_id) if track else None
         run_ids = {"mlflow_run_id": tracking.sweep_run, "member_runs": tracking.member_runs} if tracking else {}
         save_record(art, sweep, status="RUNNING", prefect_flow_run_id=flow_run_id, **run_ids)
         snapshots = {m.name: write_snapshot(art, m.recipe, m.plans) for m in sweep.members}
         status, results = "FAILED", {}
         try:
-            results, failed = _run_nodes(sweep, art, tracking, snapshots)
+            results, failed = _run_nodes(sweep, art, tracking, snapshots, cluster)
             status = "KILLED" if interrupt.requested() else "FAILED" if failed else "FINISHED"
         except KeyboardInterrupt:
             status, failed = "KILLED", None
@@ -173,22 +215,65 @@ def sweep_kinds(sweep: Sweep, art: Path) -> list[str]:
     return sorted({k for m in sweep.members for k in incomplete_kinds(m.recipe, art, m.plans)})
 
 
-def run_sweep(sweep: Sweep, artifacts: Path, track: bool = True, server: str | None = None,
-              report: bool = True) -> dict[str, Any]:
-    """Run the sweep's flow (flows.pipeline.with_prefect_server finds or starts the Prefect server)."""
-    def call() -> dict[str, Any]:
-        from prefect.task_runners import ThreadPoolTaskRunner  # once PREFECT_API_URL is set
+def check_cluster(sweep: Sweep, cluster: str | None) -> None:
+    """What the sweep's configs alone tell about running it (on a cluster or not), before anything starts."""
+    from flows.cluster import check_address, refuse_config
 
-        flow = build_sweep_flow().with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(sweep.nodes) + 1),
-                                               flow_run_name=f"sweep-{sweep.spec.sweep}")
+    if cluster:
+        check_address(cluster)
+    for m in sweep.members:
+        if cluster:
+            refuse_config(m.recipe, m.wanted)
+        for n in m.wanted:
+            if m.recipe.stages[n].runtime.nnodes > 1:
+                raise RecipeError(f"member {m.name!r}: stages.{n}.runtime.nnodes="
+                                  f"{m.recipe.stages[n].runtime.nnodes}: a stage across several nodes is not run "
+                                  "in a sweep; run it with `baton run ... --cluster ADDRESS` first (the sweep then "
+                                  "finds it Cached)")
+
+
+def run_sweep(sweep: Sweep, artifacts: Path, track: bool = True, server: str | None = None,
+              report: bool = True, cluster: str | None = None) -> dict[str, Any]:
+    """Run the sweep's flow (flows.pipeline.with_prefect_server finds or starts the Prefect server); with
+    ``cluster``, every stage as a Ray task there (the nodes checked against every member's stages first)."""
+    check_cluster(sweep, cluster)
+
+    def prepare() -> None:
+        if not cluster:
+            return prewarm_workers(sweep_kinds(sweep, artifacts))
+        from flows.cluster import cluster_nodes, connect, disconnect, refuse_unplaceable
+
+        connect(cluster)
+        try:
+            nodes = cluster_nodes()
+            for m in sweep.members:
+                refuse_unplaceable(m.recipe, m.wanted, nodes)
+        except BaseException:
+            disconnect()
+            raise
+
+    def call() -> dict[str, Any]:
+        if cluster:
+            from prefect_ray import RayTaskRunner
+
+            runner = RayTaskRunner(address=cluster)  # reuses prepare()'s connection
+        else:
+            from prefect.task_runners import ThreadPoolTaskRunner  # once PREFECT_API_URL is set
+
+            runner = ThreadPoolTaskRunner(max_workers=len(sweep.nodes) + 1)
+        flow = build_sweep_flow().with_options(task_runner=runner, flow_run_name=f"sweep-{sweep.spec.sweep}")
         return flow(sweep.spec.model_dump(mode="json"), str(sweep.path) if sweep.path else None,
-                    str(Path(artifacts).resolve()), track, report)
+                    str(Path(artifacts).resolve()), track, report, cluster)
 
     with interrupt.handling():
         try:
-            return with_prefect_server(artifacts, server, lambda: prewarm_workers(sweep_kinds(sweep, artifacts)), track,
-                                       call)
+            return with_prefect_server(artifacts, server, prepare, track, call)
         except BaseException:
             if interrupt.requested():
                 raise interrupt.Interrupted(interrupt.summary()) from None
             raise
+        finally:
+            if cluster:
+                from flows.cluster import disconnect
+
+                disconnect()

@@ -1,13 +1,26 @@
-"""Overhead of `baton run --cluster` (not shipped): the micro recipe embedded vs on a local two-node Ray
-cluster (tools.raycluster), fresh artifacts each, and the time from `baton run` to the first stage's task
-starting on a Ray node (its "[world] on Ray node" line).
+"""Overhead of the cluster and team modes (not shipped), in one run: the micro recipe, fresh artifacts each time,
 
-    PYTHONPATH=$PWD python -m tools.measure_cluster [ROUNDS]
+    embedded  `baton run CONFIG`: the artifacts dir's background Prefect server (started by the run) and SQLite
+              MLflow, every stage a process of this machine;
+    ray       `baton run CONFIG --cluster ADDRESS` on a local two-node Ray cluster (tools.raycluster, one CPU
+              per node), plus the time from `baton run` to the first stage's task starting on a Ray node (its
+              "[world] on Ray node" line);
+    team      `baton run CONFIG --server URL` against `baton serve --db` (the Prefect server and an MLflow
+              tracking server on one PostgreSQL, tools.pgserver; started before the clock starts, as a lab's
+              long-lived servers are): tracking over HTTP, stage locks as PostgreSQL leases.
+
+    PYTHONPATH=$PWD python -m tools.measure_cluster [--rounds N] [--modes embedded,ray,team] [--json FILE]
+
+The modes alternate within each round, so a change in the machine's load hits all of them alike; each line
+says the load average when the run ended.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,24 +28,24 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tools.raycluster import LocalRayCluster
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "vlp-micro.yaml")
 
 
-def run(art: Path, extra: list[str]) -> tuple[float, float | None, str]:
-    """(seconds of `baton run`, seconds until the first stage task started on a node or None, stderr)."""
+def run(art: Path, extra: list[str], stop_server: bool = True) -> tuple[float, float | None, str]:
+    """(seconds of `baton run`, seconds until the first stage task started on a Ray node or None, stderr)."""
     from flows import server
 
-    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1", "BATON_BARS": "0"}
+    env.pop("PREFECT_API_URL", None)
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, "-m", "flows.cli", "run", CONFIG, *extra], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=1800)
         wall = time.time() - t0
     finally:
-        server.stop(art)  # the artifacts dir's background Prefect server that the run started
+        if stop_server:
+            server.stop(art)  # the artifacts dir's background Prefect server that the run started
     if p.returncode:
         raise SystemExit(f"baton run {' '.join(extra)} exited {p.returncode}:\n{p.stderr[-3000:]}")
     m = re.search(r"(\d\d:\d\d:\d\d\.\d\d\d) \| \[world\] on Ray node", p.stderr)
@@ -43,16 +56,75 @@ def run(art: Path, extra: list[str]) -> tuple[float, float | None, str]:
     return wall, first, p.stderr
 
 
+class TeamServers:
+    """`baton serve --db URL --artifacts DIR` in its own process group, until stopped."""
+
+    def __init__(self, db: str, art: Path):
+        from tools.pgserver import free_port
+
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--db", db, "--artifacts", str(art), "--port",
+             str(self.port), "--mlflow-port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+        lines = []
+        for line in self.proc.stdout:
+            lines.append(line)
+            if line.startswith("on each machine:"):
+                break
+        else:
+            raise SystemExit("baton serve --db exited:\n" + "".join(lines[-40:]))
+        self.api = f"http://127.0.0.1:{self.port}/api"
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--modes", default="embedded,ray,team", type=lambda s: s.split(","))
+    p.add_argument("--json", type=Path, help="write every measurement here")
+    args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="measure-cluster-"))
-    with LocalRayCluster([{"a": 1}, {"b": 1}], num_cpus=1) as cluster:
-        for r in range(rounds):
-            wall, _, _ = run(tmp / f"embedded{r}", [])
-            print(f"round {r}: embedded {wall:.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
-            wall, first, _ = run(tmp / f"cluster{r}", ["--cluster", cluster.address])
-            print(f"round {r}: cluster  {wall:.1f} s, first stage on a node after {first:.1f} s  "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    rows: list[dict] = []
+    from contextlib import ExitStack
+
+    from tools.pgserver import postgres
+    from tools.raycluster import LocalRayCluster
+
+    with ExitStack() as stack:
+        cluster = stack.enter_context(LocalRayCluster([{"a": 1}, {"b": 1}], num_cpus=1)) \
+            if "ray" in args.modes else None
+        pg = stack.enter_context(postgres()) if "team" in args.modes else None
+        for r in range(args.rounds):
+            for mode in args.modes:
+                art = tmp / f"{mode}{r}"
+                first = None
+                if mode == "embedded":
+                    wall, _, _ = run(art, [])
+                elif mode == "ray":
+                    wall, first, _ = run(art, ["--cluster", cluster.address])
+                else:
+                    team = TeamServers(pg.url, art)
+                    try:
+                        wall, _, _ = run(art, ["--server", team.api], stop_server=False)
+                    finally:
+                        team.stop()
+                    assert not list(art.rglob("*.db")), "a team run opened an SQLite store"
+                row = {"round": r, "mode": mode, "seconds": round(wall, 1), "load": round(os.getloadavg()[0], 2)}
+                if first is not None:
+                    row["first_stage_on_node_s"] = round(first, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

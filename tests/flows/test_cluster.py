@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -59,6 +60,28 @@ def test_cluster_refuses_cuda_index_and_nnodes_without_cluster_or_forced_before_
     assert not (tmp_path / "alone").exists()
 
 
+def test_submit_and_sweep_refuse_what_the_config_tells_before_submitting_or_starting(tmp_path):
+    """`baton submit --cluster` and `baton sweep --cluster` check the address and the configs before they reach a
+    server or Ray (none answers here): exit 2 naming the key; a sweep never runs a stage across nodes."""
+    art = tmp_path / "art"
+    p = baton(["submit", CONFIG, "--cluster", "127.0.0.1:9", "stages.cnn.runtime.device=cuda:1", "--port", "9"], art,
+              check=False)
+    assert p.returncode == 2 and "stages.cnn.runtime.device='cuda:1'" in p.stderr, p.stderr[-2000:]
+    p = baton(["submit", CONFIG, "--cluster", "not an address", "--port", "9"], art, check=False)
+    assert p.returncode == 2 and "--cluster 'not an address': expected ray://HOST:PORT" in p.stderr, p.stderr[-2000:]
+    p = baton(["submit", CONFIG, "stages.vl.runtime.nnodes=2", "--port", "9"], art, check=False)
+    assert p.returncode == 2 and "runs only on a Ray cluster" in " ".join(p.stderr.split()), p.stderr[-2000:]
+    p = baton(["sweep", CONFIG, "--variant", "a=stages.vqa.runtime.device=cuda:0", "--cluster", "127.0.0.1:9"], art,
+              check=False)
+    assert p.returncode == 2 and "stages.vqa.runtime.device='cuda:0'" in p.stderr, p.stderr[-2000:]
+    p = baton(["sweep", CONFIG, "--variant", "a=stages.bert.runtime.nnodes=2", "--cluster", "127.0.0.1:9"], art,
+              check=False)
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "member 'a': stages.bert.runtime.nnodes=2: a stage across several nodes is not " \
+        "run in a sweep" in err, err[-2000:]
+    assert not art.exists() or not (art / "stages").exists()
+
+
 def test_unplaceable_stage_refused_naming_stage_resource_and_offer(cluster, tmp_path):
     art = tmp_path / "art"
     p = baton(["run", CONFIG, "--cluster", cluster.address, "stages.bert.runtime.gpus=8"], art, check=False,
@@ -96,6 +119,63 @@ def test_micro_recipe_runs_on_the_nodes_its_resources_name(placed_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{art / 'mlflow.db'}")
     cnn, bert = (client.get_run(by[n]["mlflow_run_id"]).info for n in ("cnn", "bert"))
     assert cnn.start_time < bert.end_time and bert.start_time < cnn.end_time, (cnn, bert)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_stages_on_the_cluster_sharing_what_the_variants_share(cluster, tmp_path):
+    """`baton sweep --cluster`: two cnn variants on the two nodes their resources name; world (shared) once."""
+    art = tmp_path / "art"
+    p = baton(["sweep", CONFIG, "--name", "onray", "--variant", "v=stages.cnn.runtime.resources={vision: 1}",
+               "--variant", "t=stages.cnn.runtime.resources={text: 1} stages.cnn.train.lr=0.002", "--only", "cnn",
+               "--cluster", cluster.address, "--json"], art, timeout=900)
+    out = json.loads(p.stdout)
+    assert out["members"] == ["v", "t"]
+    assert len(list(art.glob("stages/world/*/result.json"))) == 1  # shared: one stage dir, trained once
+    assert len(list(art.glob("stages/cnn/*/result.json"))) == 2
+    nodes = set(re.findall(r"\[cnn\] on Ray node (\w+)", p.stderr))
+    assert len(nodes) == 2, p.stderr[-3000:]  # the two variants' cnn on the two nodes
+    record = json.loads((art / "sweeps" / "onray.json").read_text())
+    assert record["status"] == "FINISHED"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{art / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vlp-micro").experiment_id],
+                              "tags.`baton.stage` = 'cnn'")
+    assert sorted(r.data.tags["baton.variants"] for r in runs) == ["t", "v"]  # tagged by the driver after Ray
+
+
+@pytest.mark.slow
+def test_submit_with_cluster_runs_the_served_flow_runs_stages_on_the_nodes(cluster, tmp_path):
+    """`baton serve` (deployments on this machine) + `baton submit --cluster`: the deployment run connects to
+    Ray itself and its stages run on the node their resources name."""
+    from tools.pgserver import free_port
+
+    art, port, log = tmp_path / "art", free_port(), tmp_path / "serve.log"
+    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "w") as f:
+        serve = subprocess.Popen(BATON + ["serve", "--port", str(port)], cwd=ROOT, env=env, stdout=f,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # `serve` registers baton/baton a moment after the UI answers
+            p = subprocess.run(BATON + ["submit", CONFIG, "--only", "cnn", "--port", str(port), "--cluster",
+                                        cluster.address, "--wait", "stages.cnn.runtime.resources={text: 1}"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if p.returncode != 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        text = log.read_text(errors="replace")
+        assert p.returncode == 0, p.stdout + p.stderr + text[-4000:]
+        assert "COMPLETED" in p.stdout
+        assert len(re.findall(r"\[(?:world|cnn)\] on Ray node", text)) >= 2, text[-4000:]
+        assert len(list(art.glob("stages/cnn/*/result.json"))) == 1
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
 
 
 def _stage_process(stage: str, art: Path):

@@ -38,11 +38,12 @@ def test_the_run_form_has_overrides_only_track_and_the_recipe_frozen(tmp_path):
     dep = recipe_deployment(baton_pipeline, CONFIG, recipe, tmp_path)
     schema = dep._parameter_openapi_schema.model_dump()
     props = schema["properties"]
-    assert list(props) == ["recipe_path", "artifacts", "overrides", "only", "track"]  # recipe_snapshot, force hidden
+    assert list(props) == ["recipe_path", "artifacts", "overrides", "only", "track", "cluster"]  # snapshot, force hidden
     assert props["recipe_path"]["readOnly"] and props["recipe_path"]["enum"] == [str(CONFIG)]
     assert props["artifacts"]["enum"] == [str(tmp_path)]
     assert props["only"]["items"]["enum"] == list(recipe.stages)
     assert props["overrides"]["default"] == [] and props["track"]["default"] is True
     assert dep.parameters == {"recipe_path": str(CONFIG), "artifacts": str(tmp_path), "overrides": [], "only": [],
-                              "track": True}  # Quick Run: the recipe as shipped
+                              "track": True, "cluster": ""}  # Quick Run: the recipe as shipped, on this machine
+    assert props["cluster"]["default"] == "" and "Ray" in props["cluster"]["description"]
     assert dep.enforce_parameter_schema and dep.name == "vlp-micro"

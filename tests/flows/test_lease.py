@@ -1,6 +1,6 @@
 """Stage locks of a shared store as PostgreSQL leases (flows.lease), and the shared-store probe.
 
-A real PostgreSQL (tests/pgserver.py) on loopback. The holders are real processes: one is SIGKILLed while it
+A real PostgreSQL (tools/pgserver.py) on loopback. The holders are real processes: one is SIGKILLed while it
 holds a stage; two use the same pid under different hostnames (what a cluster looks like to a pid check)."""
 import os
 import signal
@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from pgserver import pg_bin, postgres
+from tools.pgserver import pg_bin, postgres
 
 from flows.lease import Lease, connect
 from flows.store import StageDir, StoreError, probe_store

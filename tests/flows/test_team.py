@@ -1,6 +1,6 @@
 """Team servers on PostgreSQL (flows.team): ``baton serve --db`` and ``baton run --server`` against it.
 
-Everything real and on loopback: a PostgreSQL started here (tests/pgserver.py), ``baton serve --db`` in its own
+Everything real and on loopback: a PostgreSQL started here (tools/pgserver.py), ``baton serve --db`` in its own
 process group (Prefect server + MLflow server), ``baton run`` processes. The refusals that need no server are
 fast; the rest is ``slow``."""
 import base64
@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 from conftest import BATON, ROOT, baton
-from pgserver import free_port, pg_bin, postgres
+from tools.pgserver import free_port, pg_bin, postgres
 
 from flows.cli import main
 

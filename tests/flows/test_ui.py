@@ -191,14 +191,14 @@ def ui_run(browser, tmp_path_factory):
 
 
 def custom_run(page, url: str) -> str:
-    """Deployments -> vlp-micro -> Run -> Custom run: the form has the recipe (read-only), overrides, only and track;
-    one override added, Submit. Returns the new flow run's id."""
+    """Deployments -> vlp-micro -> Run -> Custom run: the form has the recipe (read-only), overrides, only, track and
+    cluster; one override added, Submit. Returns the new flow run's id."""
     page.goto(url + "/")
     page.get_by_role("link", name="Deployments", exact=True).first.click()
     page.get_by_role("link", name="vlp-micro", exact=True).first.click()
     page.get_by_role("button", name="Run", exact=True).first.click()
     page.get_by_role("menuitem", name="Custom run").click()
-    for field in ("recipe_path", "overrides", "only", "track"):
+    for field in ("recipe_path", "overrides", "only", "track", "cluster"):
         page.get_by_text(re.compile(rf"^{field}( \(Optional\))?$")).first.wait_for()
     assert "recipe_snapshot" not in page.inner_text("body")
     page.get_by_role("button", name="Add item").click()
@@ -218,7 +218,7 @@ def test_a_recipe_deployment_run_from_the_ui_form_with_one_override_completes(ui
     deps = ui_run["deps"]
     assert deps["my-recipe"]["parameters"]["recipe_path"] == str(code / "extra" / "my-recipe.yaml")
     schema = deps["vlp-micro"]["parameter_openapi_schema"]
-    assert set(schema["properties"]) == {"recipe_path", "artifacts", "overrides", "only", "track"}
+    assert set(schema["properties"]) == {"recipe_path", "artifacts", "overrides", "only", "track", "cluster"}
     params = final["parameters"]
     assert params["overrides"] == [OVERRIDE]
     assert params["recipe_snapshot"]["stages"]["vqa"]["train"]["steps"] == 4  # the resolved recipe, recorded

@@ -1,5 +1,5 @@
 """A throwaway PostgreSQL for tests: initdb + pg_ctl as the ``postgres`` user on 127.0.0.1 and a free port,
-in a temp dir that user can read, stopped and removed after. ``python tests/pgserver.py`` starts one in the
+in a temp dir that user can read, stopped and removed after. ``python -m tools.pgserver`` starts one in the
 foreground (for trying things by hand) and prints its URL.
 
     with postgres() as pg:          # pg.url: postgresql://baton@127.0.0.1:PORT/baton (trust auth on loopback)

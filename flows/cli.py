@@ -793,13 +793,26 @@ def gc(configs: Annotated[list[Path] | None, typer.Argument(
 
     configs_dir = Path("configs") if Path("configs").is_dir() else shipped_recipes()
     recipes = recipes_for_gc(configs or [], configs_dir)
-    items, freed = collect(artifacts_root(artifacts), recipes, keep_days=keep_days, dry_run=dry_run)
+    art = artifacts_root(artifacts)
+    _join_store_team(art)
+    items, freed = collect(art, recipes, keep_days=keep_days, dry_run=dry_run)
     if as_json:
         _print_json({"dry_run": dry_run, "bytes": freed, "recipes": [str(r.path) for r in recipes], "items": [
             {"path": str(g.path), "what": g.what, "bytes": g.bytes, "why": g.why} for g in items]})
     else:
         print(f"keeping the stages of {', '.join(str(r.path) for r in recipes)}")
         print(render_garbage(items, freed, dry_run))
+
+
+def _join_store_team(art: Path) -> None:
+    """A store served by `baton serve --db` (its team.json): its MLflow server and PostgreSQL stage leases, as a
+    run's would be (flows.team), so gc sees stages that other machines hold."""
+    from flows.team import client_auth_env, join_team, team_server
+
+    url = team_server(art)
+    if url:
+        client_auth_env()
+        join_team(url, art)
 
 
 @command("baton ui --port 5000")

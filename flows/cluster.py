@@ -287,7 +287,8 @@ def _log_to_stderr() -> None:
     """baton's log lines (the stage process's, forwarded) on the Ray worker's stderr, which Ray sends to the
     driver's terminal prefixed with the task and pid (Prefect's handlers, if any, send them to its API)."""
     log.setLevel(logging.INFO)
-    if not log.handlers:  # (Prefect's, when it set up logging in this worker, already print them)
+    if not log.hasHandlers():  # Prefect's console handler (root's, once Prefect set up logging in this worker)
+        # already prints them: a second handler here printed every stage line twice on the driver
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(message)s", "%H:%M:%S"))
         log.addHandler(handler)

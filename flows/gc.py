@@ -5,7 +5,9 @@ Two kinds of garbage:
   - ``checkpoints/`` of a complete stage (resume state; ``result.json`` and ``outputs/`` are what readers use).
 Never removed: a dir a given recipe references (its checkpoints may go once it is complete), a dir with
 activity within ``keep_days`` (its MLflow run started or ended then, or its files changed then), a dir
-whose ``.lock`` a process holds. Removal renames to a store temp name first, so a reader sees the whole
+whose ``.lock`` a process holds, or, in a store shared by several machines (``BATON_LOCK_DB``, set from the
+store's team server), whose PostgreSQL lease a live process anywhere holds: gc takes the lease itself (never
+waiting) before it removes, as a stage run would before it writes (flows.lease). Removal renames to a store temp name first, so a reader sees the whole
 dir or none of it; a killed gc leaves only a temp name that the next gc (or the stage's own next run)
 deletes.
 """
@@ -16,6 +18,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +106,37 @@ def find_garbage(artifacts: Path, recipes: list[Recipe], keep_days: float = 7.0,
 
 
 def is_locked(stage_dir: Path) -> bool:
-    """True when a process holds the stage's ``.lock`` (flows.store.StageDir.lock)."""
-    return flock_held(stage_dir / ".lock")
+    """True when a process holds the stage's ``.lock`` (flows.store.StageDir.lock), or, in a shared store, a
+    live process on any machine holds its lease."""
+    if flock_held(stage_dir / ".lock"):
+        return True
+    with _removal_lease(stage_dir) as got:
+        return not got
+
+
+@contextmanager
+def _removal_lease(stage_dir: Path) -> Iterator[bool]:
+    """In a shared store (flows.lease.lease_db): hold the stage's lease while the block runs if it is free or
+    its holder is dead (taken at once, never waited for); yields False when a live holder has it. Outside a
+    shared store: True (the flock alone decides)."""
+    from flows.lease import Lease, connect, ensure_schema, lease_db
+
+    url = lease_db()
+    if not url:
+        yield True
+        return
+    lease = Lease(url, str(stage_dir.resolve()), f"gc {stage_dir.parent.name}/{stage_dir.name[:16]}")
+    lease._conn = connect(url)
+    got = False
+    try:
+        ensure_schema(lease._conn)
+        got = lease.try_acquire()
+        yield got
+    finally:
+        if got:
+            lease.release()  # closes the connection
+        else:
+            lease._conn.close()
 
 
 def _remove(g: Garbage, cutoff: float) -> bool:
@@ -113,21 +146,25 @@ def _remove(g: Garbage, cutoff: float) -> bool:
         shutil.rmtree(g.path)
         return True
     stage_dir = g.path if g.what == "stage dir" else g.path.parent
-    had_lock = (stage_dir / ".lock").exists()
-    fd = os.open(stage_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with _removal_lease(stage_dir) as got:
+        if not got:
+            log.info("gc: %s: a process on another machine holds its lease; kept", stage_dir)
+            return False
+        had_lock = (stage_dir / ".lock").exists()
+        fd = os.open(stage_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("gc: %s is locked by a running process; kept", stage_dir)
-            return False
-        if _files_activity(stage_dir, lock=had_lock) >= cutoff:
-            log.info("gc: %s was used just now; kept", stage_dir)
-            return False
-        tmp = temp_path(g.path, "old")
-        os.rename(g.path, tmp)  # readers see the whole dir or none of it
-    finally:
-        os.close(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("gc: %s is locked by a running process; kept", stage_dir)
+                return False
+            if _files_activity(stage_dir, lock=had_lock) >= cutoff:
+                log.info("gc: %s was used just now; kept", stage_dir)
+                return False
+            tmp = temp_path(g.path, "old")
+            os.rename(g.path, tmp)  # readers see the whole dir or none of it
+        finally:
+            os.close(fd)
     shutil.rmtree(tmp)
     return True
 

@@ -125,8 +125,8 @@ def test_micro_recipe_runs_on_the_nodes_its_resources_name(placed_run):
 def test_a_sweep_runs_its_stages_on_the_cluster_sharing_what_the_variants_share(cluster, tmp_path):
     """`baton sweep --cluster`: two cnn variants on the two nodes their resources name; world (shared) once."""
     art = tmp_path / "art"
-    p = baton(["sweep", CONFIG, "--name", "onray", "--variant", "v=stages.cnn.runtime.resources={vision: 1}",
-               "--variant", "t=stages.cnn.runtime.resources={text: 1} stages.cnn.train.lr=0.002", "--only", "cnn",
+    p = baton(["sweep", CONFIG, "--name", "onray", "--variant", "v=stages.cnn.runtime.resources.vision=1",
+               "--variant", "t=stages.cnn.runtime.resources.text=1 stages.cnn.train.lr=0.002", "--only", "cnn",
                "--cluster", cluster.address, "--json"], art, timeout=900)
     out = json.loads(p.stdout)
     assert out["members"] == ["v", "t"]
@@ -134,6 +134,9 @@ def test_a_sweep_runs_its_stages_on_the_cluster_sharing_what_the_variants_share(
     assert len(list(art.glob("stages/cnn/*/result.json"))) == 2
     nodes = set(re.findall(r"\[cnn\] on Ray node (\w+)", p.stderr))
     assert len(nodes) == 2, p.stderr[-3000:]  # the two variants' cnn on the two nodes
+    # each stage line reaches the driver once (it was printed twice: Prefect's console handler and baton's)
+    assert len(re.findall(r"\[cnn\] on Ray node", p.stderr)) == 2, p.stderr[-3000:]
+    assert len(re.findall(r"\[world\] done in", p.stderr)) == 1, p.stderr[-3000:]
     record = json.loads((art / "sweeps" / "onray.json").read_text())
     assert record["status"] == "FINISHED"
     from mlflow import MlflowClient

@@ -133,3 +133,28 @@ def test_a_holder_that_lost_its_lease_is_told(pg, tmp_path):
     finally:
         a.release()
         b.release()
+
+
+def test_gc_keeps_a_stage_whose_lease_another_machine_holds(pg, tmp_path, monkeypatch, root):
+    """In a shared store gc sees leases, not only this machine's flocks: an old unreferenced stage dir whose
+    lease a live holder on another host has is kept (and listed by nothing); once released it goes."""
+    from fakestore import fake_stage
+
+    from flows.gc import collect, find_garbage
+    from stages.recipe import load_recipe
+
+    micro = load_recipe(root / "configs" / "vlp-micro.yaml")
+    sd = fake_stage(tmp_path, "world", "c" * 64, {}, age_days=30)
+    for k, v in _env(pg, "node-gc", timeout=60).items():
+        monkeypatch.setenv(k, v)
+    other = Lease(pg.url, str(sd.path.resolve()), "world", timeout=60, host="node-a", pid=os.getpid())
+    other.acquire()  # a stage run on node-a (no flock here: another machine)
+    try:
+        assert find_garbage(tmp_path, [micro], keep_days=7, mlflow=False) == []
+        removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+        assert removed == [] and sd.path.is_dir()
+    finally:
+        other.release()
+    removed, _ = collect(tmp_path, [micro], keep_days=7, mlflow=False)
+    assert [g.path for g in removed] == [sd.path] and not sd.path.exists()
+    assert _row(pg, str(sd.path.resolve())) is None  # gc released the lease it took to remove the dir

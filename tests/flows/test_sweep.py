@@ -125,6 +125,42 @@ def test_2x2_rerun_trains_nothing(two_by_two):
     assert (p.stderr + p.stdout).count("Finished in state Cached") == 9
 
 
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_its_stage_from_the_checkpoint_and_shares_the_rest(two_by_two):
+    """SIGKILL of the whole `baton sweep` (flow and stage processes) while a member's vqa trains; the same
+    sweep again resumes that vqa from its newest checkpoint, trains the other member's, and reruns nothing
+    upstream (Cached)."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import BATON, ROOT, wait_for_checkpoint
+
+    art, _, _ = two_by_two
+    long = "stages.vqa.train.steps=400 stages.vqa.runtime.checkpoint_every=4"
+    argv = ["sweep", CONFIG, "--name", "killed", "--variant", f"a={long}", "--variant",
+            f"b={long} stages.vqa.train.lr=0.002", "--only", "vqa", "--max-concurrency", "1", "--no-report"]
+    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(BATON + argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    found = wait_for_checkpoint(proc, art, "vqa", 8, timeout=600, poll=0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert found, out[-3000:]
+    killed, step = found
+    assert not (killed / "result.json").exists()
+    record = json.loads((art / "sweeps" / "killed.json").read_text())
+    assert record["status"] == "RUNNING"  # killed: the record says so until a rerun finishes it
+
+    p = baton(argv, art)
+    text = p.stderr + p.stdout
+    m = re.search(r"\[vqa\] resumed from checkpoint at step (\d+)", text)
+    assert m and int(m.group(1)) >= step, text[-3000:]
+    assert done(text) == ["vqa", "vqa"], text[-3000:]  # the resumed one and the other member's; nothing upstream
+    assert (killed / "result.json").exists()
+    assert json.loads((art / "sweeps" / "killed.json").read_text())["status"] == "FINISHED"
+
+
 def test_a_bad_variant_is_refused_naming_it_and_the_key_before_anything_runs(tmp_path):
     art = tmp_path / "art"
     p = baton(["sweep", CONFIG, "--variant", "ok=stages.vqa.train.lr=0.002",

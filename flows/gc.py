@@ -7,9 +7,9 @@ Never removed: a dir a given recipe references (its checkpoints may go once it i
 activity within ``keep_days`` (its MLflow run started or ended then, or its files changed then), a dir
 whose ``.lock`` a process holds, or, in a store shared by several machines (``BATON_LOCK_DB``, set from the
 store's team server), whose PostgreSQL lease a live process anywhere holds: gc takes the lease itself (never
-waiting) before it removes, as a stage run would before it writes (flows.lease). Removal renames to a store temp name first, so a reader sees the whole
-dir or none of it; a killed gc leaves only a temp name that the next gc (or the stage's own next run)
-deletes.
+waiting) before it removes, as a stage run would before it writes (flows.lease). Removal renames to a store
+temp name first, so a reader sees the whole dir or none of it; a killed gc leaves only a temp name that the
+next gc (or the stage's own next run) deletes.
 """
 from __future__ import annotations
 

@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-addr", default=None, help="the address other nodes reach this one at")
     args = p.parse_args(argv)
     _die_with_parent()
+    # Ctrl-C reaches a stage only as the SIGINT the flow passes on (flows.interrupt); a flow started in the
+    # background by a script (`baton run ... &`, nohup) hands its children SIGINT ignored, which would make
+    # the stage deaf to it: KeyboardInterrupt -> a checkpointed stop, whatever was inherited
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
     try:

@@ -160,7 +160,10 @@ def test_two_users_one_store(tmp_path):
             for stage in ("world", "cnn", "bert"):
                 assert sorted(r[stage]["state"] for r in runs) == ["cached", "ran"], stage
                 stage_runs = client.search_runs([exp.experiment_id], f"tags.`baton.stage` = '{stage}'")
-                assert len(stage_runs) == 1, stage
+                trained = [r for r in stage_runs if r.data.tags.get("baton.cached") != "true"]
+                assert len(trained) == 1, stage  # trained once; the other user's parent has a cached child run
+                cached = [r for r in stage_runs if r.data.tags.get("baton.cached") == "true"]
+                assert [r.data.tags.get("baton.cached_from") for r in cached] == [trained[0].info.run_id], stage
                 assert runs[0][stage]["mlflow_model_id"] == runs[1][stage]["mlflow_model_id"]
             assert runs[0]["detector"]["fingerprint"] != runs[1]["detector"]["fingerprint"]
             for p in out:

@@ -202,7 +202,7 @@ def custom_run(page, url: str) -> str:
         page.get_by_text(re.compile(rf"^{field}( \(Optional\))?$")).first.wait_for()
     assert "recipe_snapshot" not in page.inner_text("body")
     page.get_by_role("button", name="Add item").click()
-    page.locator("textarea").last.fill(OVERRIDE)
+    page.locator("textarea").first.fill(OVERRIDE)  # the new overrides item (the last one is the cluster field)
     page.shot("custom-run")
     page.get_by_role("button", name="Submit").click()
     page.get_by_text(re.compile("scheduled to start")).first.wait_for()

@@ -108,6 +108,8 @@ class Bars:
                                                                  **fields)
             else:
                 self.progress.update(task, description=desc, total=ev["total"], completed=ev["done"], **fields)
+            if ev["done"] >= ev["total"]:  # draw the full bar now: the stage may end (its bar removed) before the
+                self.progress.refresh()    # next 1/4 s refresh, and the last frame would be short of the total
 
     def finish(self, stage: str) -> None:
         with self.lock:

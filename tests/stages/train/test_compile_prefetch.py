@@ -1,6 +1,9 @@
 """runtime.compile (checkpoints keep the uncompiled keys; resume works across compile on/off) and the
 prefetch thread (same batches in the same order, errors reach the loop, a stopped reader ends)."""
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,17 @@ def _fit(path, steps, compile_, crash_at=None, dataset=None):
 
 @pytest.mark.slow
 def test_compiled_run_checkpoints_plain_keys_and_resumes_into_the_unbroken_result(tmp_path):
+    """In a fresh interpreter: torch.compile leaves threads in its process after which forking ranks fails
+    ("autograd's threading in combination with fork"), and the DDP tests later in this pytest process fork
+    theirs. (Stage processes never compile and then fork: their ranks start from the stage process.)"""
+    root = Path(__file__).resolve().parents[3]
+    p = subprocess.run([sys.executable, "-c", "import pathlib, sys; from tests.stages.train.test_compile_prefetch "
+                        "import compiled_case; compiled_case(pathlib.Path(sys.argv[1]))", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def compiled_case(tmp_path):
     # compile on for the first 7 steps (killed at step 7), off for the resume: the checkpoint at step 5
     # holds the uncompiled keys and the finished run equals an unbroken uncompiled one
     with pytest.raises(BaseException):

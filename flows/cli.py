@@ -207,12 +207,10 @@ def run(config: Config, overrides: Overrides = None, only: Only = None, no_track
     check_stage_names(recipe, {"--only": only, "--force": force})
     if dry_run:
         return print_plan(recipe, art, only, force, as_json)
-    if cluster:  # what the config alone tells, before anything starts
-        from flows.cluster import check_address, refuse_config
-        from flows.plan import needed_stages
+    from flows.cluster import refuse_before_connecting
+    from flows.plan import needed_stages
 
-        check_address(cluster)
-        refuse_config(recipe, needed_stages(recipe, only))
+    refuse_before_connecting(recipe, needed_stages(recipe, only), cluster, set(force or ()))  # before anything
     _check_writable(art)
     from flows.execute import stage_dirs
     from flows.pipeline import run_pipeline
@@ -688,14 +686,12 @@ def submit(config: Config, overrides: Overrides = None, only: Only = None, no_tr
     """Run a recipe through the deployment baton/baton that `baton serve` serves (retryable from the UI); with
     --cluster, the served flow run (on the serving machine) runs the stages as Ray tasks on that cluster."""
     recipe = load_recipe(config, overrides or ())
-    from flows.cluster import check_address, refuse_config, refuse_nnodes
+    from flows.cluster import refuse_before_connecting
     from flows.plan import check_stage_names, needed_stages
 
     check_stage_names(recipe, {"--only": only})
-    refuse_nnodes(recipe, needed_stages(recipe, only), cluster, set())  # what the config alone tells, before
-    if cluster:  # anything is submitted (the flow run checks the cluster's nodes when it connects)
-        check_address(cluster)
-        refuse_config(recipe, needed_stages(recipe, only))
+    # what the config alone tells, before anything is submitted (the flow run checks the nodes when it connects)
+    refuse_before_connecting(recipe, needed_stages(recipe, only), cluster)
     art = artifacts_root(artifacts).resolve()
     _check_writable(art)
     from flows.prefect_env import configure_prefect

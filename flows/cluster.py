@@ -80,6 +80,16 @@ def refuse_nnodes(recipe: Recipe, wanted: set[str], cluster: str | None, force: 
                               f"not supported; remove its stage directory (baton gc / rm) to rerun it")
 
 
+def refuse_before_connecting(recipe: Recipe, wanted: set[str], cluster: str | None,
+                             force: set[str] = frozenset()) -> None:
+    """Everything the recipe and the address alone tell (:func:`refuse_nnodes`, :func:`check_address`,
+    :func:`refuse_config`): what `baton run`, `baton submit`, a deployment run check before anything starts."""
+    refuse_nnodes(recipe, wanted, cluster, force)
+    if cluster:
+        check_address(cluster)
+        refuse_config(recipe, wanted)
+
+
 def threads_per_stage(recipe: Recipe, wanted: set[str]) -> dict[str, int]:
     """torch threads of each stage process on its node: runtime.threads, else the CPUs it asked Ray for."""
     return {n: recipe.stages[n].runtime.threads or max(1, int(recipe.stages[n].runtime.cpus)) for n in wanted}
@@ -166,8 +176,8 @@ def on_cluster(address: str | None, recipe: Recipe, wanted: set[str]):
     """Inside a flow run: make prefect-ray's runner this flow run's task runner while the block runs, when the
     flow run did not start with it. That is a deployment run (``baton submit --cluster``, the UI's Run form,
     a Retry): ``prefect serve`` starts the flow with the flow's own thread-pool runner, and this process (on the
-    serving machine) becomes the Ray driver here. Checks what ``baton run --cluster`` checks before connecting
-    (the address, ``device: cuda:N``) and after (a stage no node can hold), then disconnects at the end.
+    serving machine) becomes the Ray driver here. Refuses, as ``baton run --cluster`` does, a stage no node can
+    hold (the flow body refused what the recipe alone tells first), then disconnects at the end.
     A no-op without ``address`` or when the flow run already runs on Ray (``baton run --cluster``)."""
     from prefect.context import FlowRunContext
 
@@ -175,9 +185,7 @@ def on_cluster(address: str | None, recipe: Recipe, wanted: set[str]):
     if not address or ctx is None or type(ctx.task_runner).__name__ == "RayTaskRunner":
         yield
         return
-    check_address(address)
-    refuse_config(recipe, wanted)
-    connect_checked(address, recipe, wanted)
+    connect_checked(address, recipe, wanted)  # the flow checked the recipe and address already
     from prefect_ray import RayTaskRunner
 
     log.info("stages on the Ray cluster %s (deployment run)", address)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import interrupt
-from flows.cluster import on_cluster, refuse_nnodes
+from flows.cluster import on_cluster, refuse_before_connecting
 from flows.execute import cached_result, incomplete_kinds
 from flows.fingerprint import StagePlan, plan_fingerprints
 from flows.invocation import publish
@@ -290,15 +290,15 @@ def build_flow():
         art = Path(artifacts or os.environ.get("BATON_ARTIFACTS", "artifacts")).resolve()
         alive = hold_flow_run_lock(art, str(flow_run.id or ""))  # released when this process ends, or below
         plans = plan_fingerprints(recipe.stages)
-        refuse_nnodes(recipe, needed_stages(recipe, only), cluster, set(force or ()))  # deployment runs, too
+        wanted = needed_stages(recipe, only)
         cluster = cluster or None  # the Run form's empty field
+        refuse_before_connecting(recipe, wanted, cluster, set(force or ()))  # deployment runs, too
         # a deployment run (baton submit --cluster, the Run form) connects to Ray here, checked first
-        with on_cluster(cluster, recipe, needed_stages(recipe, only)):
+        with on_cluster(cluster, recipe, wanted):
             if not cluster:
                 prewarm_workers(_kinds_to_run(recipe, art, plans, force))  # no-op if run_pipeline already started it
             tracking, parent_id = start_tracking(recipe, recipe_path, art, plans, str(flow_run.id or "")) \
                 if track else (None, "")
-            wanted = needed_stages(recipe, only)
             forced = downstream_of(recipe, force or []) & wanted
             snapshot = write_snapshot(art, recipe, plans, forced)
             run_stage = _stage_task(recipe, art, plans, tracking, parent_id, snapshot, wanted, forced, cluster)
@@ -336,13 +336,7 @@ def run_pipeline(recipe: Recipe, artifacts: Path, only: list[str] | None = None,
     background server, started if none answers: flows.server). Ctrl-C stops it cleanly (flows.interrupt) and
     raises ``interrupt.Interrupted`` saying which stages stopped at which step. ``cluster``: a Ray address
     (flows.cluster): every stage runs as a Ray task on a node that has its resources."""
-    from flows.cluster import check_address, refuse_config
-
-    wanted = needed_stages(recipe, only)
-    refuse_nnodes(recipe, wanted, cluster, set(force or ()))
-    if cluster:
-        check_address(cluster)
-        refuse_config(recipe, wanted)
+    refuse_before_connecting(recipe, needed_stages(recipe, only), cluster, set(force or ()))
     with interrupt.handling():
         try:
             return _run_pipeline(recipe, artifacts, only, track, server, force, cluster)

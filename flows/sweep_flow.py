@@ -216,20 +216,18 @@ def sweep_kinds(sweep: Sweep, art: Path) -> list[str]:
 
 
 def check_cluster(sweep: Sweep, cluster: str | None) -> None:
-    """What the sweep's configs alone tell about running it (on a cluster or not), before anything starts."""
-    from flows.cluster import check_address, refuse_config
+    """What the sweep's configs alone tell about running it (on a cluster or not), before anything starts: a
+    stage across several nodes is not run in a sweep; the rest as for a recipe (flows.cluster)."""
+    from flows.cluster import refuse_before_connecting
 
-    if cluster:
-        check_address(cluster)
     for m in sweep.members:
-        if cluster:
-            refuse_config(m.recipe, m.wanted)
         for n in m.wanted:
             if m.recipe.stages[n].runtime.nnodes > 1:
                 raise RecipeError(f"member {m.name!r}: stages.{n}.runtime.nnodes="
                                   f"{m.recipe.stages[n].runtime.nnodes}: a stage across several nodes is not run "
                                   "in a sweep; run it with `baton run ... --cluster ADDRESS` first (the sweep then "
                                   "finds it Cached)")
+        refuse_before_connecting(m.recipe, set(m.wanted), cluster)
 
 
 def run_sweep(sweep: Sweep, artifacts: Path, track: bool = True, server: str | None = None,

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,36 +60,6 @@ def run(art: Path, extra: list[str], stop_server: bool = True) -> tuple[float, f
     return wall, first, p.stderr
 
 
-class TeamServers:
-    """`baton serve --db URL --artifacts DIR` in its own process group, until stopped."""
-
-    def __init__(self, db: str, art: Path):
-        from tools.pgserver import free_port
-
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--db", db, "--artifacts", str(art), "--port",
-             str(self.port), "--mlflow-port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
-        lines = []
-        for line in self.proc.stdout:
-            lines.append(line)
-            if line.startswith("on each machine:"):
-                break
-        else:
-            raise SystemExit("baton serve --db exited:\n" + "".join(lines[-40:]))
-        self.api = f"http://127.0.0.1:{self.port}/api"
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=1)
@@ -103,6 +72,7 @@ def main() -> None:
 
     from tools.pgserver import postgres
     from tools.raycluster import LocalRayCluster
+    from tools.servers import TeamServers
 
     with ExitStack() as stack:
         cluster = stack.enter_context(LocalRayCluster([{"a": 1}, {"b": 1}], num_cpus=1)) \

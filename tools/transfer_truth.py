@@ -3,7 +3,7 @@
     python -m tools.transfer_truth --source ART/stages/cnn/<fp16> --targets ART/stages/targets/<fp16> \\
         --out truth.jsonl [--seeds 0,1,2] [--workers 2]
     python -m tools.transfer_truth --summary truth.jsonl --advice advice.json
-    python -m tools.transfer_truth ... --out grid.jsonl --lr-grid 1,3,10 --reuse truth.jsonl   # per-strategy LR
+    python -m tools.transfer_truth ... --out grid.jsonl --lr-grid 1,3,10     # every strategy at 3 LRs
     python -m tools.transfer_truth --summary truth.jsonl grid.jsonl --per-strategy-lr --advice advice.json
 
 Runs the cnn stage code directly (``stages.cnn.run`` with a NullTracker: no Prefect, no MLflow; this is a
@@ -94,7 +94,7 @@ def read_rows(paths: list[Path]) -> list[dict]:
 
 def measure(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    done = {(r["quadrant"], r["strategy"], r["seed"], lr_mult(r)) for r in read_rows([out, *args.reuse])}
+    done = {(r["quadrant"], r["strategy"], r["seed"], lr_mult(r)) for r in read_rows([out])}
     mults = args.lr_grid or [args.lr_mult]
     todo = [(q, s, seed, m) for m in mults for seed in args.seeds for q in args.quadrants for s in args.strategies
             if (q, s, seed, m) not in done]
@@ -168,8 +168,6 @@ def main() -> None:
                                                                "pre-registered measurement)")
     p.add_argument("--lr-grid", type=lambda s: [float(x) for x in s.split(",")],
                    help="run every quadrant x strategy x seed at each of these LR multipliers (e.g. 1,3,10)")
-    p.add_argument("--reuse", type=Path, nargs="*", default=[],
-                   help="JSON lines files of earlier runs (same source and targets): what they hold is not rerun")
     p.add_argument("--summary", type=Path, nargs="+", help="print the summary of these JSON lines files instead")
     p.add_argument("--advice", type=Path, help="with --summary: {quadrant: recommended strategy} JSON")
     p.add_argument("--per-strategy-lr", action="store_true",

@@ -151,14 +151,10 @@ def test_submit_with_cluster_runs_the_served_flow_runs_stages_on_the_nodes(clust
     """`baton serve` (deployments on this machine) + `baton submit --cluster`: the deployment run connects to
     Ray itself and its stages run on the node their resources name."""
     from tools.pgserver import free_port
+    from tools.servers import serve
 
     art, port, log = tmp_path / "art", free_port(), tmp_path / "serve.log"
-    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    env.pop("PREFECT_API_URL", None)
-    with open(log, "w") as f:
-        serve = subprocess.Popen(BATON + ["serve", "--port", str(port)], cwd=ROOT, env=env, stdout=f,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with serve(art, port, log) as (_, env):
         deadline = time.monotonic() + 300
         while True:  # `serve` registers baton/baton a moment after the UI answers
             p = subprocess.run(BATON + ["submit", CONFIG, "--only", "cnn", "--port", str(port), "--cluster",
@@ -172,12 +168,6 @@ def test_submit_with_cluster_runs_the_served_flow_runs_stages_on_the_nodes(clust
         assert "COMPLETED" in p.stdout
         assert len(re.findall(r"\[(?:world|cnn)\] on Ray node", text)) >= 2, text[-4000:]
         assert len(list(art.glob("stages/cnn/*/result.json"))) == 1
-    finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
 
 
 def _stage_process(stage: str, art: Path):

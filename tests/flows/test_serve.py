@@ -5,7 +5,6 @@ same flow run again: finished stages are Cached and the killed one continues fro
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ import httpx
 import pytest
 
 from tools.faults import ROOT, Watch, check_consistency, snapshot_code
+from tools.pgserver import free_port
+from tools.servers import serve
 
 CONFIG = "configs/vlp-micro.yaml"
 OVER = ["stages.vqa.train.steps=30", "runtime.checkpoint_every=2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -42,24 +37,9 @@ def wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, 
 @pytest.fixture
 def served(tmp_path):
     code, _ = snapshot_code(tmp_path / "code", ROOT / CONFIG)
-    art = tmp_path / "artifacts"
-    port = free_port()
-    log = tmp_path / "serve.log"
-    env = os.environ | {"BATON_ARTIFACTS": str(art), "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    env.pop("PREFECT_API_URL", None)
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)], cwd=code, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait(lambda: "Prefect UI: http://127.0.0.1" in log.read_text(), 240, "baton serve started", proc, log)
+    art, port, log = tmp_path / "artifacts", free_port(), tmp_path / "serve.log"
+    with serve(art, port, log, cwd=code) as (_, env):
         yield code, art, port, log, env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow  # ~2-3 min: a Prefect server with its UI, a served deployment, two flow runs

@@ -5,16 +5,14 @@ process group (Prefect server + MLflow server), ``baton run`` processes. The ref
 fast; the rest is ``slow``."""
 import base64
 import json
-import os
-import signal
-import subprocess
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import BATON, ROOT, baton
+from conftest import baton
 from tools.pgserver import free_port, pg_bin, postgres
+from tools.servers import TeamServers as Team
 
 from flows.cli import main
 
@@ -48,36 +46,6 @@ def test_store_whose_team_server_is_gone_is_refused(tmp_path):
     assert f"team.json names the team server {url}, which does not answer" in p.stderr
     assert not (tmp_path / "stages").exists() and not (tmp_path / "prefect" / "server.json").exists()
     assert not list(tmp_path.rglob("*.db"))
-
-
-class Team:
-    """``baton serve --db`` in its own process group; ``api`` once it printed how to use it."""
-
-    def __init__(self, db: str, art, host: str = "127.0.0.1", env: dict | None = None):
-        self.port, self.mlflow_port = free_port(), free_port()
-        self.proc = subprocess.Popen(
-            BATON + ["serve", "--db", db, "--artifacts", str(art), "--host", host, "--port", str(self.port),
-                     "--mlflow-port", str(self.mlflow_port)],
-            cwd=ROOT, env=os.environ | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
-        self.lines: list[str] = []
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith("on each machine:"):
-                break
-        else:
-            raise AssertionError("baton serve --db exited:\n" + "".join(self.lines[-40:]))
-        threading.Thread(target=lambda: [self.lines.append(x) for x in self.proc.stdout], daemon=True).start()
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 def _status(url: str, auth: str | None = None, body: dict | None = None) -> int:
